@@ -1,0 +1,1 @@
+//! Per-layer resolution of a pipeline spec's `[attention]` table into backends.
