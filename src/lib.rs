@@ -1,8 +1,12 @@
 //! visgen: visual generation with diffusion transformers and scale-wise autoregressive models,
-//! with one attention backend chosen per layer. See DESIGN.md in the project's shared notes.
+//! with one attention backend chosen per layer.
 
 pub mod attention;
+pub mod bench;
+pub mod data;
 pub mod error;
+pub mod eval;
+pub mod kernels;
 pub mod layers;
 pub mod models;
 pub mod pipelines;

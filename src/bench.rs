@@ -1,0 +1,1 @@
+//! `gen bench`: attention micro-benchmarks and device checks. (Filled in by the CUDA work.)

@@ -1,0 +1,1 @@
+//! Procedural training data (see README).
