@@ -119,7 +119,7 @@ impl MultiscaleLinearAttention {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, _c, h, w) = x.dims4()?;
         let d = self.head_dim;
-        let channels_last = x.permute((0, 2, 3, 1))?;
+        let channels_last = x.permute((0, 2, 3, 1))?.contiguous()?;
         let qkv = Tensor::cat(
             &[self.to_q.forward(&channels_last)?, self.to_k.forward(&channels_last)?, self.to_v.forward(&channels_last)?],
             3,
@@ -138,7 +138,7 @@ impl MultiscaleLinearAttention {
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
         let o = attend(&self.backend, &AttentionInput::new(&q, &k, &v).grid(Some(&[h, w])))?;
         let o = o.transpose(2, 3)?.reshape((b, groups * d, h, w))?.to_dtype(x.dtype())?;
-        let o = self.to_out.forward(&o.permute((0, 2, 3, 1))?)?;
+        let o = self.to_out.forward(&o.permute((0, 2, 3, 1))?.contiguous()?)?;
         let o = self.norm_out.forward(&o)?.permute((0, 3, 1, 2))?;
         Ok((o + x)?)
     }

@@ -143,7 +143,7 @@ impl SanaTransformer {
                 return Err(Error::Usage("this model (guidance_embeds) needs a guidance value".into()))
             }
         };
-        let text = self.caption_norm.forward(&self.caption_projection.forward(&text.to_dtype(self.dtype)?)?)?;
+        let text = self.caption_norm.forward(&self.caption_projection.forward(&text.to_dtype(self.dtype)?.contiguous()?)?)?;
         let mask = text_mask.to_dtype(DType::F32)?;
 
         let mut x = x;
