@@ -9,6 +9,12 @@ pub struct PyramidParams {
     pub block_k: usize,
 }
 
+impl Default for PyramidParams {
+    fn default() -> Self {
+        Self { block_q: 128, block_k: 64 }
+    }
+}
+
 impl PyramidParams {
     pub fn check(&self, _layer: &LayerShape) -> std::result::Result<(), String> {
         Ok(())
