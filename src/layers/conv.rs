@@ -149,3 +149,87 @@ pub fn mean_channel_groups(x: &Tensor, group: usize) -> Result<Tensor> {
     }
     Ok(x.reshape((b, c / group, group, h, w))?.mean(2)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use std::collections::HashMap;
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        // Deterministic pseudo-random values without an RNG dependency.
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|i| (((i as u64 + 1) * (seed * 2 + 7919)) % 1013) as f32 / 506.5 - 1.0).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    #[test]
+    fn depthwise_matches_candle_grouped_conv() {
+        for k in [3usize, 5] {
+            let (c, h, w) = (6, 7, 9);
+            let x = randn(&[2, c, h, w], 1);
+            let weight = randn(&[c, 1, k, k], 2);
+            let bias = randn(&[c], 3);
+            let vb = VarBuilder::from_tensors(
+                HashMap::from([("weight".to_string(), weight.clone()), ("bias".to_string(), bias.clone())]),
+                DType::F32,
+                &Device::Cpu,
+            );
+            let ours = DepthwiseConv2d::new(c, k, true, vb).unwrap().forward(&x).unwrap();
+            let cfg = Conv2dConfig { padding: k / 2, stride: 1, dilation: 1, groups: c, cudnn_fwd_algo: None };
+            let reference = Conv2d::new(weight, Some(bias), cfg).forward(&x).unwrap();
+            assert!(max_diff(&ours, &reference) < 1e-5, "k = {k}");
+        }
+    }
+
+    #[test]
+    fn grouped_pointwise_matches_candle_grouped_conv() {
+        let (cin, cout, groups) = (12, 12, 4);
+        let x = randn(&[2, cin, 3, 5], 4);
+        let weight = randn(&[cout, cin / groups, 1, 1], 5);
+        let vb = VarBuilder::from_tensors(HashMap::from([("weight".to_string(), weight.clone())]), DType::F32, &Device::Cpu);
+        let ours = GroupedPointwiseConv2d::new(cin, cout, groups, vb).unwrap().forward(&x).unwrap();
+        let cfg = Conv2dConfig { padding: 0, stride: 1, dilation: 1, groups, cudnn_fwd_algo: None };
+        let reference = Conv2d::new(weight, None, cfg).forward(&x).unwrap();
+        assert!(max_diff(&ours, &reference) < 1e-5);
+    }
+
+    #[test]
+    fn pixel_shuffle_layout() {
+        // torch: out[b, c, h·r + i, w·r + j] = in[b, c·r² + i·r + j, h, w]
+        let x = Tensor::arange(0f32, 2.0 * 8.0 * 3.0 * 2.0, &Device::Cpu).unwrap().reshape((2, 8, 3, 2)).unwrap();
+        let y = pixel_shuffle(&x, 2).unwrap();
+        assert_eq!(y.dims(), &[2, 2, 6, 4]);
+        let get_in = |b: usize, c: usize, h: usize, w: usize| ((b * 8 + c) * 3 + h) * 2 + w;
+        let yv: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        for b in 0..2 {
+            for c in 0..2 {
+                for h in 0..3 {
+                    for w in 0..2 {
+                        for i in 0..2 {
+                            for j in 0..2 {
+                                let out = ((b * 2 + c) * 6 + h * 2 + i) * 4 + w * 2 + j;
+                                assert_eq!(yv[out] as usize, get_in(b, c * 4 + i * 2 + j, h, w));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(max_diff(&pixel_unshuffle(&y, 2).unwrap(), &x), 0.0);
+    }
+
+    #[test]
+    fn repeat_interleave_and_group_mean() {
+        let x = Tensor::arange(0f32, 3.0, &Device::Cpu).unwrap().reshape((1, 3, 1, 1)).unwrap();
+        let y: Vec<f32> = repeat_interleave_channels(&x, 2).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(y, [0.0, 0.0, 1.0, 1.0, 2.0, 2.0]);
+        let z = Tensor::new(&[1f32, 3.0, 5.0, 7.0], &Device::Cpu).unwrap().reshape((1, 4, 1, 1)).unwrap();
+        let m: Vec<f32> = mean_channel_groups(&z, 2).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(m, [2.0, 6.0]);
+    }
+}

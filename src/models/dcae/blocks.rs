@@ -70,9 +70,9 @@ pub struct MultiscaleLinearAttention {
 }
 
 impl MultiscaleLinearAttention {
-    /// Keys: `to_{q,k,v}.weight (C, C)`, `to_qkv_multiscale.{i}.proj_in.weight (3C, 1, k, k)`,
-    /// `to_qkv_multiscale.{i}.proj_out.weight (3C, d·3... , 1, 1)` (grouped), `to_out.weight
-    /// (C, C·(1 + scales))`, `norm_out.{weight, bias}`.
+    /// Keys: `to_{q,k,v}.weight (C, C)`, `to_qkv_multiscale.{i}.proj_in.weight (3C, 1, k, k)`
+    /// (depth-wise), `to_qkv_multiscale.{i}.proj_out.weight (3C, d, 1, 1)` (3·heads groups),
+    /// `to_out.weight (C, C·(1 + scales))`, `norm_out.{weight, bias}`.
     pub fn new(channels: usize, head_dim: usize, kernel_sizes: &[usize], vb: VarBuilder) -> Result<Self> {
         if head_dim == 0 || channels % head_dim != 0 {
             return Err(Error::Other(format!("{channels} channels are not divisible by the head dim {head_dim}")));

@@ -108,7 +108,12 @@ impl SanaSelfAttention {
     pub fn forward(&self, x: &Tensor, grid: [usize; 2]) -> Result<Tensor> {
         let (q, k, v) = self.proj.qkv(x, x)?;
         let o = attend(&self.proj.backend, &AttentionInput::new(&q, &k, &v).grid(Some(&grid)))?;
-        self.proj.output(&o, x.dtype())
+        let out = self.proj.output(&o, x.dtype())?;
+        // diffusers clips the linear-attention output to the f16 range in f16.
+        if x.dtype() == DType::F16 {
+            return Ok(out.clamp(-65504f32, 65504f32)?);
+        }
+        Ok(out)
     }
 
     pub fn backend(&self) -> &Backend {

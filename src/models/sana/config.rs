@@ -92,6 +92,16 @@ impl SanaConfig {
         Self::default()
     }
 
+    /// SANA 1.6B at 2048² (`Sana_1600M_2Kpx`): latent 64², sin-cos PE with interpolation scale 1.
+    pub fn sana_1600m_2k() -> Self {
+        Self { sample_size: 64, interpolation_scale: Some(1.0), ..Self::sana_1600m_1024() }
+    }
+
+    /// SANA 1.6B at 4096² (`Sana_1600M_4Kpx`): latent 128², sin-cos PE with interpolation scale 2.
+    pub fn sana_1600m_4k() -> Self {
+        Self { sample_size: 128, interpolation_scale: Some(2.0), ..Self::sana_1600m_1024() }
+    }
+
     /// SANA-1.5 1.6B at 1024²: the 1600M shape with qk RMSNorm across heads.
     pub fn sana_1_5_1600m_1024() -> Self {
         Self { qk_norm: Some(QkNorm::RmsNormAcrossHeads), ..Self::sana_1600m_1024() }
@@ -130,12 +140,14 @@ impl SanaConfig {
         }
     }
 
-    /// A preset by name: `sana-600m`, `sana-1600m`, `sana-1.5-1600m`, `sana-1.5-4800m`,
-    /// `sana-sprint-600m`, `sana-sprint-1600m` (all 1024²), `tiny`.
+    /// A preset by name: `sana-600m`, `sana-1600m`, `sana-1600m-2k`, `sana-1600m-4k`, `sana-1.5-1600m`, `sana-1.5-4800m`,
+    /// `sana-sprint-600m`, `sana-sprint-1600m` (1024² unless named), `tiny`.
     pub fn preset(name: &str) -> Result<Self> {
         Ok(match name {
             "sana-600m" | "sana-600m-1024" => Self::sana_600m_1024(),
             "sana-1600m" | "sana-1600m-1024" => Self::sana_1600m_1024(),
+            "sana-1600m-2k" => Self::sana_1600m_2k(),
+            "sana-1600m-4k" => Self::sana_1600m_4k(),
             "sana-1.5-1600m" | "sana-1.5-1600m-1024" => Self::sana_1_5_1600m_1024(),
             "sana-1.5-4800m" | "sana-1.5-4800m-1024" => Self::sana_1_5_4800m_1024(),
             "sana-sprint-600m" | "sana-sprint-600m-1024" => Self::sana_sprint_600m_1024(),
