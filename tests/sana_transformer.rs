@@ -192,3 +192,41 @@ fn presets() {
         "interpolation_scale": null, "qk_norm": null, "sample_size": 32}"#;
     assert_eq!(SanaConfig::from_diffusers_json(json).unwrap(), SanaConfig::sana_600m_1024());
 }
+
+/// A weight source that hands out broadcast zeros of the requested shape and records every request,
+/// so a full-size model can be built without memory and its key layout compared with diffusers'.
+#[derive(Clone, Default)]
+struct KeyRecorder(std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<usize>>>>);
+
+impl candle_nn::var_builder::SimpleBackend for KeyRecorder {
+    fn get(&self, s: candle_core::Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.lock().unwrap().insert(name.to_string(), s.dims().to_vec());
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("unchecked get of {name}")
+    }
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+#[test]
+fn full_size_presets_request_exactly_the_diffusers_keys() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/goldens/sana_full_size_keys.json");
+    let manifest: std::collections::BTreeMap<String, std::collections::BTreeMap<String, Vec<usize>>> =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for preset in ["sana-600m", "sana-1600m", "sana-sprint-1600m"] {
+        let recorder = KeyRecorder::default();
+        let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
+        SanaTransformer::new(&SanaConfig::preset(preset).unwrap(), &plan(), vb).unwrap();
+        let requested = recorder.0.lock().unwrap().clone();
+        let expected = &manifest[preset];
+        let missing: Vec<_> = expected.keys().filter(|k| !requested.contains_key(*k)).collect();
+        let extra: Vec<_> = requested.keys().filter(|k| !expected.contains_key(*k)).collect();
+        assert!(missing.is_empty() && extra.is_empty(), "{preset}: not loaded {missing:?}; not in diffusers {extra:?}");
+        for (k, shape) in expected {
+            assert_eq!(&requested[k], shape, "{preset}: shape of {k}");
+        }
+    }
+}
