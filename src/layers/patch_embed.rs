@@ -24,9 +24,9 @@ pub fn sincos_2d(dim: usize, grid: (usize, usize), base_size: usize, interpolati
     let quarter = dim / 4;
     let omega: Vec<f64> = (0..quarter).map(|i| 1.0 / 10000f64.powf(i as f64 / quarter as f64)).collect();
     let mut data = Vec::with_capacity(h * w * dim);
-    for r in 0..h {
-        for c in 0..w {
-            for pos in [cols[c] as f64, rows[r] as f64] {
+    for &row in &rows {
+        for &col in &cols {
+            for pos in [col as f64, row as f64] {
                 data.extend(omega.iter().map(|o| (pos * o).sin() as f32));
                 data.extend(omega.iter().map(|o| (pos * o).cos() as f32));
             }
