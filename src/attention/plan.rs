@@ -5,6 +5,7 @@
 //! default of the layer's role. The chosen backend must accept the layer's shape; if it refuses,
 //! the spec's named fallback is tried; if there is none, loading fails with the reason.
 
+use super::pyramid::LevelMode;
 use super::{Backend, DenseParams, LayerShape, LinearParams, NeighborhoodParams, PyramidParams, Role};
 use crate::error::{Error, Result};
 use crate::spec::{AttentionSpec, BackendSpec, OverrideSpec};
@@ -305,7 +306,28 @@ fn pyramid_from_spec(spec: &BackendSpec) -> std::result::Result<PyramidParams, S
     }
     if let Some(b) = spec.block_k {
         p.block_k = b;
+        p.tile_k = p.tile_k.min(b);
     }
+    if let Some(ends) = &spec.levels {
+        if ends.is_empty() || ends.len() > 4 {
+            return Err(format!("`levels` has {} values; expected 1 to 4 (pool 1, 2, 4, 8)", ends.len()));
+        }
+        if ends.windows(2).any(|w| w[1] < w[0]) || ends.iter().any(|e| !(0.0..=1.0).contains(e)) {
+            return Err("`levels` must be non-decreasing cumulative fractions in [0, 1]".into());
+        }
+        p.levels = ends.iter().enumerate().map(|(i, &end)| (1usize << i, end)).collect();
+    }
+    if let Some(mode) = &spec.mode {
+        p.mode = match mode.as_str() {
+            "topk" => LevelMode::Topk,
+            "threshold" => LevelMode::Threshold,
+            other => return Err(format!("`mode = \"{other}\"`: expected topk or threshold")),
+        };
+    }
+    if let Some(seed) = spec.seed {
+        p.seed = seed;
+    }
+    p.scale = spec.scale;
     Ok(p)
 }
 
