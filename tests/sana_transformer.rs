@@ -186,6 +186,15 @@ fn presets() {
         SanaConfig::preset(name).unwrap().validate().unwrap();
     }
     assert!(SanaConfig::preset("sana-9000m").is_err());
+    // The names used by pipelines/*.toml.
+    for (name, expected) in [
+        ("600m-1024", SanaConfig::sana_600m_1024()),
+        ("1600m-1024", SanaConfig::sana_1600m_1024()),
+        ("1.5-1600m-1024", SanaConfig::sana_1_5_1600m_1024()),
+        ("sprint-1600m-1024", SanaConfig::sana_sprint_1600m_1024()),
+    ] {
+        assert_eq!(SanaConfig::preset(name).unwrap(), expected, "{name}");
+    }
     // A diffusers config.json with extra fields parses.
     let json = r#"{"_class_name": "SanaTransformer2DModel", "num_layers": 28, "num_attention_heads": 36,
         "num_cross_attention_heads": 16, "cross_attention_head_dim": 72, "cross_attention_dim": 1152,
