@@ -81,6 +81,13 @@ fn matches_diffusers_qk_norm_patch2_sincos() {
     assert_eq!(g.config.qk_norm, Some(QkNorm::RmsNormAcrossHeads));
     assert_eq!((g.config.patch_size, g.config.interpolation_scale), (2, Some(1.0)));
     assert_close(&run(&g, None), &g.tensors["output.sample"], "qknorm_pe");
+    // The positional embedding is cached per grid: another size, then the first one again.
+    let model = SanaTransformer::new(&g.config, &plan(), weights(&g)).unwrap();
+    let t = &g.tensors;
+    let call = |latents: &Tensor| model.forward(latents, &t["input.timestep"], &t["input.text"], &t["input.text_mask"], None).unwrap();
+    let other = call(&t["input.latents"].narrow(3, 0, 8).unwrap());
+    assert_eq!(other.dims(), &[2, 4, 8, 8]);
+    assert_close(&call(&t["input.latents"]), &t["output.sample"], "qknorm_pe after a cache change");
 }
 
 #[test]
