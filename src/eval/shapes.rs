@@ -6,11 +6,11 @@
 //!    unsaturated and bright, and nothing in between. Hue and saturation do not change when an edge
 //!    pixel is blended with the black background, so anti-aliased edges fall into the right color or
 //!    into the background, never into a third color.
+//!    A pixel that 6 of its 8 neighbors outvote takes their label (pinholes and specks of noise).
 //! 2. Connected components of each color (8-neighborhood); components smaller than
 //!    `MIN_BLOB_FRACTION` of the image are noise and dropped.
-//! 3. Classify each blob. Triangles point up, so the top half of their bounding box holds a third
-//!    of what the bottom half does, and they fill half of it; circles fill pi / 4 of it and squares
-//!    all of it. Size from the longer side of the bounding box.
+//! 3. Classify each blob by the best intersection over union with the generator's upright circle,
+//!    square and triangle of the blob's own area and centroid; size from that shape's radius.
 //! 4. Check the prompt: objects match distinct blobs; a relation holds when the subject's centroid
 //!    lies in the 90-degree cone of the relation's direction seen from the object's centroid
 //!    (at least `MIN_RELATION_OFFSET` away); a count is exact among blobs of that color and shape.
@@ -19,6 +19,7 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use crate::data::prompt::{Category, Color, ObjectSpec, Prompt, Relation, Shape, Size};
+use crate::data::shapes::{SceneObject, SQUARE_HALF_SIDE};
 
 pub use crate::eval::shapes_report::{evaluate_images, score, score_verdicts, Report, Tally};
 
@@ -33,13 +34,11 @@ pub const WHITE_MIN_VALUE: f32 = 0.55;
 pub const MAX_HUE_DISTANCE: f32 = 25.0;
 /// Blobs under this fraction of the image area are ignored (the smallest object covers ~1.3 %).
 pub const MIN_BLOB_FRACTION: f32 = 0.004;
-/// Bounding boxes whose longer side is under this fraction of the image side are small.
-pub const SIZE_THRESHOLD: f32 = 0.224;
-/// A blob whose top half holds less than this fraction of its bottom half is a triangle.
-pub const TRIANGLE_MAX_TOP_BOTTOM: f32 = 0.6;
-/// Bounding-box fill ratios separating triangle (1/2) / circle (pi/4) / square (1).
-pub const TRIANGLE_MAX_FILL: f32 = 0.64;
-pub const SQUARE_MIN_FILL: f32 = 0.92;
+/// Blobs whose fitted radius (fraction of the image side) is under this are small: midway between
+/// the generator's largest small radius (0.10) and smallest large one (0.14).
+pub const SIZE_THRESHOLD: f32 = 0.12;
+/// Neighbors (of 8) that must agree on another label to relabel a pixel.
+pub const SMOOTH_VOTES: usize = 6;
 /// Least centroid distance, as a fraction of the image side, along a relation's direction.
 pub const MIN_RELATION_OFFSET: f32 = 0.02;
 
@@ -105,62 +104,161 @@ pub struct Blob {
     pub bbox: [u32; 4],
     /// Mean pixel position, [x, y] as fractions of the image side (pixel centers at (i + 0.5) / side).
     pub centroid: [f32; 2],
-    /// area / bounding-box area.
-    pub fill: f32,
-    /// Pixels in the top half of the bounding box over pixels in the bottom half.
-    pub top_bottom: f32,
+    /// Radius (as the generator defines it, fraction of the image side) of the best-fitting shape.
+    pub radius: f32,
+    /// Intersection over union with the upright circle, square and triangle of the blob's area and
+    /// centroid; `shape` is the best of them.
+    pub fits: [f32; 3],
 }
 
-/// Shape from the bounding-box fill ratio and the top / bottom balance.
-pub fn classify_shape(fill: f32, top_bottom: f32) -> Shape {
-    if top_bottom < TRIANGLE_MAX_TOP_BOTTOM || fill < TRIANGLE_MAX_FILL {
-        Shape::Triangle
-    } else if fill >= SQUARE_MIN_FILL {
-        Shape::Square
-    } else {
-        Shape::Circle
+/// Radius, in pixels, of the generator's `shape` whose area is `area` pixels.
+fn radius_for_area(shape: Shape, area: f32) -> f32 {
+    match shape {
+        Shape::Circle => (area / std::f32::consts::PI).sqrt(),
+        Shape::Square => area.sqrt() * 0.5 / SQUARE_HALF_SIDE,
+        Shape::Triangle => (area * 0.5).sqrt(),
     }
 }
 
-/// Measures and classifies one component given its pixel coordinates.
-fn measure(color: Color, pixels: &[(u32, u32)], side: u32) -> Blob {
-    let x0 = pixels.iter().map(|p| p.0).min().unwrap_or(0);
-    let x1 = pixels.iter().map(|p| p.0).max().unwrap_or(0);
-    let y0 = pixels.iter().map(|p| p.1).min().unwrap_or(0);
-    let y1 = pixels.iter().map(|p| p.1).max().unwrap_or(0);
-    let width = (x1 - x0 + 1) as f32;
-    let height = (y1 - y0 + 1) as f32;
-    let area = pixels.len();
-    let (mut sum_x, mut sum_y, mut top, mut bottom) = (0f64, 0f64, 0f32, 0f32);
-    for &(x, y) in pixels {
-        sum_x += x as f64 + 0.5;
-        sum_y += y as f64 + 0.5;
-        // Row position within the box, twice over so the middle row of an odd box is exactly equal.
-        let twice = 2 * (y - y0) + 1;
-        let rows = y1 - y0 + 1;
-        match twice.cmp(&rows) {
-            std::cmp::Ordering::Less => top += 1.0,
-            std::cmp::Ordering::Greater => bottom += 1.0,
-            std::cmp::Ordering::Equal => {
-                top += 0.5;
-                bottom += 0.5;
+/// How much of each pixel of a region the shape covers, in [0, 1], over the region's bounding box.
+struct Coverage {
+    x0: u32,
+    y0: u32,
+    width: u32,
+    height: u32,
+    weights: Vec<f32>,
+}
+
+impl Coverage {
+    fn new(pixels: &[(u32, u32, f32)]) -> Self {
+        let x0 = pixels.iter().map(|p| p.0).min().unwrap_or(0);
+        let y0 = pixels.iter().map(|p| p.1).min().unwrap_or(0);
+        let width = pixels.iter().map(|p| p.0).max().unwrap_or(0) - x0 + 1;
+        let height = pixels.iter().map(|p| p.1).max().unwrap_or(0) - y0 + 1;
+        let mut weights = vec![0.0; (width * height) as usize];
+        for &(x, y, w) in pixels {
+            weights[((y - y0) * width + (x - x0)) as usize] = w;
+        }
+        Coverage { x0, y0, width, height, weights }
+    }
+
+    fn at(&self, x: i64, y: i64) -> f32 {
+        let (dx, dy) = (x - self.x0 as i64, y - self.y0 as i64);
+        if dx < 0 || dy < 0 || dx >= self.width as i64 || dy >= self.height as i64 {
+            0.0
+        } else {
+            self.weights[(dy * self.width as i64 + dx) as usize]
+        }
+    }
+}
+
+/// Samples per pixel side when rasterizing a template.
+const TEMPLATE_SUPERSAMPLE: u32 = 4;
+
+/// Soft intersection over union (sum of minima over sum of maxima of the two coverages) of a region
+/// with the upright `shape` of the same area and centroid, both in pixels. The template is the
+/// generator's own shape, so no threshold is tuned; a few stray or missing pixels on the outline
+/// (noise, blur) move it little, unlike bounding-box measures; and partial coverage of edge pixels
+/// keeps small circles and squares apart at 64 x 64.
+fn template_fit(shape: Shape, region: &Coverage, area: f32, centroid: [f32; 2]) -> f32 {
+    let r = radius_for_area(shape, area);
+    // A triangle's centroid sits a third of its radius below the center of its bounding box.
+    let center = match shape {
+        Shape::Triangle => [centroid[0], centroid[1] - r / 3.0],
+        Shape::Circle | Shape::Square => centroid,
+    };
+    let template = SceneObject { shape, color: Color::White, size: Size::Small, center, radius: r };
+    let x_lo = (region.x0 as i64).min((center[0] - r).floor() as i64 - 1);
+    let y_lo = (region.y0 as i64).min((center[1] - r).floor() as i64 - 1);
+    let x_hi = ((region.x0 + region.width) as i64).max((center[0] + r).ceil() as i64 + 1);
+    let y_hi = ((region.y0 + region.height) as i64).max((center[1] + r).ceil() as i64 + 1);
+    let ss = TEMPLATE_SUPERSAMPLE;
+    let (mut both, mut either) = (0f32, 0f32);
+    for y in y_lo..y_hi {
+        for x in x_lo..x_hi {
+            let mut inside = 0u32;
+            for sy in 0..ss {
+                for sx in 0..ss {
+                    let px = x as f32 + (sx as f32 + 0.5) / ss as f32;
+                    let py = y as f32 + (sy as f32 + 0.5) / ss as f32;
+                    inside += u32::from(template.contains(px, py));
+                }
+            }
+            let t = inside as f32 / (ss * ss) as f32;
+            let w = region.at(x, y);
+            both += t.min(w);
+            either += t.max(w);
+        }
+    }
+    if either > 0.0 {
+        both / either
+    } else {
+        0.0
+    }
+}
+
+/// Measures and classifies one component given its pixels and how much of each it covers.
+fn measure(color: Color, pixels: &[(u32, u32, f32)], side: u32) -> Blob {
+    let region = Coverage::new(pixels);
+    let area: f32 = pixels.iter().map(|p| p.2).sum::<f32>().max(f32::MIN_POSITIVE);
+    let cx = pixels.iter().map(|p| (p.0 as f32 + 0.5) * p.2).sum::<f32>() / area;
+    let cy = pixels.iter().map(|p| (p.1 as f32 + 0.5) * p.2).sum::<f32>() / area;
+    let fits = Shape::ALL.map(|shape| template_fit(shape, &region, area, [cx, cy]));
+    let best = (0..3).max_by(|&a, &b| fits[a].total_cmp(&fits[b])).unwrap_or(0);
+    let shape = Shape::ALL[best];
+    let side = side as f32;
+    let radius = radius_for_area(shape, area) / side;
+    Blob {
+        color,
+        shape,
+        size: if radius < SIZE_THRESHOLD { Size::Small } else { Size::Large },
+        area: pixels.len(),
+        bbox: [region.x0, region.y0, region.x0 + region.width - 1, region.y0 + region.height - 1],
+        centroid: [cx / side, cy / side],
+        radius,
+        fits,
+    }
+}
+
+/// Cleans the color labels: a pixel whose 8 neighbors are at least `SMOOTH_VOTES` of one other label
+/// (background included) takes that label. This fills pinholes and removes specks of noise while
+/// leaving outlines, corners and triangle tips (at most 5 differing neighbors) as they are.
+fn smooth_labels(labels: &[Option<Color>], w: usize, h: usize) -> Vec<Option<Color>> {
+    let mut out = labels.to_vec();
+    for y in 0..h {
+        for x in 0..w {
+            let mut votes: Vec<(Option<Color>, usize)> = Vec::with_capacity(8);
+            for (dx, dy) in [(-1i64, -1i64), (0, -1), (1, -1), (-1, 0), (1, 0), (-1, 1), (0, 1), (1, 1)] {
+                let (nx, ny) = (x as i64 + dx, y as i64 + dy);
+                // Outside the image counts as background.
+                let label = if nx < 0 || ny < 0 || nx >= w as i64 || ny >= h as i64 {
+                    None
+                } else {
+                    labels[ny as usize * w + nx as usize]
+                };
+                match votes.iter_mut().find(|(l, _)| *l == label) {
+                    Some((_, n)) => *n += 1,
+                    None => votes.push((label, 1)),
+                }
+            }
+            let own = labels[y * w + x];
+            if let Some((label, _)) = votes.iter().find(|(l, n)| *l != own && *n >= SMOOTH_VOTES) {
+                out[y * w + x] = *label;
             }
         }
     }
-    let fill = area as f32 / (width * height);
-    let top_bottom = if bottom > 0.0 { top / bottom } else { 1.0 };
-    let side_f = side as f32;
-    let extent = width.max(height) / side_f;
-    Blob {
-        color,
-        shape: classify_shape(fill, top_bottom),
-        size: if extent < SIZE_THRESHOLD { Size::Small } else { Size::Large },
-        area,
-        bbox: [x0, y0, x1, y1],
-        centroid: [(sum_x / area as f64) as f32 / side_f, (sum_y / area as f64) as f32 / side_f],
-        fill,
-        top_bottom,
+    out
+}
+
+/// How much of a pixel labeled `color` the shape covers: its brightness over the palette color's
+/// (anti-aliased edges are the color blended with black). Pixels that smoothing relabeled count whole.
+fn coverage_of(pixel: [u8; 3], color: Color, raw_label: Option<Color>) -> f32 {
+    if raw_label != Some(color) {
+        return 1.0;
     }
+    let value = pixel.into_iter().max().unwrap_or(0) as f32;
+    let full = color.rgb().into_iter().max().unwrap_or(255).max(1) as f32;
+    (value / full).min(1.0)
 }
 
 /// Segments a picture into classified blobs, largest first. Non-square images are measured against
@@ -168,7 +266,8 @@ fn measure(color: Color, pixels: &[(u32, u32)], side: u32) -> Blob {
 pub fn find_blobs(image: &RgbImage) -> Vec<Blob> {
     let (w, h) = image.dimensions();
     let side = w.max(h);
-    let labels: Vec<Option<Color>> = image.pixels().map(|p| classify_pixel(p.0)).collect();
+    let raw: Vec<Option<Color>> = image.pixels().map(|p| classify_pixel(p.0)).collect();
+    let labels = smooth_labels(&raw, w as usize, h as usize);
     let min_area = ((MIN_BLOB_FRACTION * (side as f32) * (side as f32)).ceil() as usize).max(2);
     let mut seen = vec![false; labels.len()];
     let mut blobs = Vec::new();
@@ -183,7 +282,7 @@ pub fn find_blobs(image: &RgbImage) -> Vec<Blob> {
         let mut pixels = Vec::new();
         while let Some(i) = stack.pop() {
             let (x, y) = ((i % w as usize) as i64, (i / w as usize) as i64);
-            pixels.push((x as u32, y as u32));
+            pixels.push((x as u32, y as u32, coverage_of(image.get_pixel(x as u32, y as u32).0, color, raw[i])));
             for dy in -1..=1 {
                 for dx in -1..=1 {
                     let (nx, ny) = (x + dx, y + dy);
