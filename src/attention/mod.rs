@@ -84,7 +84,7 @@ impl Backend {
 }
 
 /// What a layer looks like, as far as choosing its backend goes.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct LayerShape {
     pub role: Role,
     pub head_dim: usize,
