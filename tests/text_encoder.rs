@@ -1,0 +1,103 @@
+//! Gemma-2 text encoder and SANA prompt handling against diffusers' SanaPipeline.encode_prompt run
+//! with a tiny random Gemma2Model and a tiny tokenizer (tests/goldens/make_gemma_goldens.py).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use visgen::models::text::{
+    Gemma2Config, Gemma2Encoder, GemmaTokenizer, SanaPromptConfig, SanaTextEncoder, SANA_COMPLEX_HUMAN_INSTRUCTION,
+};
+
+fn golden_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/goldens"))
+}
+
+fn goldens() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(golden_dir().join("gemma_prompts.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn prompts() -> (Vec<String>, Vec<String>) {
+    let text = std::fs::read_to_string(golden_dir().join("gemma_tiny/prompts.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let list = |k: &str| v[k].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+    (list("prompts"), list("negative"))
+}
+
+fn encoder(config: SanaPromptConfig) -> SanaTextEncoder {
+    let dir = golden_dir().join("gemma_tiny");
+    let tokenizer = GemmaTokenizer::from_file(&dir.join("tokenizer/tokenizer.json")).unwrap();
+    let cfg = Gemma2Config::from_json_file(&dir.join("text_encoder/config.json")).unwrap();
+    let weights = dir.join("text_encoder/model.safetensors");
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu).unwrap() };
+    SanaTextEncoder::new(tokenizer, Gemma2Encoder::new(&cfg, vb).unwrap(), config)
+}
+
+fn max_rel_err(actual: &Tensor, expected: &Tensor) -> f64 {
+    assert_eq!(actual.dims(), expected.dims());
+    let a = actual.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let b = expected.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+fn as_i64_rows(t: &Tensor) -> Vec<Vec<i64>> {
+    t.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap()
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn tokenization_matches_transformers() {
+    let g = goldens();
+    let (pos, _) = prompts();
+    let enc = encoder(SanaPromptConfig::default());
+    let tokens = enc.tokenize_prompts(&refs(&pos)).unwrap();
+    let ids: Vec<Vec<i64>> = tokens.input_ids.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
+    let mask: Vec<Vec<i64>> = tokens.mask.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
+    assert_eq!(ids, as_i64_rows(&g["raw/input_ids"]), "input ids");
+    assert_eq!(mask, as_i64_rows(&g["raw/attention_mask"]), "attention mask");
+}
+
+#[test]
+fn gemma2_hidden_states_match_transformers() {
+    let g = goldens();
+    let enc = encoder(SanaPromptConfig::default());
+    let ids = g["raw/input_ids"].to_dtype(DType::U32).unwrap();
+    let mask = &g["raw/attention_mask"];
+    let hidden = enc.model.forward(&ids, mask).unwrap();
+    let err = max_rel_err(&hidden, &g["raw/hidden"]);
+    assert!(err <= 1e-4, "hidden states: max rel err {err:e}");
+}
+
+#[test]
+fn sana_encode_prompt_matches_diffusers() {
+    let g = goldens();
+    let (pos, neg) = prompts();
+    let chi: Vec<String> = SANA_COMPLEX_HUMAN_INSTRUCTION.iter().map(|s| s.to_string()).collect();
+    let cases = [
+        ("chi300", SanaPromptConfig::default()),
+        ("plain300", SanaPromptConfig { max_sequence_length: 300, complex_human_instruction: vec![] }),
+        ("chi_short", SanaPromptConfig { max_sequence_length: 12, complex_human_instruction: chi[6..].to_vec() }),
+    ];
+    for (tag, config) in cases {
+        let enc = encoder(config);
+        let (p, n) = enc.encode_with_negative(&refs(&pos), &refs(&neg)).unwrap();
+        for (what, got, key) in [("prompt", &p, "prompt"), ("negative", &n, "negative")] {
+            let embeds = &g[&format!("{tag}/{key}_embeds")];
+            let err = max_rel_err(&got.embeds, embeds);
+            assert!(err <= 1e-4, "{tag} {what} embeds: max rel err {err:e}");
+            assert_eq!(as_i64_rows(&got.mask), as_i64_rows(&g[&format!("{tag}/{key}_mask")]), "{tag} {what} mask");
+        }
+    }
+}
+
+#[test]
+fn bad_prompt_batches_are_usage_errors() {
+    let enc = encoder(SanaPromptConfig::default());
+    assert!(matches!(enc.encode_prompts(&[]), Err(visgen::Error::Usage(_))));
+    assert!(matches!(enc.encode_with_negative(&["a"], &["b", "c"]), Err(visgen::Error::Usage(_))));
+}
