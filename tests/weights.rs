@@ -1,0 +1,248 @@
+//! Weight resolution and loading: a local diffusers folder, sharded safetensors, variants, the hub
+//! cache found offline, and the errors for missing / truncated / mismatched weights.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Module, Tensor};
+use visgen::weights::{HubConfig, ModelRepo, ModelSource, WeightFiles, Weights};
+use visgen::Error;
+
+fn tmpdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("visgen-weights-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+fn save(path: &Path, tensors: &[(&str, Vec<f32>, Vec<usize>)]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let map: std::collections::HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(n, v, s)| (n.to_string(), Tensor::from_vec(v.clone(), s.as_slice(), &Device::Cpu).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&map, path).unwrap();
+}
+
+const W: [f32; 6] = [0.5, -1.0, 2.0, 0.25, 3.0, -0.75]; // (2, 3)
+const B: [f32; 2] = [0.1, -0.2];
+
+/// A tiny folder laid out like a SANA diffusers repo.
+fn diffusers_folder(root: &Path) {
+    write(
+        &root.join("model_index.json"),
+        r#"{"_class_name": "SanaPipeline", "_diffusers_version": "0.42.1",
+            "scheduler": ["diffusers", "DPMSolverMultistepScheduler"], "text_encoder": ["transformers", "Gemma2Model"],
+            "tokenizer": ["transformers", "GemmaTokenizerFast"], "transformer": ["diffusers", "SanaTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderDC"]}"#,
+    );
+    write(&root.join("transformer/config.json"), r#"{"_class_name": "SanaTransformer2DModel"}"#);
+    save(
+        &root.join("transformer/diffusion_pytorch_model.safetensors"),
+        &[("proj.weight", W.to_vec(), vec![2, 3]), ("proj.bias", B.to_vec(), vec![2])],
+    );
+    // the text encoder in two shards
+    write(&root.join("text_encoder/config.json"), r#"{"model_type": "gemma2"}"#);
+    save(&root.join("text_encoder/model-00001-of-00002.safetensors"), &[("embed.weight", vec![1.0, 2.0, 3.0, 4.0], vec![2, 2])]);
+    save(&root.join("text_encoder/model-00002-of-00002.safetensors"), &[("norm.weight", vec![5.0, 6.0], vec![2])]);
+    write(
+        &root.join("text_encoder/model.safetensors.index.json"),
+        r#"{"metadata": {"total_size": 24}, "weight_map": {"embed.weight": "model-00001-of-00002.safetensors",
+            "norm.weight": "model-00002-of-00002.safetensors"}}"#,
+    );
+    // the VAE in a plain and a bf16 variant with different contents
+    write(&root.join("vae/config.json"), r#"{"_class_name": "AutoencoderDC"}"#);
+    save(&root.join("vae/diffusion_pytorch_model.safetensors"), &[("scale", vec![1.0], vec![1])]);
+    save(&root.join("vae/diffusion_pytorch_model.bf16.safetensors"), &[("scale", vec![2.0], vec![1])]);
+    write(&root.join("tokenizer/tokenizer.json"), r#"{"version": "1.0"}"#);
+    write(&root.join("tokenizer/tokenizer_config.json"), r#"{"pad_token": "<pad>"}"#);
+    write(&root.join("scheduler/scheduler_config.json"), r#"{"flow_shift": 3.0, "use_flow_sigmas": true}"#);
+}
+
+fn linear(weights: &Weights, dtype: DType) -> visgen::Result<candle_nn::Linear> {
+    weights.build(dtype, &Device::Cpu, |vb| Ok(candle_nn::linear(3, 2, vb.pp("proj"))?))
+}
+
+#[test]
+fn local_diffusers_folder() {
+    let root = tmpdir("folder");
+    diffusers_folder(&root);
+    let source = ModelSource::parse(root.to_str().unwrap()).unwrap();
+    assert_eq!(source, ModelSource::Folder(root.clone()));
+    let repo = ModelRepo::open(&source, &HubConfig::from_env()).unwrap();
+    let index = repo.model_index().unwrap();
+    assert_eq!(index.class_name.as_deref(), Some("SanaPipeline"));
+    assert_eq!(index.components["transformer"].1.as_deref(), Some("SanaTransformer2DModel"));
+    assert_eq!(index.components.len(), 5);
+    assert_eq!(repo.component_config("scheduler").unwrap(), root.join("scheduler/scheduler_config.json"));
+    assert_eq!(repo.tokenizer_json("tokenizer").unwrap(), root.join("tokenizer/tokenizer.json"));
+
+    let files = repo.component_weights("transformer", None).unwrap();
+    assert_eq!(files, WeightFiles::Single(root.join("transformer/diffusion_pytorch_model.safetensors")));
+    let weights = Weights::open(&files).unwrap();
+    let layer = linear(&weights, DType::F32).unwrap();
+    let x = Tensor::new(&[[1.0f32, 2.0, 3.0]], &Device::Cpu).unwrap();
+    let y = layer.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+    // by hand: W·x + b
+    let expected = [0.5 - 2.0 + 6.0 + 0.1, 0.25 + 6.0 - 2.25 - 0.2];
+    for (a, e) in y[0].iter().zip(expected) {
+        assert!((a - e).abs() < 1e-6, "{a} vs {e}");
+    }
+    // dtype conversion on load
+    let w16 = weights.load("proj.weight", DType::F16, &Device::Cpu).unwrap();
+    assert_eq!(w16.dtype(), DType::F16);
+    let wb = weights.load("proj.weight", DType::BF16, &Device::Cpu).unwrap();
+    let wb: Vec<f32> = wb.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let expected_bf16: Vec<f32> = W.iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect();
+    assert_eq!(wb, expected_bf16);
+}
+
+#[test]
+fn sharded_index_and_variants() {
+    let root = tmpdir("sharded");
+    diffusers_folder(&root);
+    let repo = ModelRepo::open(&ModelSource::Folder(root.clone()), &HubConfig::from_env()).unwrap();
+    match repo.component_weights("text_encoder", None).unwrap() {
+        WeightFiles::Sharded { index, shards } => {
+            assert_eq!(index, root.join("text_encoder/model.safetensors.index.json"));
+            assert_eq!(shards.len(), 2);
+        }
+        other => panic!("expected shards, got {other:?}"),
+    }
+    let te = repo.open_weights("text_encoder", None).unwrap();
+    assert_eq!(te.tensor_names(), vec!["embed.weight", "norm.weight"]);
+    let norm: Vec<f32> = te.load("norm.weight", DType::F32, &Device::Cpu).unwrap().to_vec1().unwrap();
+    assert_eq!(norm, vec![5.0, 6.0]);
+    let embed = te.load("embed.weight", DType::F32, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(embed, vec![vec![1.0, 2.0], vec![3.0, 4.0]]);
+
+    let scale = |variant| -> f32 {
+        let w = repo.open_weights("vae", variant).unwrap();
+        w.load("scale", DType::F32, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap()[0]
+    };
+    assert_eq!(scale(None), 1.0);
+    assert_eq!(scale(Some("bf16")), 2.0);
+    assert_eq!(scale(Some("fp16")), 1.0, "a missing variant falls back to the plain file");
+
+    // a single safetensors file as the whole source
+    let file = root.join("transformer/diffusion_pytorch_model.safetensors");
+    let single = ModelSource::parse(file.to_str().unwrap()).unwrap();
+    assert_eq!(single, ModelSource::File(file.clone()));
+    let repo = ModelRepo::open(&single, &HubConfig::from_env()).unwrap();
+    assert_eq!(repo.component_weights("transformer", None).unwrap(), WeightFiles::Single(file));
+}
+
+#[cfg(unix)]
+#[test]
+fn hub_cache_found_offline() {
+    // laid out as huggingface_hub writes it: blobs, relative symlinks in snapshots, refs/main
+    let cache = tmpdir("hubcache");
+    let repo_dir = cache.join("models--Efficient-Large-Model--Tiny_Sana_diffusers");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let staging = tmpdir("hubstaging");
+    diffusers_folder(&staging);
+    let snapshot = repo_dir.join("snapshots").join(commit);
+    for rel in ["model_index.json", "transformer/diffusion_pytorch_model.safetensors", "transformer/config.json", "tokenizer/tokenizer.json"] {
+        let blob_name = format!("blob{}", rel.len());
+        let blob = repo_dir.join("blobs").join(&blob_name);
+        std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
+        std::fs::copy(staging.join(rel), &blob).unwrap();
+        let link = snapshot.join(rel);
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        let depth = rel.matches('/').count() + 2; // up to the repo folder
+        let target = format!("{}blobs/{blob_name}", "../".repeat(depth));
+        std::os::unix::fs::symlink(target, &link).unwrap();
+    }
+    write(&repo_dir.join("refs/main"), commit);
+
+    std::env::set_var("HF_HUB_CACHE", &cache);
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+    std::env::set_var("HF_TOKEN", "hf_test_token");
+    let hub = HubConfig::from_env();
+    assert_eq!(hub.cache_dir, cache);
+    assert!(hub.offline);
+    assert_eq!(hub.token.as_deref(), Some("hf_test_token"));
+
+    let source = ModelSource::parse("Efficient-Large-Model/Tiny_Sana_diffusers").unwrap();
+    let repo = ModelRepo::open(&source, &hub).unwrap();
+    assert_eq!(repo.model_index().unwrap().class_name.as_deref(), Some("SanaPipeline"));
+    let files = repo.component_weights("transformer", None).unwrap();
+    assert_eq!(files, WeightFiles::Single(snapshot.join("transformer/diffusion_pytorch_model.safetensors")));
+    assert!(linear(&Weights::open(&files).unwrap(), DType::F32).is_ok());
+    assert!(repo.tokenizer_json("tokenizer").is_ok());
+
+    // a commit hash as the revision resolves without a ref
+    let pinned = ModelSource::parse(&format!("Efficient-Large-Model/Tiny_Sana_diffusers@{commit}")).unwrap();
+    assert!(ModelRepo::open(&pinned, &hub).unwrap().model_index().is_ok());
+    // offline, anything not cached is a weights error naming the file; nothing is fetched
+    let err = repo.file("vae/diffusion_pytorch_model.safetensors").unwrap_err();
+    assert!(matches!(err, Error::Weights { .. }), "{err}");
+    assert!(err.to_string().contains("vae/diffusion_pytorch_model.safetensors") && err.to_string().contains("OFFLINE"), "{err}");
+    assert!(matches!(repo.component_weights("vae", None), Err(Error::Weights { .. })));
+    let other_rev = ModelSource::parse("Efficient-Large-Model/Tiny_Sana_diffusers@v2").unwrap();
+    assert!(ModelRepo::open(&other_rev, &hub).unwrap().model_index().is_err());
+    let unknown = ModelSource::parse("nobody/nothing").unwrap();
+    assert!(matches!(ModelRepo::open(&unknown, &hub).unwrap().model_index(), Err(Error::Weights { .. })));
+}
+
+fn expect_weights_error(result: visgen::Result<impl std::fmt::Debug>, file_part: &str, tensor: &str, msg_part: &str) {
+    match result {
+        Err(err @ Error::Weights { .. }) => {
+            let Error::Weights { file, tensor: t, msg } = &err else { unreachable!() };
+            assert!(file.contains(file_part), "file `{file}` should name `{file_part}`");
+            assert_eq!(t, tensor, "tensor in {err}");
+            assert!(msg.contains(msg_part), "message `{msg}` should say `{msg_part}`");
+            assert_eq!(err.exit_code(), 2);
+        }
+        other => panic!("expected a weights error, got {other:?}"),
+    }
+}
+
+#[test]
+fn weight_errors_name_file_and_tensor() {
+    let root = tmpdir("errors");
+    diffusers_folder(&root);
+    let repo = ModelRepo::open(&ModelSource::Folder(root.clone()), &HubConfig::from_env()).unwrap();
+
+    // missing file: a component without weights
+    std::fs::create_dir_all(root.join("controlnet")).unwrap();
+    expect_weights_error(repo.component_weights("controlnet", None), "controlnet", "", "no safetensors weights");
+
+    // truncated file
+    let path = root.join("transformer/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = root.join("cut/diffusion_pytorch_model.safetensors");
+    std::fs::create_dir_all(cut.parent().unwrap()).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() - 5]).unwrap();
+    expect_weights_error(repo.open_weights("cut", None), "cut/diffusion_pytorch_model.safetensors", "", "truncated");
+
+    // missing tensor and wrong shape, met while building a model
+    let weights = repo.open_weights("transformer", None).unwrap();
+    let missing = weights.build(DType::F32, &Device::Cpu, |vb| Ok(candle_nn::linear(3, 2, vb.pp("proj_out"))?));
+    expect_weights_error(missing, "transformer/diffusion_pytorch_model.safetensors", "proj_out.weight", "not found");
+    let wrong = weights.build(DType::F32, &Device::Cpu, |vb| Ok(candle_nn::linear(4, 2, vb.pp("proj"))?));
+    expect_weights_error(wrong, "transformer/diffusion_pytorch_model.safetensors", "proj.weight", "[2, 3]");
+
+    // a shard the index names is gone; a tensor the index names is not in its shard
+    std::fs::remove_file(root.join("text_encoder/model-00002-of-00002.safetensors")).unwrap();
+    expect_weights_error(Weights::open_index(&root.join("text_encoder/model.safetensors.index.json")), "model-00002-of-00002", "norm.weight", "missing");
+    save(&root.join("text_encoder/model-00002-of-00002.safetensors"), &[("other.weight", vec![1.0], vec![1])]);
+    expect_weights_error(repo.open_weights("text_encoder", None), "model-00002-of-00002", "norm.weight", "missing from its shard");
+}
+
+#[test]
+fn source_parsing() {
+    assert_eq!(
+        ModelSource::parse("Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers@main").unwrap(),
+        ModelSource::Hub { repo_id: "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers".into(), revision: Some("main".into()) }
+    );
+    assert!(matches!(ModelSource::parse("no/such/path/here"), Err(Error::Usage(_))));
+    assert!(matches!(ModelSource::parse("just-a-name"), Err(Error::Usage(_))));
+    let root = tmpdir("parse");
+    write(&root.join("weights.bin"), "x");
+    assert!(matches!(ModelSource::parse(root.join("weights.bin").to_str().unwrap()), Err(Error::Usage(_))));
+}
