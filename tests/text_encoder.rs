@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use visgen::models::text::{
     Gemma2Config, Gemma2Encoder, GemmaTokenizer, SanaPromptConfig, SanaTextEncoder, SANA_COMPLEX_HUMAN_INSTRUCTION,
 };
+use visgen::weights::{HubConfig, ModelRepo, ModelSource};
 
 fn golden_dir() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/goldens"))
@@ -25,13 +25,15 @@ fn prompts() -> (Vec<String>, Vec<String>) {
     (list("prompts"), list("negative"))
 }
 
+/// Loaded the way a pipeline loads it: through the weights module, from a diffusers-style folder.
 fn encoder(config: SanaPromptConfig) -> SanaTextEncoder {
-    let dir = golden_dir().join("gemma_tiny");
-    let tokenizer = GemmaTokenizer::from_file(&dir.join("tokenizer/tokenizer.json")).unwrap();
-    let cfg = Gemma2Config::from_json_file(&dir.join("text_encoder/config.json")).unwrap();
-    let weights = dir.join("text_encoder/model.safetensors");
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu).unwrap() };
-    SanaTextEncoder::new(tokenizer, Gemma2Encoder::new(&cfg, vb).unwrap(), config)
+    let source = ModelSource::parse(golden_dir().join("gemma_tiny").to_str().unwrap()).unwrap();
+    let repo = ModelRepo::open(&source, &HubConfig::from_env()).unwrap();
+    let tokenizer = GemmaTokenizer::from_file(&repo.tokenizer_json("tokenizer").unwrap()).unwrap();
+    let cfg = Gemma2Config::from_json_file(&repo.component_config("text_encoder").unwrap()).unwrap();
+    let weights = repo.open_weights("text_encoder", None).unwrap();
+    let model = weights.build(DType::F32, &Device::Cpu, |vb| Gemma2Encoder::new(&cfg, vb)).unwrap();
+    SanaTextEncoder::new(tokenizer, model, config)
 }
 
 fn max_rel_err(actual: &Tensor, expected: &Tensor) -> f64 {
@@ -100,4 +102,20 @@ fn bad_prompt_batches_are_usage_errors() {
     let enc = encoder(SanaPromptConfig::default());
     assert!(matches!(enc.encode_prompts(&[]), Err(visgen::Error::Usage(_))));
     assert!(matches!(enc.encode_with_negative(&["a"], &["b", "c"]), Err(visgen::Error::Usage(_))));
+}
+
+#[test]
+fn bf16_encoder_stays_close_to_f32_reference() {
+    // SANA runs Gemma in bf16: the same path must work there, within bf16 rounding of the f32 golden
+    let g = goldens();
+    let source = ModelSource::parse(golden_dir().join("gemma_tiny").to_str().unwrap()).unwrap();
+    let repo = ModelRepo::open(&source, &HubConfig::from_env()).unwrap();
+    let cfg = Gemma2Config::from_json_file(&repo.component_config("text_encoder").unwrap()).unwrap();
+    let weights = repo.open_weights("text_encoder", None).unwrap();
+    let model = weights.build(DType::BF16, &Device::Cpu, |vb| Gemma2Encoder::new(&cfg, vb)).unwrap();
+    let ids = g["raw/input_ids"].to_dtype(DType::U32).unwrap();
+    let hidden = model.forward(&ids, &g["raw/attention_mask"]).unwrap();
+    assert_eq!(hidden.dtype(), DType::BF16);
+    let err = max_rel_err(&hidden, &g["raw/hidden"]);
+    assert!(err <= 5e-2, "bf16 hidden states: max rel err {err:e}");
 }
