@@ -128,3 +128,31 @@ fn scm_matches_sana_sprint_loop() {
     }
     assert!(ScmScheduler::new(ScmConfig::default(), 3).is_err(), "intermediate time with 3 steps");
 }
+
+fn config_file(name: &str) -> String {
+    let path = format!("{}/tests/goldens/scheduler_configs/{name}/scheduler_config.json", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(path).unwrap()
+}
+
+#[test]
+fn diffusers_scheduler_configs_are_read() {
+    use visgen::schedulers::SchedulerConfig;
+    let parse = |name: &str| SchedulerConfig::from_diffusers_json(&config_file(name), name);
+    assert_eq!(
+        parse("sana_dpm").unwrap(),
+        SchedulerConfig::FlowDpmSolver(FlowDpmSolverConfig { flow_shift: 3.0, num_train_timesteps: 1000 })
+    );
+    assert_eq!(
+        parse("sana_video_dpm").unwrap(),
+        SchedulerConfig::FlowDpmSolver(FlowDpmSolverConfig { flow_shift: 8.0, num_train_timesteps: 1000 })
+    );
+    assert_eq!(parse("euler").unwrap(), SchedulerConfig::FlowEuler(FlowEulerConfig { shift: 3.0, num_train_timesteps: 1000 }));
+    assert_eq!(parse("scm").unwrap(), SchedulerConfig::Scm(ScmConfig::default()));
+    // an epsilon-prediction DPM-Solver would sample wrongly: refused, naming the config
+    match parse("plain_dpm") {
+        Err(visgen::Error::Spec { file, .. }) => assert_eq!(file, "plain_dpm"),
+        other => panic!("expected a spec error, got {other:?}"),
+    }
+    let karras = config_file("sana_dpm").replace("\"use_karras_sigmas\": false", "\"use_karras_sigmas\": true");
+    assert!(SchedulerConfig::from_diffusers_json(&karras, "k").is_err());
+}

@@ -8,10 +8,12 @@
 //! - Sample math runs in f32 whatever the model dtype (as diffusers upcasts), and the returned sample
 //!   has the dtype of the model output.
 
+pub mod config;
 pub mod flow_dpm_solver;
 pub mod flow_euler;
 pub mod scm;
 
+pub use config::SchedulerConfig;
 pub use flow_dpm_solver::{FlowDpmSolver, FlowDpmSolverConfig};
 pub use flow_euler::{FlowEuler, FlowEulerConfig};
 pub use scm::{ScmConfig, ScmScheduler, ScmStep};

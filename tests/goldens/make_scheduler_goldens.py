@@ -90,6 +90,20 @@ def scm_case(tensors, name, steps, intermediate, gen, sigma_data=0.5, max_t=1.57
         tensors[f"{name}/sample_{i + 1}"] = latents.clone()
 
 
+def save_configs():
+    """scheduler_config.json files as diffusers writes them, for the config parser."""
+    root = os.path.join(os.path.dirname(OUT), "scheduler_configs")
+    DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction").save_config(
+        os.path.join(root, "sana_dpm")
+    )
+    DPMSolverMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True, prediction_type="flow_prediction").save_config(
+        os.path.join(root, "sana_video_dpm")
+    )
+    DPMSolverMultistepScheduler().save_config(os.path.join(root, "plain_dpm"))  # epsilon: must be refused
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_config(os.path.join(root, "euler"))
+    SCMScheduler().save_config(os.path.join(root, "scm"))
+
+
 def main():
     gen = torch.Generator().manual_seed(20241010)
     tensors = {}
@@ -104,6 +118,7 @@ def main():
     scm_case(tensors, "scm_n2_inter", 2, 1.3, gen)  # SANA-Sprint default
     scm_case(tensors, "scm_n1", 1, None, gen)
     scm_case(tensors, "scm_n4", 4, None, gen)
+    save_configs()
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     save_file(tensors, OUT)
     print(f"wrote {len(tensors)} tensors to {OUT} ({os.path.getsize(OUT)} bytes)")
