@@ -246,3 +246,55 @@ fn source_parsing() {
     write(&root.join("weights.bin"), "x");
     assert!(matches!(ModelSource::parse(root.join("weights.bin").to_str().unwrap()), Err(Error::Usage(_))));
 }
+
+#[test]
+fn bf16_only_repo_layout_is_found_without_asking() {
+    // the file names of Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers
+    let root = tmpdir("bf16repo");
+    save(&root.join("transformer/diffusion_pytorch_model.bf16.safetensors"), &[("proj.weight", W.to_vec(), vec![2, 3]), ("proj.bias", B.to_vec(), vec![2])]);
+    save(&root.join("text_encoder/model.bf16-00001-of-00002.safetensors"), &[("embed.weight", vec![1.0; 4], vec![2, 2])]);
+    save(&root.join("text_encoder/model.bf16-00002-of-00002.safetensors"), &[("norm.weight", vec![5.0, 6.0], vec![2])]);
+    write(
+        &root.join("text_encoder/model.safetensors.index.bf16.json"),
+        r#"{"metadata": {}, "weight_map": {"embed.weight": "model.bf16-00001-of-00002.safetensors",
+            "norm.weight": "model.bf16-00002-of-00002.safetensors"}}"#,
+    );
+    let repo = ModelRepo::open(&ModelSource::Folder(root.clone()), &HubConfig::from_vars(|_| None)).unwrap();
+    for variant in [None, Some("bf16")] {
+        assert_eq!(
+            repo.component_weights("transformer", variant).unwrap(),
+            WeightFiles::Single(root.join("transformer/diffusion_pytorch_model.bf16.safetensors"))
+        );
+        let te = repo.open_weights("text_encoder", variant).unwrap();
+        assert_eq!(te.tensor_names(), vec!["embed.weight", "norm.weight"]);
+    }
+    assert!(linear(&repo.open_weights("transformer", None).unwrap(), DType::BF16).is_ok());
+}
+
+#[test]
+fn hub_environment_rules() {
+    let home = tmpdir("hfhome");
+    write(&home.join("token"), "hf_from_file\n");
+    let vars = |pairs: &'static [(&'static str, &'static str)], home: PathBuf| {
+        move |name: &str| -> Option<String> {
+            if name == "HF_HOME" {
+                return Some(home.to_string_lossy().into_owned());
+            }
+            pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        }
+    };
+    // HF_HOME: cache in HF_HOME/hub, token from HF_HOME/token, online by default
+    let cfg = HubConfig::from_vars(vars(&[], home.clone()));
+    assert_eq!(cfg.cache_dir, home.join("hub"));
+    assert_eq!(cfg.token.as_deref(), Some("hf_from_file"));
+    assert!(!cfg.offline);
+    // HF_HUB_CACHE and HF_TOKEN win; offline spellings as in huggingface_hub
+    let cfg = HubConfig::from_vars(vars(&[("HF_HUB_CACHE", "/x/cache"), ("HF_TOKEN", "hf_env"), ("HF_HUB_OFFLINE", "TRUE")], home.clone()));
+    assert_eq!(cfg.cache_dir, PathBuf::from("/x/cache"));
+    assert_eq!(cfg.token.as_deref(), Some("hf_env"));
+    assert!(cfg.offline);
+    assert!(!HubConfig::from_vars(vars(&[("HF_HUB_OFFLINE", "0")], home.clone())).offline);
+    // nothing set: ~/.cache/huggingface/hub
+    let cfg = HubConfig::from_vars(|name| (name == "HOME").then(|| "/home/u".to_string()));
+    assert_eq!(cfg.cache_dir, PathBuf::from("/home/u/.cache/huggingface/hub"));
+}

@@ -20,37 +20,38 @@ pub struct HubConfig {
     pub progress: bool,
 }
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
-
-fn env_flag(name: &str) -> bool {
-    env(name).map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "on" | "yes" | "true")).unwrap_or(false)
-}
-
-fn hf_home() -> PathBuf {
-    if let Some(home) = env("HF_HOME") {
-        return PathBuf::from(home);
-    }
-    let cache = env("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"));
-    cache.join("huggingface")
+fn non_empty(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.trim().is_empty())
 }
 
 impl HubConfig {
     /// Reads the `huggingface_hub` environment variables.
     pub fn from_env() -> Self {
-        let cache_dir = env("HF_HUB_CACHE")
-            .or_else(|| env("HUGGINGFACE_HUB_CACHE"))
-            .map(PathBuf::from)
-            .unwrap_or_else(|| hf_home().join("hub"));
-        let token = env("HF_TOKEN").or_else(|| {
-            let path = env("HF_TOKEN_PATH").map(PathBuf::from).unwrap_or_else(|| hf_home().join("token"));
-            std::fs::read_to_string(path).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// As [`HubConfig::from_env`], with the variables looked up through `var`.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
+        let get = |name: &str| non_empty(var(name));
+        let hf_home = get("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
+            let cache = get("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| get("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .unwrap_or_else(|| PathBuf::from(".cache"));
+            cache.join("huggingface")
         });
-        Self { cache_dir, offline: env_flag("HF_HUB_OFFLINE"), token, endpoint: env("HF_ENDPOINT"), progress: false }
+        let cache_dir = get("HF_HUB_CACHE")
+            .or_else(|| get("HUGGINGFACE_HUB_CACHE"))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| hf_home.join("hub"));
+        let token = get("HF_TOKEN").or_else(|| {
+            let path = get("HF_TOKEN_PATH").map(PathBuf::from).unwrap_or_else(|| hf_home.join("token"));
+            non_empty(std::fs::read_to_string(path).ok().map(|t| t.trim().to_string()))
+        });
+        let offline = get("HF_HUB_OFFLINE")
+            .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "on" | "yes" | "true"))
+            .unwrap_or(false);
+        Self { cache_dir, offline, token, endpoint: get("HF_ENDPOINT"), progress: false }
     }
 }
 

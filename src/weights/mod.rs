@@ -107,6 +107,9 @@ pub enum ModelRepo {
     Hub { repo: HubRepo, listing: OnceLock<Option<Vec<String>>> },
 }
 
+/// Variants tried, in order, when none is asked for and a component has no plain weight files.
+pub const KNOWN_VARIANTS: [&str; 2] = ["bf16", "fp16"];
+
 /// The weight file names diffusers and transformers write, most specific first.
 fn weight_candidates(variant: Option<&str>) -> Vec<(String, bool)> {
     let mut names = Vec::new();
@@ -208,8 +211,9 @@ impl ModelRepo {
     }
 
     /// The weight files of a component (`""` for a repo that is a single model). With a variant,
-    /// its files are preferred and the plain files are the fallback. A single-file source returns
-    /// its file whatever the component.
+    /// its files are preferred and the plain files are the fallback; without one, the plain files
+    /// are preferred and [`KNOWN_VARIANTS`] the fallback. A single-file source returns its file
+    /// whatever the component.
     pub fn component_weights(&self, component: &str, variant: Option<&str>) -> Result<WeightFiles> {
         if let Self::File(file) = self {
             return Ok(WeightFiles::Single(file.clone()));
@@ -227,6 +231,14 @@ impl ModelRepo {
             let (shard_names, _) = read_index(&path)?;
             let shards = shard_names.iter().map(|s| self.file(&join(component, s))).collect::<Result<Vec<_>>>()?;
             return Ok(WeightFiles::Sharded { index: path, shards });
+        }
+        // A repo published in one precision only (e.g. `..._BF16_diffusers`) has no plain files.
+        if variant.is_none() {
+            for known in KNOWN_VARIANTS {
+                if let Ok(files) = self.component_weights(component, Some(known)) {
+                    return Ok(files);
+                }
+            }
         }
         let looked: Vec<&str> = candidates.iter().map(|(n, _)| n.as_str()).collect();
         let hint = if self.has_file(&join(component, "diffusion_pytorch_model.bin")) || self.has_file(&join(component, "pytorch_model.bin")) {
