@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use visgen::models::text::{
     Gemma2Config, Gemma2Encoder, GemmaTokenizer, SanaPromptConfig, SanaTextEncoder, SANA_COMPLEX_HUMAN_INSTRUCTION,
+    SANA_VIDEO_COMPLEX_HUMAN_INSTRUCTION,
 };
 use visgen::weights::{HubConfig, ModelRepo, ModelSource};
 
@@ -118,4 +119,26 @@ fn bf16_encoder_stays_close_to_f32_reference() {
     assert_eq!(hidden.dtype(), DType::BF16);
     let err = max_rel_err(&hidden, &g["raw/hidden"]);
     assert!(err <= 5e-2, "bf16 hidden states: max rel err {err:e}");
+}
+
+#[test]
+fn instructions_are_diffusers_defaults() {
+    let text = std::fs::read_to_string(golden_dir().join("gemma_tiny/prompts.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let lines = |k: &str| -> Vec<String> { v[k].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect() };
+    assert_eq!(SanaPromptConfig::image().complex_human_instruction, lines("chi_sana"));
+    assert_eq!(SanaPromptConfig::image().complex_human_instruction, lines("chi_sprint"));
+    assert_eq!(SanaPromptConfig::video().complex_human_instruction, lines("chi_video"));
+    assert_eq!(SANA_VIDEO_COMPLEX_HUMAN_INSTRUCTION.len(), lines("chi_video").len());
+}
+
+#[test]
+fn cfg_batch_puts_negative_first() {
+    let enc = encoder(SanaPromptConfig::default());
+    let (p, n) = enc.encode_with_negative(&["a red fox"], &[""]).unwrap();
+    let both = visgen::models::text::PromptEmbeddings::cfg_batch(&n, &p).unwrap();
+    assert_eq!(both.embeds.dims(), &[2, 300, 32]);
+    let first = both.embeds.get(0).unwrap();
+    assert_eq!(max_rel_err(&first, &n.embeds.get(0).unwrap()), 0.0);
+    assert_eq!(max_rel_err(&both.mask.get(1).unwrap(), &p.mask.get(0).unwrap()), 0.0);
 }

@@ -38,7 +38,7 @@ pub struct FlowDpmSolver {
 impl FlowDpmSolver {
     pub fn new(config: FlowDpmSolverConfig, num_steps: usize) -> Result<Self> {
         check_step_count(num_steps)?;
-        if !(config.flow_shift > 0.0) {
+        if config.flow_shift.is_nan() || config.flow_shift <= 0.0 {
             return Err(Error::Usage(format!("flow shift must be positive, got {}", config.flow_shift)));
         }
         let train = config.num_train_timesteps as f64;

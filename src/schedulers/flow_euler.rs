@@ -31,15 +31,15 @@ pub struct FlowEuler {
 impl FlowEuler {
     pub fn new(config: FlowEulerConfig, num_steps: usize) -> Result<Self> {
         check_step_count(num_steps)?;
-        if !(config.shift > 0.0) {
+        if config.shift.is_nan() || config.shift <= 0.0 {
             return Err(Error::Usage(format!("flow shift must be positive, got {}", config.shift)));
         }
         let train = config.num_train_timesteps as f64;
         let shift = config.shift;
-        // The training table is built in f32 by diffusers: its first entry is exactly 1 and its
-        // last is the f32 shift of 1/train.
+        // The training table is built in f32 by diffusers: its first entry is the shift of
+        // train/train = 1 and its last the shift of 1/train.
         let shift_f32 = |s: f32| (shift as f32) * s / (1.0f32 + (shift as f32 - 1.0f32) * s);
-        let sigma_max = shift_f32(train as f32 / train as f32) as f64;
+        let sigma_max = shift_f32(1.0) as f64;
         let sigma_min = shift_f32(1.0f32 / train as f32) as f64;
 
         let sigmas_f32: Vec<f32> = np_linspace(sigma_max * train, sigma_min * train, num_steps)

@@ -36,6 +36,8 @@ pub struct ScmConfig {
 
 impl Default for ScmConfig {
     /// SANA-Sprint's defaults: 2 steps through `[1.5708, 1.3, 0]`.
+    // 1.57080 is diffusers' literal, not π/2: it must stay as written for parity
+    #[allow(clippy::approx_constant)]
     fn default() -> Self {
         Self { sigma_data: 0.5, max_timesteps: 1.57080, intermediate_timesteps: Some(1.3) }
     }

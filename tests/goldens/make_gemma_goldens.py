@@ -123,7 +123,21 @@ def main():
     out = {k: v.contiguous() for k, v in out.items()}
     path = os.path.join(HERE, "gemma_prompts.safetensors")
     save_file(out, path)
-    meta = {"prompts": PROMPTS, "negative": NEGATIVE, "chi_tokens": n_chi}
+    from diffusers import SanaSprintPipeline, SanaVideoPipeline
+
+    def default_chi(cls):
+        import inspect
+
+        return list(inspect.signature(cls.__call__).parameters["complex_human_instruction"].default)
+
+    meta = {
+        "prompts": PROMPTS,
+        "negative": NEGATIVE,
+        "chi_tokens": n_chi,
+        "chi_sana": default_chi(SanaPipeline),
+        "chi_sprint": default_chi(SanaSprintPipeline),
+        "chi_video": default_chi(SanaVideoPipeline),
+    }
     with open(os.path.join(FOLDER, "prompts.json"), "w") as f:
         json.dump(meta, f, indent=1)
     print("chi tokens", n_chi, {k: tuple(v.shape) for k, v in out.items()})

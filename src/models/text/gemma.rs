@@ -95,7 +95,7 @@ impl Gemma2Config {
     fn layer_slides(&self, layer: usize) -> bool {
         match &self.layer_types {
             Some(types) => types.get(layer).map(|t| t == "sliding_attention").unwrap_or(false),
-            None => layer % 2 == 0,
+            None => layer.is_multiple_of(2),
         }
     }
 }

@@ -6,5 +6,5 @@ pub mod sana_prompt;
 pub use gemma::{Gemma2Config, Gemma2Encoder};
 pub use sana_prompt::{
     select_indices, GemmaTokenizer, PromptEmbeddings, SanaPromptConfig, SanaTextEncoder, TokenBatch,
-    SANA_COMPLEX_HUMAN_INSTRUCTION,
+    SANA_COMPLEX_HUMAN_INSTRUCTION, SANA_VIDEO_COMPLEX_HUMAN_INSTRUCTION,
 };

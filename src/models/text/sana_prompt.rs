@@ -28,12 +28,39 @@ pub const SANA_COMPLEX_HUMAN_INSTRUCTION: [&str; 8] = [
     "User Prompt: ",
 ];
 
+/// SANA-Video's instruction (diffusers' `SanaVideoPipeline` default): motion and temporal wording.
+pub const SANA_VIDEO_COMPLEX_HUMAN_INSTRUCTION: [&str; 8] = [
+    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for video generation. Evaluate the level of detail in the user prompt:",
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, motion, and temporal relationships to create vivid and dynamic scenes.",
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat slowly settling into a curled position, peacefully falling asleep on a warm sunny windowsill, with gentle sunlight filtering through surrounding pots of blooming red flowers.",
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street lamps gradually lighting up, a diverse crowd of people in colorful clothing walking past, and a double-decker bus smoothly passing by towering glass skyscrapers.",
+    "Please generate only the enhanced description for the prompt below and avoid including any additional commentary or evaluations:",
+    "User Prompt: ",
+];
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SanaPromptConfig {
     /// Text length seen by the transformer (300 for every SANA model).
     pub max_sequence_length: usize,
     /// Lines prepended to positive prompts; empty disables the instruction.
     pub complex_human_instruction: Vec<String>,
+}
+
+impl SanaPromptConfig {
+    /// SANA and SANA-Sprint (the same as `default()`).
+    pub fn image() -> Self {
+        Self::default()
+    }
+
+    /// SANA-Video (text-to-video and image-to-video).
+    pub fn video() -> Self {
+        Self {
+            max_sequence_length: 300,
+            complex_human_instruction: SANA_VIDEO_COMPLEX_HUMAN_INSTRUCTION.iter().map(|s| s.to_string()).collect(),
+        }
+    }
 }
 
 impl Default for SanaPromptConfig {
@@ -158,6 +185,17 @@ pub fn select_indices(total_len: usize, max_sequence_length: usize) -> Result<Ve
 pub struct PromptEmbeddings {
     pub embeds: Tensor,
     pub mask: Tensor,
+}
+
+impl PromptEmbeddings {
+    /// The classifier-free-guidance batch in diffusers' order: negative first, then positive
+    /// (`cat([negative, positive])` on the batch axis), for embeddings and masks.
+    pub fn cfg_batch(negative: &PromptEmbeddings, positive: &PromptEmbeddings) -> Result<PromptEmbeddings> {
+        Ok(PromptEmbeddings {
+            embeds: Tensor::cat(&[&negative.embeds, &positive.embeds], 0)?,
+            mask: Tensor::cat(&[&negative.mask, &positive.mask], 0)?,
+        })
+    }
 }
 
 /// Gemma-2 plus its tokenizer plus SANA's prompt rules.
