@@ -298,3 +298,126 @@ fn hub_environment_rules() {
     let cfg = HubConfig::from_vars(|name| (name == "HOME").then(|| "/home/u".to_string()));
     assert_eq!(cfg.cache_dir, PathBuf::from("/home/u/.cache/huggingface/hub"));
 }
+
+/// A minimal stand-in for the hub's HTTP API, enough for hf-hub's client: the repo info
+/// (`/api/models/<repo>/revision/<rev>`) and file downloads (`/<repo>/resolve/<rev>/<file>`) with
+/// the range requests, commit and etag headers it expects. Records the Authorization headers seen.
+mod mock_hub {
+    use std::collections::HashMap;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::sync::{Arc, Mutex};
+
+    pub const COMMIT: &str = "fedcba9876543210fedcba9876543210fedcba98";
+
+    pub struct Server {
+        pub url: String,
+        pub auth_headers: Arc<Mutex<Vec<String>>>,
+    }
+
+    fn respond(stream: &mut std::net::TcpStream, status: &str, headers: &[(String, String)], body: &[u8]) {
+        let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        let _ = stream.write_all(head.as_bytes());
+        let _ = stream.write_all(body);
+    }
+
+    pub fn start(repo_id: &str, files: HashMap<String, Vec<u8>>) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let auth_headers = Arc::new(Mutex::new(Vec::new()));
+        let seen = auth_headers.clone();
+        let repo_id = repo_id.to_string();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&request).to_string();
+                let mut lines = text.split("\r\n");
+                let path = lines.next().unwrap_or("").split(' ').nth(1).unwrap_or("").to_string();
+                let headers: HashMap<String, String> = lines
+                    .filter_map(|l| l.split_once(':'))
+                    .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                    .collect();
+                if let Some(auth) = headers.get("authorization") {
+                    seen.lock().unwrap().push(auth.clone());
+                }
+                if path == format!("/api/models/{repo_id}/revision/main") {
+                    let siblings: Vec<String> = files.keys().map(|f| format!("{{\"rfilename\": \"{f}\"}}")).collect();
+                    let body = format!("{{\"sha\": \"{COMMIT}\", \"siblings\": [{}]}}", siblings.join(","));
+                    respond(&mut stream, "200 OK", &[], body.as_bytes());
+                    continue;
+                }
+                let prefix = format!("/{repo_id}/resolve/main/");
+                let Some(data) = path.strip_prefix(&prefix).and_then(|f| files.get(f)) else {
+                    respond(&mut stream, "404 Not Found", &[], b"");
+                    continue;
+                };
+                let start: usize = headers
+                    .get("range")
+                    .and_then(|r| r.strip_prefix("bytes="))
+                    .and_then(|r| r.split('-').next())
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                let one_byte = headers.get("range").map(|r| r == "bytes=0-0").unwrap_or(false);
+                let end = if one_byte { 1.min(data.len()) } else { data.len() };
+                let etag = format!("\"etag{:08x}\"", data.len() * 31 + path.len());
+                let response_headers = vec![
+                    ("x-repo-commit".to_string(), COMMIT.to_string()),
+                    ("etag".to_string(), etag),
+                    ("content-range".to_string(), format!("bytes {start}-{}/{}", end.max(1) - 1, data.len())),
+                ];
+                respond(&mut stream, "206 Partial Content", &response_headers, &data[start.min(end)..end]);
+            }
+        });
+        Server { url, auth_headers }
+    }
+}
+
+#[test]
+fn hub_download_lands_in_the_shared_cache_layout() {
+    let staging = tmpdir("mockstaging");
+    diffusers_folder(&staging);
+    let served = ["model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"];
+    let files = served.iter().map(|f| (f.to_string(), std::fs::read(staging.join(f)).unwrap())).collect();
+    let server = mock_hub::start("org/tiny-sana", files);
+
+    let cache = tmpdir("mockcache");
+    let online = HubConfig {
+        cache_dir: cache.clone(),
+        offline: false,
+        token: Some("hf_secret".into()),
+        endpoint: Some(server.url.clone()),
+        progress: false,
+    };
+    let source = ModelSource::parse("org/tiny-sana").unwrap();
+    let repo = ModelRepo::open(&source, &online).unwrap();
+    let files = repo.component_weights("transformer", None).unwrap();
+    let snapshot = cache.join("models--org--tiny-sana/snapshots").join(mock_hub::COMMIT);
+    let expected = snapshot.join("transformer/diffusion_pytorch_model.safetensors");
+    assert_eq!(files, WeightFiles::Single(expected.clone()));
+    assert!(linear(&Weights::open(&files).unwrap(), DType::F32).is_ok());
+    // Python's layout: refs/main -> commit, snapshot entries are links into blobs/
+    let main_ref = std::fs::read_to_string(cache.join("models--org--tiny-sana/refs/main")).unwrap();
+    assert_eq!(main_ref.trim(), mock_hub::COMMIT);
+    assert!(std::fs::symlink_metadata(&expected).unwrap().file_type().is_symlink());
+    assert!(server.auth_headers.lock().unwrap().iter().all(|h| h == "Bearer hf_secret"));
+    assert!(!server.auth_headers.lock().unwrap().is_empty(), "the token must be sent");
+    // a file the repo does not have is a weights error naming it
+    assert!(matches!(repo.file("vae/diffusion_pytorch_model.safetensors"), Err(Error::Weights { .. })));
+
+    // the same cache, offline, serves what was downloaded
+    let offline = HubConfig { offline: true, endpoint: None, ..online };
+    let repo = ModelRepo::open(&source, &offline).unwrap();
+    assert_eq!(repo.component_weights("transformer", None).unwrap(), WeightFiles::Single(expected));
+}
