@@ -142,3 +142,28 @@ fn cfg_batch_puts_negative_first() {
     assert_eq!(max_rel_err(&first, &n.embeds.get(0).unwrap()), 0.0);
     assert_eq!(max_rel_err(&both.mask.get(1).unwrap(), &p.mask.get(0).unwrap()), 0.0);
 }
+
+#[test]
+fn hub_style_gemma2_2b_config_parses_to_the_preset() {
+    // the shape of text_encoder/config.json in the SANA repos (written by transformers 4.x)
+    let text = r#"{
+      "architectures": ["Gemma2Model"], "attention_bias": false, "attention_dropout": 0.0,
+      "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": 1,
+      "final_logit_softcapping": 30.0, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
+      "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304, "initializer_range": 0.02,
+      "intermediate_size": 9216, "max_position_embeddings": 8192, "model_type": "gemma2",
+      "num_attention_heads": 8, "num_hidden_layers": 26, "num_key_value_heads": 4, "pad_token_id": 0,
+      "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096,
+      "torch_dtype": "bfloat16", "transformers_version": "4.44.2", "use_cache": true, "vocab_size": 256000
+    }"#;
+    let cfg = Gemma2Config::from_json_str(text, "config.json").unwrap();
+    let preset = Gemma2Config::gemma2_2b();
+    assert_eq!(
+        (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers),
+        (preset.vocab_size, preset.hidden_size, preset.intermediate_size, preset.num_hidden_layers)
+    );
+    assert_eq!((cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim), (8, 4, 256));
+    assert_eq!((cfg.query_pre_attn_scalar, cfg.attn_logit_softcapping, cfg.sliding_window), (256.0, Some(50.0), Some(4096)));
+    assert_eq!(cfg.activation(), preset.activation());
+    assert_eq!(cfg.rope_theta, Some(10000.0));
+}

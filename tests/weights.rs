@@ -159,10 +159,13 @@ fn hub_cache_found_offline() {
     }
     write(&repo_dir.join("refs/main"), commit);
 
-    std::env::set_var("HF_HUB_CACHE", &cache);
-    std::env::set_var("HF_HUB_OFFLINE", "1");
-    std::env::set_var("HF_TOKEN", "hf_test_token");
-    let hub = HubConfig::from_env();
+    let cache_str = cache.to_string_lossy().into_owned();
+    let hub = HubConfig::from_vars(|name| match name {
+        "HF_HUB_CACHE" => Some(cache_str.clone()),
+        "HF_HUB_OFFLINE" => Some("1".into()),
+        "HF_TOKEN" => Some("hf_test_token".into()),
+        _ => None,
+    });
     assert_eq!(hub.cache_dir, cache);
     assert!(hub.offline);
     assert_eq!(hub.token.as_deref(), Some("hf_test_token"));

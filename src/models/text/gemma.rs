@@ -33,8 +33,11 @@ pub struct Gemma2Config {
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
     pub head_dim: usize,
-    #[serde(default = "default_activation", alias = "hidden_act")]
-    pub hidden_activation: Activation,
+    /// transformers writes both `hidden_activation` and the older `hidden_act`; the first wins.
+    #[serde(default)]
+    pub hidden_activation: Option<Activation>,
+    #[serde(default)]
+    pub hidden_act: Option<Activation>,
     pub rms_norm_eps: f64,
     #[serde(default)]
     pub rope_theta: Option<f64>,
@@ -52,10 +55,6 @@ pub struct Gemma2Config {
     pub attention_bias: bool,
 }
 
-fn default_activation() -> Activation {
-    Activation::GeluPytorchTanh
-}
-
 impl Gemma2Config {
     /// google/gemma-2-2b-it, SANA's text encoder (2304-d hidden states).
     pub fn gemma2_2b() -> Self {
@@ -67,7 +66,8 @@ impl Gemma2Config {
             num_attention_heads: 8,
             num_key_value_heads: 4,
             head_dim: 256,
-            hidden_activation: Activation::GeluPytorchTanh,
+            hidden_activation: Some(Activation::GeluPytorchTanh),
+            hidden_act: None,
             rms_norm_eps: 1e-6,
             rope_theta: Some(10_000.0),
             rope_parameters: None,
@@ -79,13 +79,23 @@ impl Gemma2Config {
         }
     }
 
-    pub fn from_json_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::Weights {
-            file: path.display().to_string(),
+    /// Parses a transformers `config.json`; `origin` names it in errors.
+    pub fn from_json_str(text: &str, origin: &str) -> Result<Self> {
+        serde_json::from_str(text).map_err(|e| Error::Weights {
+            file: origin.to_string(),
             tensor: String::new(),
             msg: format!("not a Gemma-2 config: {e}"),
         })
+    }
+
+    pub fn from_json_file(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json_str(&text, &path.display().to_string())
+    }
+
+    /// The MLP activation (GELU with the tanh approximation for every Gemma-2).
+    pub fn activation(&self) -> Activation {
+        self.hidden_activation.or(self.hidden_act).unwrap_or(Activation::GeluPytorchTanh)
     }
 
     fn rope_base(&self) -> f64 {
@@ -196,7 +206,7 @@ impl Mlp {
             gate_proj: linear(cfg.hidden_size, cfg.intermediate_size, false, vb.pp("gate_proj"))?,
             up_proj: linear(cfg.hidden_size, cfg.intermediate_size, false, vb.pp("up_proj"))?,
             down_proj: linear(cfg.intermediate_size, cfg.hidden_size, false, vb.pp("down_proj"))?,
-            act: cfg.hidden_activation,
+            act: cfg.activation(),
         })
     }
 

@@ -84,11 +84,15 @@ impl GemmaTokenizer {
     /// Loads `tokenizer.json`; the pad and BOS tokens come from the sibling `tokenizer_config.json`
     /// when present, else Gemma's `<pad>` / `<bos>`.
     pub fn from_file(tokenizer_json: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| Error::Weights {
+        let bad = |e: &dyn std::fmt::Display| Error::Weights {
             file: tokenizer_json.display().to_string(),
             tensor: String::new(),
             msg: format!("cannot read tokenizer: {e}"),
-        })?;
+        };
+        let mut inner = tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| bad(&e))?;
+        // padding and truncation are SANA's (below), never whatever the file may configure
+        inner.with_padding(None);
+        inner.with_truncation(None).map_err(|e| bad(&e))?;
         let config = tokenizer_json.with_file_name("tokenizer_config.json");
         let special = |key: &str, fallback: &str| -> String {
             std::fs::read_to_string(&config)
