@@ -153,6 +153,11 @@ fn diffusers_scheduler_configs_are_read() {
         Err(visgen::Error::Spec { file, .. }) => assert_eq!(file, "plain_dpm"),
         other => panic!("expected a spec error, got {other:?}"),
     }
+    // the boxed scheduler is the same algorithm as the direct one
+    let mut boxed = parse("sana_dpm").unwrap().flow_scheduler(20).unwrap();
+    assert_eq!(boxed.timesteps(), FlowDpmSolver::new(FlowDpmSolverConfig::sana(), 20).unwrap().timesteps());
+    replay(&goldens(), "dpm_shift3_n20", boxed.as_mut());
+    assert!(parse("scm").unwrap().flow_scheduler(2).is_err());
     let karras = config_file("sana_dpm").replace("\"use_karras_sigmas\": false", "\"use_karras_sigmas\": true");
     assert!(SchedulerConfig::from_diffusers_json(&karras, "k").is_err());
 }

@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use super::{FlowDpmSolverConfig, FlowEulerConfig, ScmConfig};
+use super::{FlowDpmSolver, FlowDpmSolverConfig, FlowEuler, FlowEulerConfig, ScmConfig, Scheduler};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -92,6 +92,16 @@ impl Fields<'_> {
 }
 
 impl SchedulerConfig {
+    /// The flow scheduler for `steps` sampling steps. SCM has its own loop (it takes fresh noise
+    /// and converts the model output), so it is built directly as `ScmScheduler::new`.
+    pub fn flow_scheduler(&self, steps: usize) -> Result<Box<dyn Scheduler + Send>> {
+        match self {
+            Self::FlowDpmSolver(c) => Ok(Box::new(FlowDpmSolver::new(*c, steps)?)),
+            Self::FlowEuler(c) => Ok(Box::new(FlowEuler::new(*c, steps)?)),
+            Self::Scm(_) => Err(Error::Usage("SCM (SANA-Sprint) is not a flow scheduler: use ScmScheduler".into())),
+        }
+    }
+
     /// Parses the JSON text of a diffusers scheduler config; `origin` names it in errors.
     pub fn from_diffusers_json(text: &str, origin: &str) -> Result<Self> {
         let value: Value = serde_json::from_str(&replace_non_finite(text))

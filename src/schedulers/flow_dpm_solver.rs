@@ -19,6 +19,23 @@ pub struct FlowDpmSolverConfig {
     pub num_train_timesteps: usize,
 }
 
+impl FlowDpmSolverConfig {
+    /// SANA 512px–2K and SANA-1.5 / SANA-Sprint-size images: shift 3.
+    pub fn sana() -> Self {
+        Self { flow_shift: 3.0, num_train_timesteps: 1000 }
+    }
+
+    /// SANA 4K: shift 6.
+    pub fn sana_4k() -> Self {
+        Self { flow_shift: 6.0, num_train_timesteps: 1000 }
+    }
+
+    /// SANA-Video: shift 8.
+    pub fn sana_video() -> Self {
+        Self { flow_shift: 8.0, num_train_timesteps: 1000 }
+    }
+}
+
 impl Default for FlowDpmSolverConfig {
     fn default() -> Self {
         Self { flow_shift: 3.0, num_train_timesteps: 1000 }
