@@ -9,6 +9,7 @@
 
 pub mod dense;
 pub mod linear;
+pub mod masked;
 pub mod neighborhood;
 pub mod plan;
 pub mod pyramid;

@@ -1,2 +1,5 @@
 //! See ../../shared/DESIGN.md for what lives here.
+
+pub mod dcae;
+pub mod sana;
 pub mod text;
