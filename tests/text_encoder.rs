@@ -22,7 +22,13 @@ fn goldens() -> HashMap<String, Tensor> {
 fn prompts() -> (Vec<String>, Vec<String>) {
     let text = std::fs::read_to_string(golden_dir().join("gemma_tiny/prompts.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let list = |k: &str| v[k].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+    let list = |k: &str| {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
+    };
     (list("prompts"), list("negative"))
 }
 
@@ -33,14 +39,28 @@ fn encoder(config: SanaPromptConfig) -> SanaTextEncoder {
     let tokenizer = GemmaTokenizer::from_file(&repo.tokenizer_json("tokenizer").unwrap()).unwrap();
     let cfg = Gemma2Config::from_json_file(&repo.component_config("text_encoder").unwrap()).unwrap();
     let weights = repo.open_weights("text_encoder", None).unwrap();
-    let model = weights.build(DType::F32, &Device::Cpu, |vb| Gemma2Encoder::new(&cfg, vb)).unwrap();
+    let model = weights
+        .build(DType::F32, &Device::Cpu, |vb| Gemma2Encoder::new(&cfg, vb))
+        .unwrap();
     SanaTextEncoder::new(tokenizer, model, config)
 }
 
 fn max_rel_err(actual: &Tensor, expected: &Tensor) -> f64 {
     assert_eq!(actual.dims(), expected.dims());
-    let a = actual.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    let b = expected.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let a = actual
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let b = expected
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
     a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
 }
@@ -59,8 +79,16 @@ fn tokenization_matches_transformers() {
     let (pos, _) = prompts();
     let enc = encoder(SanaPromptConfig::default());
     let tokens = enc.tokenize_prompts(&refs(&pos)).unwrap();
-    let ids: Vec<Vec<i64>> = tokens.input_ids.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
-    let mask: Vec<Vec<i64>> = tokens.mask.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
+    let ids: Vec<Vec<i64>> = tokens
+        .input_ids
+        .iter()
+        .map(|r| r.iter().map(|&x| x as i64).collect())
+        .collect();
+    let mask: Vec<Vec<i64>> = tokens
+        .mask
+        .iter()
+        .map(|r| r.iter().map(|&x| x as i64).collect())
+        .collect();
     assert_eq!(ids, as_i64_rows(&g["raw/input_ids"]), "input ids");
     assert_eq!(mask, as_i64_rows(&g["raw/attention_mask"]), "attention mask");
 }
@@ -83,8 +111,20 @@ fn sana_encode_prompt_matches_diffusers() {
     let chi: Vec<String> = SANA_COMPLEX_HUMAN_INSTRUCTION.iter().map(|s| s.to_string()).collect();
     let cases = [
         ("chi300", SanaPromptConfig::default()),
-        ("plain300", SanaPromptConfig { max_sequence_length: 300, complex_human_instruction: vec![] }),
-        ("chi_short", SanaPromptConfig { max_sequence_length: 12, complex_human_instruction: chi[6..].to_vec() }),
+        (
+            "plain300",
+            SanaPromptConfig {
+                max_sequence_length: 300,
+                complex_human_instruction: vec![],
+            },
+        ),
+        (
+            "chi_short",
+            SanaPromptConfig {
+                max_sequence_length: 12,
+                complex_human_instruction: chi[6..].to_vec(),
+            },
+        ),
     ];
     for (tag, config) in cases {
         let enc = encoder(config);
@@ -93,7 +133,11 @@ fn sana_encode_prompt_matches_diffusers() {
             let embeds = &g[&format!("{tag}/{key}_embeds")];
             let err = max_rel_err(&got.embeds, embeds);
             assert!(err <= 1e-4, "{tag} {what} embeds: max rel err {err:e}");
-            assert_eq!(as_i64_rows(&got.mask), as_i64_rows(&g[&format!("{tag}/{key}_mask")]), "{tag} {what} mask");
+            assert_eq!(
+                as_i64_rows(&got.mask),
+                as_i64_rows(&g[&format!("{tag}/{key}_mask")]),
+                "{tag} {what} mask"
+            );
         }
     }
 }
@@ -102,7 +146,10 @@ fn sana_encode_prompt_matches_diffusers() {
 fn bad_prompt_batches_are_usage_errors() {
     let enc = encoder(SanaPromptConfig::default());
     assert!(matches!(enc.encode_prompts(&[]), Err(visgen::Error::Usage(_))));
-    assert!(matches!(enc.encode_with_negative(&["a"], &["b", "c"]), Err(visgen::Error::Usage(_))));
+    assert!(matches!(
+        enc.encode_with_negative(&["a"], &["b", "c"]),
+        Err(visgen::Error::Usage(_))
+    ));
 }
 
 #[test]
@@ -113,7 +160,9 @@ fn bf16_encoder_stays_close_to_f32_reference() {
     let repo = ModelRepo::open(&source, &HubConfig::from_env()).unwrap();
     let cfg = Gemma2Config::from_json_file(&repo.component_config("text_encoder").unwrap()).unwrap();
     let weights = repo.open_weights("text_encoder", None).unwrap();
-    let model = weights.build(DType::BF16, &Device::Cpu, |vb| Gemma2Encoder::new(&cfg, vb)).unwrap();
+    let model = weights
+        .build(DType::BF16, &Device::Cpu, |vb| Gemma2Encoder::new(&cfg, vb))
+        .unwrap();
     let ids = g["raw/input_ids"].to_dtype(DType::U32).unwrap();
     let hidden = model.forward(&ids, &g["raw/attention_mask"]).unwrap();
     assert_eq!(hidden.dtype(), DType::BF16);
@@ -125,7 +174,13 @@ fn bf16_encoder_stays_close_to_f32_reference() {
 fn instructions_are_diffusers_defaults() {
     let text = std::fs::read_to_string(golden_dir().join("gemma_tiny/prompts.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let lines = |k: &str| -> Vec<String> { v[k].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect() };
+    let lines = |k: &str| -> Vec<String> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
+    };
     assert_eq!(SanaPromptConfig::image().complex_human_instruction, lines("chi_sana"));
     assert_eq!(SanaPromptConfig::image().complex_human_instruction, lines("chi_sprint"));
     assert_eq!(SanaPromptConfig::video().complex_human_instruction, lines("chi_video"));
@@ -159,11 +214,31 @@ fn hub_style_gemma2_2b_config_parses_to_the_preset() {
     let cfg = Gemma2Config::from_json_str(text, "config.json").unwrap();
     let preset = Gemma2Config::gemma2_2b();
     assert_eq!(
-        (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers),
-        (preset.vocab_size, preset.hidden_size, preset.intermediate_size, preset.num_hidden_layers)
+        (
+            cfg.vocab_size,
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_hidden_layers
+        ),
+        (
+            preset.vocab_size,
+            preset.hidden_size,
+            preset.intermediate_size,
+            preset.num_hidden_layers
+        )
     );
-    assert_eq!((cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim), (8, 4, 256));
-    assert_eq!((cfg.query_pre_attn_scalar, cfg.attn_logit_softcapping, cfg.sliding_window), (256.0, Some(50.0), Some(4096)));
+    assert_eq!(
+        (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim),
+        (8, 4, 256)
+    );
+    assert_eq!(
+        (
+            cfg.query_pre_attn_scalar,
+            cfg.attn_logit_softcapping,
+            cfg.sliding_window
+        ),
+        (256.0, Some(50.0), Some(4096))
+    );
     assert_eq!(cfg.activation(), preset.activation());
     assert_eq!(cfg.rope_theta, Some(10000.0));
 }

@@ -23,7 +23,12 @@ fn save(path: &Path, tensors: &[(&str, Vec<f32>, Vec<usize>)]) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let map: std::collections::HashMap<String, Tensor> = tensors
         .iter()
-        .map(|(n, v, s)| (n.to_string(), Tensor::from_vec(v.clone(), s.as_slice(), &Device::Cpu).unwrap()))
+        .map(|(n, v, s)| {
+            (
+                n.to_string(),
+                Tensor::from_vec(v.clone(), s.as_slice(), &Device::Cpu).unwrap(),
+            )
+        })
         .collect();
     candle_core::safetensors::save(&map, path).unwrap();
 }
@@ -40,15 +45,27 @@ fn diffusers_folder(root: &Path) {
             "tokenizer": ["transformers", "GemmaTokenizerFast"], "transformer": ["diffusers", "SanaTransformer2DModel"],
             "vae": ["diffusers", "AutoencoderDC"]}"#,
     );
-    write(&root.join("transformer/config.json"), r#"{"_class_name": "SanaTransformer2DModel"}"#);
+    write(
+        &root.join("transformer/config.json"),
+        r#"{"_class_name": "SanaTransformer2DModel"}"#,
+    );
     save(
         &root.join("transformer/diffusion_pytorch_model.safetensors"),
-        &[("proj.weight", W.to_vec(), vec![2, 3]), ("proj.bias", B.to_vec(), vec![2])],
+        &[
+            ("proj.weight", W.to_vec(), vec![2, 3]),
+            ("proj.bias", B.to_vec(), vec![2]),
+        ],
     );
     // the text encoder in two shards
     write(&root.join("text_encoder/config.json"), r#"{"model_type": "gemma2"}"#);
-    save(&root.join("text_encoder/model-00001-of-00002.safetensors"), &[("embed.weight", vec![1.0, 2.0, 3.0, 4.0], vec![2, 2])]);
-    save(&root.join("text_encoder/model-00002-of-00002.safetensors"), &[("norm.weight", vec![5.0, 6.0], vec![2])]);
+    save(
+        &root.join("text_encoder/model-00001-of-00002.safetensors"),
+        &[("embed.weight", vec![1.0, 2.0, 3.0, 4.0], vec![2, 2])],
+    );
+    save(
+        &root.join("text_encoder/model-00002-of-00002.safetensors"),
+        &[("norm.weight", vec![5.0, 6.0], vec![2])],
+    );
     write(
         &root.join("text_encoder/model.safetensors.index.json"),
         r#"{"metadata": {"total_size": 24}, "weight_map": {"embed.weight": "model-00001-of-00002.safetensors",
@@ -56,11 +73,23 @@ fn diffusers_folder(root: &Path) {
     );
     // the VAE in a plain and a bf16 variant with different contents
     write(&root.join("vae/config.json"), r#"{"_class_name": "AutoencoderDC"}"#);
-    save(&root.join("vae/diffusion_pytorch_model.safetensors"), &[("scale", vec![1.0], vec![1])]);
-    save(&root.join("vae/diffusion_pytorch_model.bf16.safetensors"), &[("scale", vec![2.0], vec![1])]);
+    save(
+        &root.join("vae/diffusion_pytorch_model.safetensors"),
+        &[("scale", vec![1.0], vec![1])],
+    );
+    save(
+        &root.join("vae/diffusion_pytorch_model.bf16.safetensors"),
+        &[("scale", vec![2.0], vec![1])],
+    );
     write(&root.join("tokenizer/tokenizer.json"), r#"{"version": "1.0"}"#);
-    write(&root.join("tokenizer/tokenizer_config.json"), r#"{"pad_token": "<pad>"}"#);
-    write(&root.join("scheduler/scheduler_config.json"), r#"{"flow_shift": 3.0, "use_flow_sigmas": true}"#);
+    write(
+        &root.join("tokenizer/tokenizer_config.json"),
+        r#"{"pad_token": "<pad>"}"#,
+    );
+    write(
+        &root.join("scheduler/scheduler_config.json"),
+        r#"{"flow_shift": 3.0, "use_flow_sigmas": true}"#,
+    );
 }
 
 fn linear(weights: &Weights, dtype: DType) -> visgen::Result<candle_nn::Linear> {
@@ -76,13 +105,25 @@ fn local_diffusers_folder() {
     let repo = ModelRepo::open(&source, &HubConfig::from_env()).unwrap();
     let index = repo.model_index().unwrap();
     assert_eq!(index.class_name.as_deref(), Some("SanaPipeline"));
-    assert_eq!(index.components["transformer"].1.as_deref(), Some("SanaTransformer2DModel"));
+    assert_eq!(
+        index.components["transformer"].1.as_deref(),
+        Some("SanaTransformer2DModel")
+    );
     assert_eq!(index.components.len(), 5);
-    assert_eq!(repo.component_config("scheduler").unwrap(), root.join("scheduler/scheduler_config.json"));
-    assert_eq!(repo.tokenizer_json("tokenizer").unwrap(), root.join("tokenizer/tokenizer.json"));
+    assert_eq!(
+        repo.component_config("scheduler").unwrap(),
+        root.join("scheduler/scheduler_config.json")
+    );
+    assert_eq!(
+        repo.tokenizer_json("tokenizer").unwrap(),
+        root.join("tokenizer/tokenizer.json")
+    );
 
     let files = repo.component_weights("transformer", None).unwrap();
-    assert_eq!(files, WeightFiles::Single(root.join("transformer/diffusion_pytorch_model.safetensors")));
+    assert_eq!(
+        files,
+        WeightFiles::Single(root.join("transformer/diffusion_pytorch_model.safetensors"))
+    );
     let weights = Weights::open(&files).unwrap();
     let layer = linear(&weights, DType::F32).unwrap();
     let x = Tensor::new(&[[1.0f32, 2.0, 3.0]], &Device::Cpu).unwrap();
@@ -96,7 +137,13 @@ fn local_diffusers_folder() {
     let w16 = weights.load("proj.weight", DType::F16, &Device::Cpu).unwrap();
     assert_eq!(w16.dtype(), DType::F16);
     let wb = weights.load("proj.weight", DType::BF16, &Device::Cpu).unwrap();
-    let wb: Vec<f32> = wb.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let wb: Vec<f32> = wb
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let expected_bf16: Vec<f32> = W.iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect();
     assert_eq!(wb, expected_bf16);
 }
@@ -115,25 +162,43 @@ fn sharded_index_and_variants() {
     }
     let te = repo.open_weights("text_encoder", None).unwrap();
     assert_eq!(te.tensor_names(), vec!["embed.weight", "norm.weight"]);
-    let norm: Vec<f32> = te.load("norm.weight", DType::F32, &Device::Cpu).unwrap().to_vec1().unwrap();
+    let norm: Vec<f32> = te
+        .load("norm.weight", DType::F32, &Device::Cpu)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert_eq!(norm, vec![5.0, 6.0]);
-    let embed = te.load("embed.weight", DType::F32, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+    let embed = te
+        .load("embed.weight", DType::F32, &Device::Cpu)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     assert_eq!(embed, vec![vec![1.0, 2.0], vec![3.0, 4.0]]);
 
     let scale = |variant| -> f32 {
         let w = repo.open_weights("vae", variant).unwrap();
-        w.load("scale", DType::F32, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap()[0]
+        w.load("scale", DType::F32, &Device::Cpu)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0]
     };
     assert_eq!(scale(None), 1.0);
     assert_eq!(scale(Some("bf16")), 2.0);
-    assert_eq!(scale(Some("fp16")), 1.0, "a missing variant falls back to the plain file");
+    assert_eq!(
+        scale(Some("fp16")),
+        1.0,
+        "a missing variant falls back to the plain file"
+    );
 
     // a single safetensors file as the whole source
     let file = root.join("transformer/diffusion_pytorch_model.safetensors");
     let single = ModelSource::parse(file.to_str().unwrap()).unwrap();
     assert_eq!(single, ModelSource::File(file.clone()));
     let repo = ModelRepo::open(&single, &HubConfig::from_env()).unwrap();
-    assert_eq!(repo.component_weights("transformer", None).unwrap(), WeightFiles::Single(file));
+    assert_eq!(
+        repo.component_weights("transformer", None).unwrap(),
+        WeightFiles::Single(file)
+    );
 }
 
 #[cfg(unix)]
@@ -146,7 +211,12 @@ fn hub_cache_found_offline() {
     let staging = tmpdir("hubstaging");
     diffusers_folder(&staging);
     let snapshot = repo_dir.join("snapshots").join(commit);
-    for rel in ["model_index.json", "transformer/diffusion_pytorch_model.safetensors", "transformer/config.json", "tokenizer/tokenizer.json"] {
+    for rel in [
+        "model_index.json",
+        "transformer/diffusion_pytorch_model.safetensors",
+        "transformer/config.json",
+        "tokenizer/tokenizer.json",
+    ] {
         let blob_name = format!("blob{}", rel.len());
         let blob = repo_dir.join("blobs").join(&blob_name);
         std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
@@ -174,7 +244,10 @@ fn hub_cache_found_offline() {
     let repo = ModelRepo::open(&source, &hub).unwrap();
     assert_eq!(repo.model_index().unwrap().class_name.as_deref(), Some("SanaPipeline"));
     let files = repo.component_weights("transformer", None).unwrap();
-    assert_eq!(files, WeightFiles::Single(snapshot.join("transformer/diffusion_pytorch_model.safetensors")));
+    assert_eq!(
+        files,
+        WeightFiles::Single(snapshot.join("transformer/diffusion_pytorch_model.safetensors"))
+    );
     assert!(linear(&Weights::open(&files).unwrap(), DType::F32).is_ok());
     assert!(repo.tokenizer_json("tokenizer").is_ok());
 
@@ -184,18 +257,29 @@ fn hub_cache_found_offline() {
     // offline, anything not cached is a weights error naming the file; nothing is fetched
     let err = repo.file("vae/diffusion_pytorch_model.safetensors").unwrap_err();
     assert!(matches!(err, Error::Weights { .. }), "{err}");
-    assert!(err.to_string().contains("vae/diffusion_pytorch_model.safetensors") && err.to_string().contains("OFFLINE"), "{err}");
-    assert!(matches!(repo.component_weights("vae", None), Err(Error::Weights { .. })));
+    assert!(
+        err.to_string().contains("vae/diffusion_pytorch_model.safetensors") && err.to_string().contains("OFFLINE"),
+        "{err}"
+    );
+    assert!(matches!(
+        repo.component_weights("vae", None),
+        Err(Error::Weights { .. })
+    ));
     let other_rev = ModelSource::parse("Efficient-Large-Model/Tiny_Sana_diffusers@v2").unwrap();
     assert!(ModelRepo::open(&other_rev, &hub).unwrap().model_index().is_err());
     let unknown = ModelSource::parse("nobody/nothing").unwrap();
-    assert!(matches!(ModelRepo::open(&unknown, &hub).unwrap().model_index(), Err(Error::Weights { .. })));
+    assert!(matches!(
+        ModelRepo::open(&unknown, &hub).unwrap().model_index(),
+        Err(Error::Weights { .. })
+    ));
 }
 
 fn expect_weights_error(result: visgen::Result<impl std::fmt::Debug>, file_part: &str, tensor: &str, msg_part: &str) {
     match result {
         Err(err @ Error::Weights { .. }) => {
-            let Error::Weights { file, tensor: t, msg } = &err else { unreachable!() };
+            let Error::Weights { file, tensor: t, msg } = &err else {
+                unreachable!()
+            };
             assert!(file.contains(file_part), "file `{file}` should name `{file_part}`");
             assert_eq!(t, tensor, "tensor in {err}");
             assert!(msg.contains(msg_part), "message `{msg}` should say `{msg_part}`");
@@ -213,7 +297,12 @@ fn weight_errors_name_file_and_tensor() {
 
     // missing file: a component without weights
     std::fs::create_dir_all(root.join("controlnet")).unwrap();
-    expect_weights_error(repo.component_weights("controlnet", None), "controlnet", "", "no safetensors weights");
+    expect_weights_error(
+        repo.component_weights("controlnet", None),
+        "controlnet",
+        "",
+        "no safetensors weights",
+    );
 
     // truncated file
     let path = root.join("transformer/diffusion_pytorch_model.safetensors");
@@ -221,42 +310,92 @@ fn weight_errors_name_file_and_tensor() {
     let cut = root.join("cut/diffusion_pytorch_model.safetensors");
     std::fs::create_dir_all(cut.parent().unwrap()).unwrap();
     std::fs::write(&cut, &bytes[..bytes.len() - 5]).unwrap();
-    expect_weights_error(repo.open_weights("cut", None), "cut/diffusion_pytorch_model.safetensors", "", "truncated");
+    expect_weights_error(
+        repo.open_weights("cut", None),
+        "cut/diffusion_pytorch_model.safetensors",
+        "",
+        "truncated",
+    );
 
     // missing tensor and wrong shape, met while building a model
     let weights = repo.open_weights("transformer", None).unwrap();
-    let missing = weights.build(DType::F32, &Device::Cpu, |vb| Ok(candle_nn::linear(3, 2, vb.pp("proj_out"))?));
-    expect_weights_error(missing, "transformer/diffusion_pytorch_model.safetensors", "proj_out.weight", "not found");
-    let wrong = weights.build(DType::F32, &Device::Cpu, |vb| Ok(candle_nn::linear(4, 2, vb.pp("proj"))?));
-    expect_weights_error(wrong, "transformer/diffusion_pytorch_model.safetensors", "proj.weight", "[2, 3]");
+    let missing = weights.build(DType::F32, &Device::Cpu, |vb| {
+        Ok(candle_nn::linear(3, 2, vb.pp("proj_out"))?)
+    });
+    expect_weights_error(
+        missing,
+        "transformer/diffusion_pytorch_model.safetensors",
+        "proj_out.weight",
+        "not found",
+    );
+    let wrong = weights.build(DType::F32, &Device::Cpu, |vb| {
+        Ok(candle_nn::linear(4, 2, vb.pp("proj"))?)
+    });
+    expect_weights_error(
+        wrong,
+        "transformer/diffusion_pytorch_model.safetensors",
+        "proj.weight",
+        "[2, 3]",
+    );
 
     // a shard the index names is gone; a tensor the index names is not in its shard
     std::fs::remove_file(root.join("text_encoder/model-00002-of-00002.safetensors")).unwrap();
-    expect_weights_error(Weights::open_index(&root.join("text_encoder/model.safetensors.index.json")), "model-00002-of-00002", "norm.weight", "missing");
-    save(&root.join("text_encoder/model-00002-of-00002.safetensors"), &[("other.weight", vec![1.0], vec![1])]);
-    expect_weights_error(repo.open_weights("text_encoder", None), "model-00002-of-00002", "norm.weight", "missing from its shard");
+    expect_weights_error(
+        Weights::open_index(&root.join("text_encoder/model.safetensors.index.json")),
+        "model-00002-of-00002",
+        "norm.weight",
+        "missing",
+    );
+    save(
+        &root.join("text_encoder/model-00002-of-00002.safetensors"),
+        &[("other.weight", vec![1.0], vec![1])],
+    );
+    expect_weights_error(
+        repo.open_weights("text_encoder", None),
+        "model-00002-of-00002",
+        "norm.weight",
+        "missing from its shard",
+    );
 }
 
 #[test]
 fn source_parsing() {
     assert_eq!(
         ModelSource::parse("Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers@main").unwrap(),
-        ModelSource::Hub { repo_id: "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers".into(), revision: Some("main".into()) }
+        ModelSource::Hub {
+            repo_id: "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers".into(),
+            revision: Some("main".into())
+        }
     );
     assert!(matches!(ModelSource::parse("no/such/path/here"), Err(Error::Usage(_))));
     assert!(matches!(ModelSource::parse("just-a-name"), Err(Error::Usage(_))));
     let root = tmpdir("parse");
     write(&root.join("weights.bin"), "x");
-    assert!(matches!(ModelSource::parse(root.join("weights.bin").to_str().unwrap()), Err(Error::Usage(_))));
+    assert!(matches!(
+        ModelSource::parse(root.join("weights.bin").to_str().unwrap()),
+        Err(Error::Usage(_))
+    ));
 }
 
 #[test]
 fn bf16_only_repo_layout_is_found_without_asking() {
     // the file names of Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers
     let root = tmpdir("bf16repo");
-    save(&root.join("transformer/diffusion_pytorch_model.bf16.safetensors"), &[("proj.weight", W.to_vec(), vec![2, 3]), ("proj.bias", B.to_vec(), vec![2])]);
-    save(&root.join("text_encoder/model.bf16-00001-of-00002.safetensors"), &[("embed.weight", vec![1.0; 4], vec![2, 2])]);
-    save(&root.join("text_encoder/model.bf16-00002-of-00002.safetensors"), &[("norm.weight", vec![5.0, 6.0], vec![2])]);
+    save(
+        &root.join("transformer/diffusion_pytorch_model.bf16.safetensors"),
+        &[
+            ("proj.weight", W.to_vec(), vec![2, 3]),
+            ("proj.bias", B.to_vec(), vec![2]),
+        ],
+    );
+    save(
+        &root.join("text_encoder/model.bf16-00001-of-00002.safetensors"),
+        &[("embed.weight", vec![1.0; 4], vec![2, 2])],
+    );
+    save(
+        &root.join("text_encoder/model.bf16-00002-of-00002.safetensors"),
+        &[("norm.weight", vec![5.0, 6.0], vec![2])],
+    );
     write(
         &root.join("text_encoder/model.safetensors.index.bf16.json"),
         r#"{"metadata": {}, "weight_map": {"embed.weight": "model.bf16-00001-of-00002.safetensors",
@@ -292,7 +431,14 @@ fn hub_environment_rules() {
     assert_eq!(cfg.token.as_deref(), Some("hf_from_file"));
     assert!(!cfg.offline);
     // HF_HUB_CACHE and HF_TOKEN win; offline spellings as in huggingface_hub
-    let cfg = HubConfig::from_vars(vars(&[("HF_HUB_CACHE", "/x/cache"), ("HF_TOKEN", "hf_env"), ("HF_HUB_OFFLINE", "TRUE")], home.clone()));
+    let cfg = HubConfig::from_vars(vars(
+        &[
+            ("HF_HUB_CACHE", "/x/cache"),
+            ("HF_TOKEN", "hf_env"),
+            ("HF_HUB_OFFLINE", "TRUE"),
+        ],
+        home.clone(),
+    ));
     assert_eq!(cfg.cache_dir, PathBuf::from("/x/cache"));
     assert_eq!(cfg.token.as_deref(), Some("hf_env"));
     assert!(cfg.offline);
@@ -319,7 +465,10 @@ mod mock_hub {
     }
 
     fn respond(stream: &mut std::net::TcpStream, status: &str, headers: &[(String, String)], body: &[u8]) {
-        let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+        let mut head = format!(
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            body.len()
+        );
         for (k, v) in headers {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -378,9 +527,17 @@ mod mock_hub {
                 let response_headers = vec![
                     ("x-repo-commit".to_string(), COMMIT.to_string()),
                     ("etag".to_string(), etag),
-                    ("content-range".to_string(), format!("bytes {start}-{}/{}", end.max(1) - 1, data.len())),
+                    (
+                        "content-range".to_string(),
+                        format!("bytes {start}-{}/{}", end.max(1) - 1, data.len()),
+                    ),
                 ];
-                respond(&mut stream, "206 Partial Content", &response_headers, &data[start.min(end)..end]);
+                respond(
+                    &mut stream,
+                    "206 Partial Content",
+                    &response_headers,
+                    &data[start.min(end)..end],
+                );
             }
         });
         Server { url, auth_headers }
@@ -391,8 +548,15 @@ mod mock_hub {
 fn hub_download_lands_in_the_shared_cache_layout() {
     let staging = tmpdir("mockstaging");
     diffusers_folder(&staging);
-    let served = ["model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"];
-    let files = served.iter().map(|f| (f.to_string(), std::fs::read(staging.join(f)).unwrap())).collect();
+    let served = [
+        "model_index.json",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors",
+    ];
+    let files = served
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read(staging.join(f)).unwrap()))
+        .collect();
     let server = mock_hub::start("org/tiny-sana", files);
 
     let cache = tmpdir("mockcache");
@@ -414,13 +578,31 @@ fn hub_download_lands_in_the_shared_cache_layout() {
     let main_ref = std::fs::read_to_string(cache.join("models--org--tiny-sana/refs/main")).unwrap();
     assert_eq!(main_ref.trim(), mock_hub::COMMIT);
     assert!(std::fs::symlink_metadata(&expected).unwrap().file_type().is_symlink());
-    assert!(server.auth_headers.lock().unwrap().iter().all(|h| h == "Bearer hf_secret"));
-    assert!(!server.auth_headers.lock().unwrap().is_empty(), "the token must be sent");
+    assert!(server
+        .auth_headers
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|h| h == "Bearer hf_secret"));
+    assert!(
+        !server.auth_headers.lock().unwrap().is_empty(),
+        "the token must be sent"
+    );
     // a file the repo does not have is a weights error naming it
-    assert!(matches!(repo.file("vae/diffusion_pytorch_model.safetensors"), Err(Error::Weights { .. })));
+    assert!(matches!(
+        repo.file("vae/diffusion_pytorch_model.safetensors"),
+        Err(Error::Weights { .. })
+    ));
 
     // the same cache, offline, serves what was downloaded
-    let offline = HubConfig { offline: true, endpoint: None, ..online };
+    let offline = HubConfig {
+        offline: true,
+        endpoint: None,
+        ..online
+    };
     let repo = ModelRepo::open(&source, &offline).unwrap();
-    assert_eq!(repo.component_weights("transformer", None).unwrap(), WeightFiles::Single(expected));
+    assert_eq!(
+        repo.component_weights("transformer", None).unwrap(),
+        WeightFiles::Single(expected)
+    );
 }

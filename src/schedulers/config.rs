@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use super::{FlowDpmSolver, FlowDpmSolverConfig, FlowEuler, FlowEulerConfig, ScmConfig, Scheduler};
+use super::{FlowDpmSolver, FlowDpmSolverConfig, FlowEuler, FlowEulerConfig, Scheduler, ScmConfig};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -63,7 +63,10 @@ struct Fields<'a> {
 
 impl Fields<'_> {
     fn err(&self, msg: String) -> Error {
-        Error::Spec { file: self.origin.to_string(), msg }
+        Error::Spec {
+            file: self.origin.to_string(),
+            msg,
+        }
     }
 
     fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
@@ -98,21 +101,27 @@ impl SchedulerConfig {
         match self {
             Self::FlowDpmSolver(c) => Ok(Box::new(FlowDpmSolver::new(*c, steps)?)),
             Self::FlowEuler(c) => Ok(Box::new(FlowEuler::new(*c, steps)?)),
-            Self::Scm(_) => Err(Error::Usage("SCM (SANA-Sprint) is not a flow scheduler: use ScmScheduler".into())),
+            Self::Scm(_) => Err(Error::Usage(
+                "SCM (SANA-Sprint) is not a flow scheduler: use ScmScheduler".into(),
+            )),
         }
     }
 
     /// Parses the JSON text of a diffusers scheduler config; `origin` names it in errors.
     pub fn from_diffusers_json(text: &str, origin: &str) -> Result<Self> {
-        let value: Value = serde_json::from_str(&replace_non_finite(text))
-            .map_err(|e| Error::Spec { file: origin.to_string(), msg: format!("not valid JSON: {e}") })?;
+        let value: Value = serde_json::from_str(&replace_non_finite(text)).map_err(|e| Error::Spec {
+            file: origin.to_string(),
+            msg: format!("not valid JSON: {e}"),
+        })?;
         let f = Fields { value: &value, origin };
         let class = value.get("_class_name").and_then(Value::as_str).unwrap_or("");
         match class {
             "DPMSolverMultistepScheduler" => {
                 f.expect("use_flow_sigmas", Value::Bool(true))
                     .and_then(|_| f.expect("prediction_type", "flow_prediction".into()))
-                    .map_err(|_| f.err("only flow DPM-Solver (use_flow_sigmas, flow_prediction) is supported".into()))?;
+                    .map_err(|_| {
+                        f.err("only flow DPM-Solver (use_flow_sigmas, flow_prediction) is supported".into())
+                    })?;
                 f.expect("algorithm_type", "dpmsolver++".into())?;
                 f.expect("solver_order", 2.into())?;
                 f.expect("solver_type", "midpoint".into())?;
@@ -121,11 +130,19 @@ impl SchedulerConfig {
                 f.expect("euler_at_final", Value::Bool(false))?;
                 f.expect("thresholding", Value::Bool(false))?;
                 f.expect("use_dynamic_shifting", Value::Bool(false))?;
-                for key in ["use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas"] {
+                for key in [
+                    "use_karras_sigmas",
+                    "use_lu_lambdas",
+                    "use_exponential_sigmas",
+                    "use_beta_sigmas",
+                ] {
                     f.expect(key, Value::Bool(false))?;
                 }
                 let flow_shift = f.f64_or("flow_shift", 1.0)?;
-                Ok(Self::FlowDpmSolver(FlowDpmSolverConfig { flow_shift, num_train_timesteps: f.train_steps()? }))
+                Ok(Self::FlowDpmSolver(FlowDpmSolverConfig {
+                    flow_shift,
+                    num_train_timesteps: f.train_steps()?,
+                }))
             }
             "FlowMatchEulerDiscreteScheduler" => {
                 for key in [
@@ -140,12 +157,18 @@ impl SchedulerConfig {
                 }
                 f.expect("shift_terminal", Value::Null)?;
                 let shift = f.f64_or("shift", 1.0)?;
-                Ok(Self::FlowEuler(FlowEulerConfig { shift, num_train_timesteps: f.train_steps()? }))
+                Ok(Self::FlowEuler(FlowEulerConfig {
+                    shift,
+                    num_train_timesteps: f.train_steps()?,
+                }))
             }
             "SCMScheduler" => {
                 f.expect("prediction_type", "trigflow".into())?;
                 let sigma_data = f.f64_or("sigma_data", 0.5)?;
-                Ok(Self::Scm(ScmConfig { sigma_data, ..ScmConfig::default() }))
+                Ok(Self::Scm(ScmConfig {
+                    sigma_data,
+                    ..ScmConfig::default()
+                }))
             }
             other => Err(f.err(format!("scheduler `{other}` is not supported"))),
         }

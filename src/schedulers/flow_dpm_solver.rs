@@ -22,23 +22,35 @@ pub struct FlowDpmSolverConfig {
 impl FlowDpmSolverConfig {
     /// SANA 512px–2K and SANA-1.5 / SANA-Sprint-size images: shift 3.
     pub fn sana() -> Self {
-        Self { flow_shift: 3.0, num_train_timesteps: 1000 }
+        Self {
+            flow_shift: 3.0,
+            num_train_timesteps: 1000,
+        }
     }
 
     /// SANA 4K: shift 6.
     pub fn sana_4k() -> Self {
-        Self { flow_shift: 6.0, num_train_timesteps: 1000 }
+        Self {
+            flow_shift: 6.0,
+            num_train_timesteps: 1000,
+        }
     }
 
     /// SANA-Video: shift 8.
     pub fn sana_video() -> Self {
-        Self { flow_shift: 8.0, num_train_timesteps: 1000 }
+        Self {
+            flow_shift: 8.0,
+            num_train_timesteps: 1000,
+        }
     }
 }
 
 impl Default for FlowDpmSolverConfig {
     fn default() -> Self {
-        Self { flow_shift: 3.0, num_train_timesteps: 1000 }
+        Self {
+            flow_shift: 3.0,
+            num_train_timesteps: 1000,
+        }
     }
 }
 
@@ -56,7 +68,10 @@ impl FlowDpmSolver {
     pub fn new(config: FlowDpmSolverConfig, num_steps: usize) -> Result<Self> {
         check_step_count(num_steps)?;
         if config.flow_shift.is_nan() || config.flow_shift <= 0.0 {
-            return Err(Error::Usage(format!("flow shift must be positive, got {}", config.flow_shift)));
+            return Err(Error::Usage(format!(
+                "flow shift must be positive, got {}",
+                config.flow_shift
+            )));
         }
         let train = config.num_train_timesteps as f64;
         let shift = config.flow_shift;
@@ -74,7 +89,12 @@ impl FlowDpmSolver {
         let timesteps = shifted.iter().map(|s| (s * train).trunc()).collect();
         let mut sigmas: Vec<f64> = shifted.iter().map(|&s| s as f32 as f64).collect();
         sigmas.push(0.0);
-        Ok(Self { timesteps, sigmas, previous_x0: None, next_step: 0 })
+        Ok(Self {
+            timesteps,
+            sigmas,
+            previous_x0: None,
+            next_step: 0,
+        })
     }
 
     /// The integer timesteps the transformer is conditioned on (diffusers' int64 tensor).

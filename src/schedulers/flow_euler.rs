@@ -18,7 +18,10 @@ pub struct FlowEulerConfig {
 
 impl Default for FlowEulerConfig {
     fn default() -> Self {
-        Self { shift: 1.0, num_train_timesteps: 1000 }
+        Self {
+            shift: 1.0,
+            num_train_timesteps: 1000,
+        }
     }
 }
 
@@ -32,7 +35,10 @@ impl FlowEuler {
     pub fn new(config: FlowEulerConfig, num_steps: usize) -> Result<Self> {
         check_step_count(num_steps)?;
         if config.shift.is_nan() || config.shift <= 0.0 {
-            return Err(Error::Usage(format!("flow shift must be positive, got {}", config.shift)));
+            return Err(Error::Usage(format!(
+                "flow shift must be positive, got {}",
+                config.shift
+            )));
         }
         let train = config.num_train_timesteps as f64;
         let shift = config.shift;

@@ -54,7 +54,10 @@ pub trait Scheduler {
     /// The forward process at step `step_index`: `sigma * noise + (1 - sigma) * sample` (image-to-image).
     fn scale_noise(&self, sample: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         let sigma = *self.sigmas().get(step_index).ok_or_else(|| {
-            Error::Usage(format!("step index {step_index} is past the schedule of {} steps", self.num_steps()))
+            Error::Usage(format!(
+                "step index {step_index} is past the schedule of {} steps",
+                self.num_steps()
+            ))
         })?;
         let sigma = sigma as f32 as f64; // diffusers casts its sigma table to the sample dtype
         Ok((noise.affine(sigma, 0.0)? + sample.affine(1.0 - sigma, 0.0)?)?)
@@ -91,7 +94,13 @@ pub(crate) fn torch_linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32>
             let step = (end - start) / (steps - 1) as f32;
             let halfway = steps / 2;
             (0..steps)
-                .map(|i| if i < halfway { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 })
+                .map(|i| {
+                    if i < halfway {
+                        start + step * i as f32
+                    } else {
+                        end - step * (steps - i - 1) as f32
+                    }
+                })
                 .collect()
         }
     }
@@ -99,7 +108,9 @@ pub(crate) fn torch_linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32>
 
 pub(crate) fn check_step_count(steps: usize) -> Result<()> {
     if steps == 0 || steps > 1000 {
-        return Err(Error::Usage(format!("number of sampling steps must be between 1 and 1000, got {steps}")));
+        return Err(Error::Usage(format!(
+            "number of sampling steps must be between 1 and 1000, got {steps}"
+        )));
     }
     Ok(())
 }

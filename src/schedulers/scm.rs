@@ -39,7 +39,11 @@ impl Default for ScmConfig {
     // 1.57080 is diffusers' literal, not π/2: it must stay as written for parity
     #[allow(clippy::approx_constant)]
     fn default() -> Self {
-        Self { sigma_data: 0.5, max_timesteps: 1.57080, intermediate_timesteps: Some(1.3) }
+        Self {
+            sigma_data: 0.5,
+            max_timesteps: 1.57080,
+            intermediate_timesteps: Some(1.3),
+        }
     }
 }
 
@@ -82,8 +86,15 @@ impl ScmScheduler {
         if times.len() < 2 {
             return Err(Error::Usage("SCM needs at least two times (start and end)".into()));
         }
-        let config = ScmConfig { sigma_data, max_timesteps: times[0], intermediate_timesteps: None };
-        Ok(Self { config, times: times.iter().map(|&t| t as f32 as f64).collect() })
+        let config = ScmConfig {
+            sigma_data,
+            max_timesteps: times[0],
+            intermediate_timesteps: None,
+        };
+        Ok(Self {
+            config,
+            times: times.iter().map(|&t| t as f32 as f64).collect(),
+        })
     }
 
     pub fn config(&self) -> &ScmConfig {
@@ -129,7 +140,13 @@ impl ScmScheduler {
     pub fn trigflow_output(&self, model_input: &Tensor, flow_pred: &Tensor, s: f64) -> Result<Tensor> {
         let t = Self::model_time(s);
         let scale = self.config.sigma_data / Self::flow_norm(t);
-        lincomb((1.0 - 2.0 * t) * scale, model_input, (1.0 - 2.0 * t + 2.0 * t * t) * scale, flow_pred, DType::F32)
+        lincomb(
+            (1.0 - 2.0 * t) * scale,
+            model_input,
+            (1.0 - 2.0 * t + 2.0 * t * t) * scale,
+            flow_pred,
+            DType::F32,
+        )
     }
 
     /// One sCM step from time index `step_index`. `noise` is standard normal with the sample's

@@ -45,13 +45,21 @@ impl HubConfig {
             .map(PathBuf::from)
             .unwrap_or_else(|| hf_home.join("hub"));
         let token = get("HF_TOKEN").or_else(|| {
-            let path = get("HF_TOKEN_PATH").map(PathBuf::from).unwrap_or_else(|| hf_home.join("token"));
+            let path = get("HF_TOKEN_PATH")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| hf_home.join("token"));
             non_empty(std::fs::read_to_string(path).ok().map(|t| t.trim().to_string()))
         });
         let offline = get("HF_HUB_OFFLINE")
             .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "on" | "yes" | "true"))
             .unwrap_or(false);
-        Self { cache_dir, offline, token, endpoint: get("HF_ENDPOINT"), progress: false }
+        Self {
+            cache_dir,
+            offline,
+            token,
+            endpoint: get("HF_ENDPOINT"),
+            progress: false,
+        }
     }
 }
 
@@ -71,9 +79,15 @@ impl HubRepo {
     pub fn new(repo_id: &str, revision: Option<&str>, config: HubConfig) -> Result<Self> {
         let valid = repo_id.split('/').count() == 2 && repo_id.split('/').all(|p| !p.is_empty() && p != "..");
         if !valid {
-            return Err(Error::Usage(format!("`{repo_id}` is not a hub repo id (expected org/name)")));
+            return Err(Error::Usage(format!(
+                "`{repo_id}` is not a hub repo id (expected org/name)"
+            )));
         }
-        Ok(Self { repo_id: repo_id.to_string(), revision: revision.unwrap_or("main").to_string(), config })
+        Ok(Self {
+            repo_id: repo_id.to_string(),
+            revision: revision.unwrap_or("main").to_string(),
+            config,
+        })
     }
 
     pub fn config(&self) -> &HubConfig {
@@ -82,7 +96,9 @@ impl HubRepo {
 
     /// `<cache>/models--org--name`
     pub fn cache_folder(&self) -> PathBuf {
-        self.config.cache_dir.join(format!("models--{}", self.repo_id.replace('/', "--")))
+        self.config
+            .cache_dir
+            .join(format!("models--{}", self.repo_id.replace('/', "--")))
     }
 
     /// The cached snapshot folder for the revision, if the cache has it.
@@ -131,7 +147,10 @@ impl HubRepo {
         if self.config.offline {
             return Err(self.not_found(
                 filename,
-                &format!("not in the hub cache {} and HF_HUB_OFFLINE is set", self.config.cache_dir.display()),
+                &format!(
+                    "not in the hub cache {} and HF_HUB_OFFLINE is set",
+                    self.config.cache_dir.display()
+                ),
             ));
         }
         self.api_repo()?
@@ -147,7 +166,10 @@ impl HubRepo {
             }
         }
         let snapshot = self.cached_snapshot().ok_or_else(|| {
-            self.not_found("", &format!("no cached snapshot in {}", self.config.cache_dir.display()))
+            self.not_found(
+                "",
+                &format!("no cached snapshot in {}", self.config.cache_dir.display()),
+            )
         })?;
         let mut files = Vec::new();
         walk(&snapshot, &snapshot, &mut files);

@@ -53,12 +53,19 @@ impl ModelSource {
         };
         let parts: Vec<&str> = repo_id.split('/').collect();
         let looks_like_repo = parts.len() == 2
-            && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
             && !repo_id.starts_with('.');
         if looks_like_repo {
-            Ok(Self::Hub { repo_id: repo_id.to_string(), revision })
+            Ok(Self::Hub {
+                repo_id: repo_id.to_string(),
+                revision,
+            })
         } else {
-            Err(Error::Usage(format!("{spec}: no such file or folder, and not a hub repo id (org/name)")))
+            Err(Error::Usage(format!(
+                "{spec}: no such file or folder, and not a hub repo id (org/name)"
+            )))
         }
     }
 }
@@ -104,7 +111,10 @@ impl ModelIndex {
 pub enum ModelRepo {
     Folder(PathBuf),
     File(PathBuf),
-    Hub { repo: HubRepo, listing: OnceLock<Option<Vec<String>>> },
+    Hub {
+        repo: HubRepo,
+        listing: OnceLock<Option<Vec<String>>>,
+    },
 }
 
 /// Variants tried, in order, when none is asked for and a component has no plain weight files.
@@ -147,7 +157,11 @@ impl ModelRepo {
     }
 
     fn missing(&self, rel: &str, msg: impl Into<String>) -> Error {
-        Error::Weights { file: self.describe(rel), tensor: String::new(), msg: msg.into() }
+        Error::Weights {
+            file: self.describe(rel),
+            tensor: String::new(),
+            msg: msg.into(),
+        }
     }
 
     /// Whether the source has the file (for the hub: in the repo listing or the cache).
@@ -229,7 +243,10 @@ impl ModelRepo {
                 return Ok(WeightFiles::Single(path));
             }
             let (shard_names, _) = read_index(&path)?;
-            let shards = shard_names.iter().map(|s| self.file(&join(component, s))).collect::<Result<Vec<_>>>()?;
+            let shards = shard_names
+                .iter()
+                .map(|s| self.file(&join(component, s)))
+                .collect::<Result<Vec<_>>>()?;
             return Ok(WeightFiles::Sharded { index: path, shards });
         }
         // A repo published in one precision only (e.g. `..._BF16_diffusers`) has no plain files.
@@ -241,12 +258,17 @@ impl ModelRepo {
             }
         }
         let looked: Vec<&str> = candidates.iter().map(|(n, _)| n.as_str()).collect();
-        let hint = if self.has_file(&join(component, "diffusion_pytorch_model.bin")) || self.has_file(&join(component, "pytorch_model.bin")) {
+        let hint = if self.has_file(&join(component, "diffusion_pytorch_model.bin"))
+            || self.has_file(&join(component, "pytorch_model.bin"))
+        {
             " (only .bin files: convert them to safetensors)"
         } else {
             ""
         };
-        Err(self.missing(&join(component, ""), format!("no safetensors weights{hint}; looked for {}", looked.join(", "))))
+        Err(self.missing(
+            &join(component, ""),
+            format!("no safetensors weights{hint}; looked for {}", looked.join(", ")),
+        ))
     }
 
     /// Resolves and opens a component's weights.

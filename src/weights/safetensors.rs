@@ -9,14 +9,18 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Shape, Tensor};
 use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::error::{Error, Result};
 
 fn fault(file: &Path, tensor: &str, msg: impl Into<String>) -> Error {
-    Error::Weights { file: file.display().to_string(), tensor: tensor.to_string(), msg: msg.into() }
+    Error::Weights {
+        file: file.display().to_string(),
+        tensor: tensor.to_string(),
+        msg: msg.into(),
+    }
 }
 
 /// The weight files of one model: a single safetensors file or a sharded set with its index.
@@ -25,7 +29,10 @@ pub enum WeightFiles {
     Single(PathBuf),
     /// `index` is the `*.safetensors.index.json`; the shards sit beside it under the names in its
     /// `weight_map`.
-    Sharded { index: PathBuf, shards: Vec<PathBuf> },
+    Sharded {
+        index: PathBuf,
+        shards: Vec<PathBuf>,
+    },
 }
 
 /// The shard file names listed by a `*.safetensors.index.json`, in first-use order, with the map.
@@ -40,9 +47,15 @@ pub fn read_index(index: &Path) -> Result<(Vec<String>, HashMap<String, String>)
     let mut weight_map = HashMap::with_capacity(map.len());
     let mut shards: Vec<String> = Vec::new();
     for (tensor, file) in map {
-        let file = file.as_str().ok_or_else(|| fault(index, tensor, "weight_map entry is not a file name"))?;
+        let file = file
+            .as_str()
+            .ok_or_else(|| fault(index, tensor, "weight_map entry is not a file name"))?;
         if file.contains("..") || Path::new(file).is_absolute() {
-            return Err(fault(index, tensor, format!("shard name `{file}` leaves the model folder")));
+            return Err(fault(
+                index,
+                tensor,
+                format!("shard name `{file}` leaves the model folder"),
+            ));
         }
         if !shards.iter().any(|s| s == file) {
             shards.push(file.to_string());
@@ -72,7 +85,10 @@ pub struct Weights {
 impl std::fmt::Debug for Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let files: Vec<_> = self.inner.files.iter().map(|f| &f.path).collect();
-        f.debug_struct("Weights").field("files", &files).field("tensors", &self.inner.route.len()).finish()
+        f.debug_struct("Weights")
+            .field("files", &files)
+            .field("tensors", &self.inner.route.len())
+            .finish()
     }
 }
 
@@ -84,7 +100,10 @@ fn open_file(path: &Path) -> Result<OpenFile> {
     // modified while it is mapped.
     let data = unsafe { MmapedSafetensors::new(path) }
         .map_err(|e| fault(path, "", format!("truncated or not a safetensors file: {e}")))?;
-    Ok(OpenFile { path: path.to_path_buf(), data })
+    Ok(OpenFile {
+        path: path.to_path_buf(),
+        data,
+    })
 }
 
 impl Weights {
@@ -109,7 +128,9 @@ impl Weights {
             }
             files.push(file);
         }
-        Ok(Self { inner: Arc::new(Inner { files, route }) })
+        Ok(Self {
+            inner: Arc::new(Inner { files, route }),
+        })
     }
 
     /// Opens the shards of a `*.safetensors.index.json` and checks that each tensor of the index is
@@ -121,20 +142,33 @@ impl Weights {
         for name in &shard_names {
             let path = dir.join(name);
             if !path.is_file() {
-                let first = weight_map.iter().find(|(_, f)| *f == name).map(|(t, _)| t.as_str()).unwrap_or("");
+                let first = weight_map
+                    .iter()
+                    .find(|(_, f)| *f == name)
+                    .map(|(t, _)| t.as_str())
+                    .unwrap_or("");
                 return Err(fault(&path, first, "shard listed in the index is missing"));
             }
             files.push(open_file(&path)?);
         }
         let mut route = HashMap::with_capacity(weight_map.len());
         for (tensor, shard) in &weight_map {
-            let i = shard_names.iter().position(|s| s == shard).expect("shard names come from the map");
+            let i = shard_names
+                .iter()
+                .position(|s| s == shard)
+                .expect("shard names come from the map");
             if files[i].data.get(tensor).is_err() {
-                return Err(fault(&files[i].path, tensor, "tensor listed in the index is missing from its shard"));
+                return Err(fault(
+                    &files[i].path,
+                    tensor,
+                    "tensor listed in the index is missing from its shard",
+                ));
             }
             route.insert(tensor.clone(), i);
         }
-        Ok(Self { inner: Arc::new(Inner { files, route }) })
+        Ok(Self {
+            inner: Arc::new(Inner { files, route }),
+        })
     }
 
     pub fn files(&self) -> Vec<&Path> {
@@ -165,7 +199,10 @@ impl Weights {
     fn missing(&self, name: &str) -> Error {
         let where_ = match self.inner.files.as_slice() {
             [one] => one.path.clone(),
-            many => many.first().map(|f| f.path.parent().unwrap_or(&f.path).to_path_buf()).unwrap_or_default(),
+            many => many
+                .first()
+                .map(|f| f.path.parent().unwrap_or(&f.path).to_path_buf())
+                .unwrap_or_default(),
         };
         fault(&where_, name, "tensor not found in the weights")
     }
@@ -176,14 +213,27 @@ impl Weights {
         self.var_builder_with_slot(dtype, device, Arc::new(Mutex::new(None)))
     }
 
-    fn var_builder_with_slot(&self, dtype: DType, device: &Device, slot: Arc<Mutex<Option<Error>>>) -> VarBuilder<'static> {
-        let backend = Backend { weights: self.clone(), first_fault: slot };
+    fn var_builder_with_slot(
+        &self,
+        dtype: DType,
+        device: &Device,
+        slot: Arc<Mutex<Option<Error>>>,
+    ) -> VarBuilder<'static> {
+        let backend = Backend {
+            weights: self.clone(),
+            first_fault: slot,
+        };
         VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
     }
 
     /// Builds a model from these weights: `build(dtype, device, |vb| Model::new(&cfg, vb))`. A
     /// missing tensor or a wrong shape met while building is returned as `Error::Weights`.
-    pub fn build<T>(&self, dtype: DType, device: &Device, f: impl FnOnce(VarBuilder<'static>) -> Result<T>) -> Result<T> {
+    pub fn build<T>(
+        &self,
+        dtype: DType,
+        device: &Device,
+        f: impl FnOnce(VarBuilder<'static>) -> Result<T>,
+    ) -> Result<T> {
         let slot = Arc::new(Mutex::new(None));
         let result = f(self.var_builder_with_slot(dtype, device, slot.clone()));
         match result {
@@ -220,7 +270,11 @@ impl candle_nn::var_builder::SimpleBackend for Backend {
             return Err(self.record(fault(
                 path,
                 name,
-                format!("shape {:?} in the file, the model expects {:?}", tensor.dims(), shape.dims()),
+                format!(
+                    "shape {:?} in the file, the model expects {:?}",
+                    tensor.dims(),
+                    shape.dims()
+                ),
             )));
         }
         Ok(tensor)

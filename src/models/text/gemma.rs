@@ -95,11 +95,17 @@ impl Gemma2Config {
 
     /// The MLP activation (GELU with the tanh approximation for every Gemma-2).
     pub fn activation(&self) -> Activation {
-        self.hidden_activation.or(self.hidden_act).unwrap_or(Activation::GeluPytorchTanh)
+        self.hidden_activation
+            .or(self.hidden_act)
+            .unwrap_or(Activation::GeluPytorchTanh)
     }
 
     fn rope_base(&self) -> f64 {
-        self.rope_parameters.as_ref().map(|r| r.rope_theta).or(self.rope_theta).unwrap_or(10_000.0)
+        self.rope_parameters
+            .as_ref()
+            .map(|r| r.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(10_000.0)
     }
 
     fn layer_slides(&self, layer: usize) -> bool {
@@ -151,7 +157,9 @@ impl Attention {
     fn new(cfg: &Gemma2Config, vb: VarBuilder) -> Result<Self> {
         let (h, hd, kv) = (cfg.num_attention_heads, cfg.head_dim, cfg.num_key_value_heads);
         if kv == 0 || h % kv != 0 {
-            return Err(Error::Other(format!("Gemma-2: {h} heads do not group into {kv} key/value heads")));
+            return Err(Error::Other(format!(
+                "Gemma-2: {h} heads do not group into {kv} key/value heads"
+            )));
         }
         Ok(Self {
             q_proj: linear(cfg.hidden_size, h * hd, cfg.attention_bias, vb.pp("q_proj"))?,
@@ -187,7 +195,10 @@ impl Attention {
         }
         let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, self.num_heads * self.head_dim))?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, l, self.num_heads * self.head_dim))?;
         Ok(self.o_proj.forward(&out)?)
     }
 }
@@ -310,11 +321,16 @@ impl Gemma2Encoder {
             )));
         }
         let ids = input_ids.to_dtype(DType::U32)?.to_device(&self.device)?;
-        let keep: Vec<Vec<f32>> = attention_mask.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec2()?;
+        let keep: Vec<Vec<f32>> = attention_mask
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .to_vec2()?;
 
         let embed_scale = (self.config.hidden_size as f64).sqrt();
         // transformers casts the scale to the weight dtype before multiplying
-        let embed_scale = Tensor::new(embed_scale as f32, &Device::Cpu)?.to_dtype(self.dtype)?.to_dtype(DType::F64)?;
+        let embed_scale = Tensor::new(embed_scale as f32, &Device::Cpu)?
+            .to_dtype(self.dtype)?
+            .to_dtype(DType::F64)?;
         let mut x = (self.embed_tokens.forward(&ids)? * embed_scale.to_scalar::<f64>()?)?;
 
         let (cos, sin) = self.rope_tables(l)?;
@@ -337,9 +353,14 @@ impl Gemma2Encoder {
     fn rope_tables(&self, len: usize) -> Result<(Tensor, Tensor)> {
         let dim = self.config.head_dim;
         let base = self.config.rope_base();
-        let inv_freq: Vec<f32> = (0..dim).step_by(2).map(|i| (1.0 / base.powf(i as f64 / dim as f64)) as f32).collect();
+        let inv_freq: Vec<f32> = (0..dim)
+            .step_by(2)
+            .map(|i| (1.0 / base.powf(i as f64 / dim as f64)) as f32)
+            .collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, dim / 2), &self.device)?;
-        let positions = Tensor::arange(0u32, len as u32, &self.device)?.to_dtype(DType::F32)?.reshape((len, 1))?;
+        let positions = Tensor::arange(0u32, len as u32, &self.device)?
+            .to_dtype(DType::F32)?
+            .reshape((len, 1))?;
         let freqs = positions.matmul(&inv_freq)?;
         Ok((freqs.cos()?.to_dtype(self.dtype)?, freqs.sin()?.to_dtype(self.dtype)?))
     }

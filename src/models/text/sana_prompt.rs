@@ -58,7 +58,10 @@ impl SanaPromptConfig {
     pub fn video() -> Self {
         Self {
             max_sequence_length: 300,
-            complex_human_instruction: SANA_VIDEO_COMPLEX_HUMAN_INSTRUCTION.iter().map(|s| s.to_string()).collect(),
+            complex_human_instruction: SANA_VIDEO_COMPLEX_HUMAN_INSTRUCTION
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         }
     }
 }
@@ -150,7 +153,11 @@ impl GemmaTokenizer {
             input_ids.push(ids);
             mask.push((0..max_len).map(|i| u32::from(i < real)).collect());
         }
-        Ok(TokenBatch { input_ids, mask, len: max_len })
+        Ok(TokenBatch {
+            input_ids,
+            mask,
+            len: max_len,
+        })
     }
 }
 
@@ -215,7 +222,11 @@ fn prepare(prompt: &str) -> String {
 
 impl SanaTextEncoder {
     pub fn new(tokenizer: GemmaTokenizer, model: Gemma2Encoder, config: SanaPromptConfig) -> Self {
-        Self { tokenizer, model, config }
+        Self {
+            tokenizer,
+            model,
+            config,
+        }
     }
 
     /// Tokens of positive prompts (CHI prepended, budget grown by its length), before selection.
@@ -228,9 +239,14 @@ impl SanaTextEncoder {
         }
         let chi = self.config.complex_human_instruction.join("\n");
         let chi_tokens = self.tokenizer.encode(&chi)?.len();
-        let budget = (chi_tokens + max_len).checked_sub(2).filter(|&b| b > 0).ok_or_else(|| {
-            Error::Usage(format!("max sequence length {max_len} is too small for the prompt instruction"))
-        })?;
+        let budget = (chi_tokens + max_len)
+            .checked_sub(2)
+            .filter(|&b| b > 0)
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "max sequence length {max_len} is too small for the prompt instruction"
+                ))
+            })?;
         let texts: Vec<String> = prompts.iter().map(|p| format!("{chi}{}", prepare(p))).collect();
         self.tokenizer.encode_batch_padded(&texts, budget)
     }
@@ -239,14 +255,18 @@ impl SanaTextEncoder {
     pub fn tokenize_negative(&self, prompts: &[&str]) -> Result<TokenBatch> {
         check_batch(prompts)?;
         let texts: Vec<String> = prompts.iter().map(|p| prepare(p)).collect();
-        self.tokenizer.encode_batch_padded(&texts, self.config.max_sequence_length)
+        self.tokenizer
+            .encode_batch_padded(&texts, self.config.max_sequence_length)
     }
 
     /// Runs the encoder on a token batch: (B, len, hidden) hidden states and the f32 mask.
     pub fn encode_tokens(&self, tokens: &TokenBatch) -> Result<PromptEmbeddings> {
         let (ids, mask) = tokens.to_tensors(self.model.device())?;
         let embeds = self.model.forward(&ids, &mask)?;
-        Ok(PromptEmbeddings { embeds, mask: mask.to_dtype(DType::F32)? })
+        Ok(PromptEmbeddings {
+            embeds,
+            mask: mask.to_dtype(DType::F32)?,
+        })
     }
 
     /// Positive prompts → (B, max_sequence_length, hidden) with SANA's BOS + tail selection.
@@ -254,7 +274,11 @@ impl SanaTextEncoder {
         let tokens = self.tokenize_prompts(prompts)?;
         let full = self.encode_tokens(&tokens)?;
         let keep = select_indices(tokens.len, self.config.max_sequence_length)?;
-        let keep = Tensor::from_vec(keep.iter().map(|&i| i as u32).collect::<Vec<_>>(), keep.len(), full.embeds.device())?;
+        let keep = Tensor::from_vec(
+            keep.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            keep.len(),
+            full.embeds.device(),
+        )?;
         Ok(PromptEmbeddings {
             embeds: full.embeds.index_select(&keep, 1)?,
             mask: full.mask.index_select(&keep.to_device(full.mask.device())?, 1)?,
@@ -268,7 +292,11 @@ impl SanaTextEncoder {
     }
 
     /// Both halves of classifier-free guidance; `negative` must have one entry per prompt.
-    pub fn encode_with_negative(&self, prompts: &[&str], negative: &[&str]) -> Result<(PromptEmbeddings, PromptEmbeddings)> {
+    pub fn encode_with_negative(
+        &self,
+        prompts: &[&str],
+        negative: &[&str],
+    ) -> Result<(PromptEmbeddings, PromptEmbeddings)> {
         if negative.len() != prompts.len() {
             return Err(Error::Usage(format!(
                 "{} negative prompts for {} prompts: give one per prompt",
