@@ -338,6 +338,18 @@ fn weight_errors_name_file_and_tensor() {
         "[2, 3]",
     );
 
+    // a probed optional tensor does not mask the real outcome
+    let probed = weights.build(DType::F32, &Device::Cpu, |vb| {
+        let _optional = vb.get(2, "proj.norm_q");
+        Ok(candle_nn::linear(3, 2, vb.pp("proj"))?)
+    });
+    assert!(probed.is_ok());
+    let unrelated = weights.build(DType::F32, &Device::Cpu, |vb| -> visgen::Result<()> {
+        let _optional = vb.get(2, "proj.norm_q");
+        Err(Error::Other("config mismatch".into()))
+    });
+    assert!(matches!(unrelated, Err(Error::Other(_))));
+
     // a shard the index names is gone; a tensor the index names is not in its shard
     std::fs::remove_file(root.join("text_encoder/model-00002-of-00002.safetensors")).unwrap();
     expect_weights_error(

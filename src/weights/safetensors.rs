@@ -221,7 +221,7 @@ impl Weights {
     ) -> VarBuilder<'static> {
         let backend = Backend {
             weights: self.clone(),
-            first_fault: slot,
+            last_fault: slot,
         };
         VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
     }
@@ -238,24 +238,30 @@ impl Weights {
         let result = f(self.var_builder_with_slot(dtype, device, slot.clone()));
         match result {
             Ok(model) => Ok(model),
-            Err(err) => Err(slot.lock().ok().and_then(|mut s| s.take()).unwrap_or(err)),
+            Err(err) => {
+                // Only when the returned error is that fault: a model may probe optional tensors
+                // and then fail for another reason.
+                let fault = slot.lock().ok().and_then(|mut s| s.take());
+                match fault {
+                    Some(fault) if err.to_string().contains(&fault.to_string()) => Err(fault),
+                    _ => Err(err),
+                }
+            }
         }
     }
 }
 
 struct Backend {
     weights: Weights,
-    /// The first weight fault met, kept so that `Weights::build` can return it with its details.
-    first_fault: Arc<Mutex<Option<Error>>>,
+    /// The latest weight fault met, kept so that `Weights::build` can return it with its details.
+    last_fault: Arc<Mutex<Option<Error>>>,
 }
 
 impl Backend {
     fn record(&self, err: Error) -> candle_core::Error {
         let msg = err.to_string();
-        if let Ok(mut slot) = self.first_fault.lock() {
-            if slot.is_none() {
-                *slot = Some(err);
-            }
+        if let Ok(mut slot) = self.last_fault.lock() {
+            *slot = Some(err);
         }
         candle_core::Error::Msg(msg)
     }
