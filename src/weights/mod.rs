@@ -12,6 +12,7 @@
 //! `Efficient-Large-Model/Sana_600M_1024px_diffusers`, `Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers`.
 
 pub mod hub;
+pub mod random;
 pub mod safetensors;
 
 pub use self::hub::{HubConfig, HubRepo};

@@ -79,6 +79,22 @@ impl Gemma2Config {
         }
     }
 
+    /// A tiny Gemma-2 of the given width, for random-weight smoke tests.
+    pub fn tiny(hidden_size: usize) -> Self {
+        Self {
+            vocab_size: 128,
+            hidden_size,
+            intermediate_size: 2 * hidden_size,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 8,
+            query_pre_attn_scalar: 8.0,
+            sliding_window: Some(8),
+            ..Self::gemma2_2b()
+        }
+    }
+
     /// Parses a transformers `config.json`; `origin` names it in errors.
     pub fn from_json_str(text: &str, origin: &str) -> Result<Self> {
         serde_json::from_str(text).map_err(|e| Error::Weights {

@@ -119,6 +119,25 @@ impl GemmaTokenizer {
         Ok(Self { inner, bos_id, pad_id })
     }
 
+    /// A character-level tokenizer for models with random weights, which ship no tokenizer:
+    /// `<pad>` = 0, `<bos>` = 1, `<unk>` = 2, then one token per printable ASCII character.
+    pub fn char_level() -> Result<Self> {
+        use tokenizers::models::wordlevel::WordLevel;
+        use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+        use tokenizers::SplitDelimiterBehavior;
+        let bad = |e: &dyn std::fmt::Display| Error::Other(format!("character tokenizer: {e}"));
+        let mut vocab: std::collections::HashMap<String, u32> =
+            [("<pad>", 0), ("<bos>", 1), ("<unk>", 2)].into_iter().map(|(t, i)| (t.to_string(), i)).collect();
+        for (i, c) in (b' '..=b'~').enumerate() {
+            vocab.insert((c as char).to_string(), 3 + i as u32);
+        }
+        let model = WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("<unk>".into()).build().map_err(|e| bad(&e))?;
+        let mut inner = tokenizers::Tokenizer::new(model);
+        let split = Split::new(SplitPattern::Regex(".".into()), SplitDelimiterBehavior::Isolated, false).map_err(|e| bad(&e))?;
+        inner.with_pre_tokenizer(Some(split));
+        Ok(Self { inner, bos_id: 1, pad_id: 0 })
+    }
+
     pub fn bos_id(&self) -> u32 {
         self.bos_id
     }
