@@ -11,6 +11,7 @@
 pub mod cuda;
 pub mod dense;
 pub mod linear;
+pub mod masked;
 pub mod neighborhood;
 pub mod plan;
 pub mod pyramid;
@@ -86,7 +87,7 @@ impl Backend {
 }
 
 /// What a layer looks like, as far as choosing its backend goes.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct LayerShape {
     pub role: Role,
     pub head_dim: usize,
