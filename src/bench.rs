@@ -112,7 +112,7 @@ mod gpu {
     use candle_core::cuda_backend::CudaDevice;
     use candle_core::{DType, Device, Tensor};
 
-    use crate::attention::cuda::linear::{self, KernelOptions};
+    use crate::attention::cuda::linear::{self, KernelOptions, OutConfig, Passes};
     use crate::attention::Rope;
 
     /// Median milliseconds of `f` over `iters` runs after `warmup`, by CUDA events on the stream.
@@ -184,21 +184,28 @@ mod gpu {
             let v = Tensor::randn(0f32, 1.0, (b, h, n, d), device)?.to_dtype(DType::BF16)?;
             let bytes = 4.0 * (b * h * n * d * 2) as f64;
             let shape = format!("B{b} H{h} N{n} D{d}");
-            let mut variants: Vec<(&str, Option<Rope>, bool, usize)> =
-                vec![("split", None, true, n), ("single", None, false, n)];
+            let base = KernelOptions::new(1e-15);
+            let mut variants: Vec<(&str, Option<Rope>, KernelOptions, usize)> = vec![
+                ("split", None, base, n),
+                ("single", None, KernelOptions { split_state: false, ..base }, n),
+                ("split v1", None, KernelOptions { out_config: OutConfig::V1, ..base }, n),
+                ("state pass", None, KernelOptions { passes: Passes::StateOnly, ..base }, n),
+                ("out pass", None, KernelOptions { passes: Passes::OutOnly, ..base }, n),
+            ];
             if d == 112 {
                 // SANA-Video: RoPE numerator, and the chunk-causal form over 4 chunks.
                 let rope = rope_tables(device, n, d)?;
-                variants.push(("rope+split", Some(rope.clone()), true, n));
-                variants.push(("rope chunk/4", Some(rope), true, n.div_ceil(4)));
+                variants.push(("rope+split", Some(rope.clone()), base, n));
+                variants.push(("rope chunk/4", Some(rope), base, n.div_ceil(4)));
             }
-            for (label, rope, split, chunk) in variants {
-                let o = KernelOptions { eps: 1e-15, split_state: split };
+            for (label, rope, o, chunk) in variants {
                 let ms = time_ms(dev, 3, iters, || {
                     linear::run(&q, &k, &v, rope.as_ref(), None, chunk, &o)?;
                     Ok(())
                 })?;
-                println!("{shape:<26} {:<6} {label:<12} {ms:>9.4} {:>8.3}", "bf16", bytes / ms / 1e9);
+                // The single passes move half the bytes each (k, v in; q in, o out).
+                let moved = if o.passes == Passes::Both { bytes } else { bytes / 2.0 };
+                println!("{shape:<26} {:<6} {label:<12} {ms:>9.4} {:>8.3}", "bf16", moved / ms / 1e9);
             }
         }
         Ok(())

@@ -14,7 +14,7 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
-use visgen::attention::cuda::linear::{self, KernelOptions};
+use visgen::attention::cuda::linear::{self, KernelOptions, OutConfig};
 use visgen::attention::linear::LinearState;
 use visgen::attention::Rope;
 
@@ -135,12 +135,13 @@ struct Case {
     /// Chunk length for the chunk-causal form; None = bidirectional.
     chunk: Option<usize>,
     split: bool,
+    config: OutConfig,
 }
 
 /// Runs one case against the f64 reference and the naive low-precision version; panics on failure.
 fn check(case: Case) {
     let dev = gpu();
-    let Case { b, h, n, d, dtype, rope, chunk, split } = case;
+    let Case { b, h, n, d, dtype, rope, chunk, split, .. } = case;
     let q = input((b, h, n, d), dtype, 1.0, &dev);
     let k = input((b, h, n, d), dtype, 1.0, &dev);
     let v = input((b, h, n, d), dtype, 2.0, &dev);
@@ -148,7 +149,7 @@ fn check(case: Case) {
     let chunk_len = chunk.unwrap_or(n);
 
     linear::set_poison_outputs(true);
-    let opts = KernelOptions { eps: EPS, split_state: split };
+    let opts = KernelOptions { split_state: split, out_config: case.config, ..KernelOptions::new(EPS) };
     let (out, state) = linear::run(&q, &k, &v, tables.as_ref(), None, chunk_len, &opts).expect("kernel");
     assert_eq!(out.dims(), &[b, h, n, d]);
     assert_eq!(out.dtype(), dtype);
@@ -182,7 +183,7 @@ fn bidirectional_all_head_dims_and_dtypes() {
     for dtype in [DType::BF16, DType::F16] {
         for d in linear::HEAD_DIMS {
             for (b, h, n) in [(1, 1, 1), (1, 2, 7), (2, 3, 64), (1, 2, 65), (2, 2, 1000)] {
-                check(Case { b, h, n, d, dtype, rope: false, chunk: None, split: true });
+                check(Case { b, h, n, d, dtype, rope: false, chunk: None, split: true, config: OutConfig::V2 });
             }
         }
     }
@@ -192,22 +193,30 @@ fn bidirectional_all_head_dims_and_dtypes() {
 fn long_sequences_split_over_many_blocks() {
     // Enough tokens that each head is spread over many blocks (grid.y > 1), ragged at the end.
     for (b, h, n, d) in [(1, 2, 9001, 128), (1, 3, 5003, 112), (2, 1, 4099, 64), (1, 1, 20000, 32)] {
-        check(Case { b, h, n, d, dtype: DType::BF16, rope: false, chunk: None, split: true });
+        check(Case { b, h, n, d, dtype: DType::BF16, rope: false, chunk: None, split: true, config: OutConfig::V2 });
     }
-    check(Case { b: 1, h: 2, n: 6007, d: 128, dtype: DType::F16, rope: false, chunk: None, split: true });
+    check(Case { b: 1, h: 2, n: 6007, d: 128, dtype: DType::F16, rope: false, chunk: None, split: true, config: OutConfig::V2 });
 }
 
 #[test]
 fn many_heads_few_tokens() {
     // More heads than the grid has slots: each head one block.
-    check(Case { b: 4, h: 70, n: 100, d: 32, dtype: DType::BF16, rope: false, chunk: None, split: true });
+    check(Case { b: 4, h: 70, n: 100, d: 32, dtype: DType::BF16, rope: false, chunk: None, split: true, config: OutConfig::V2 });
 }
 
 #[test]
 fn single_rounded_state_variant() {
     for d in linear::HEAD_DIMS {
-        check(Case { b: 1, h: 2, n: 3001, d, dtype: DType::BF16, rope: false, chunk: None, split: false });
-        check(Case { b: 1, h: 2, n: 777, d, dtype: DType::F16, rope: false, chunk: None, split: false });
+        check(Case { b: 1, h: 2, n: 3001, d, dtype: DType::BF16, rope: false, chunk: None, split: false, config: OutConfig::V2 });
+        check(Case { b: 1, h: 2, n: 777, d, dtype: DType::F16, rope: false, chunk: None, split: false, config: OutConfig::V2 });
+    }
+}
+
+#[test]
+fn first_output_config() {
+    // The v1 output kernel (kept for the bench) computes the same function.
+    for (n, d) in [(3001, 128), (1000, 112), (65, 64)] {
+        check(Case { b: 1, h: 3, n, d, dtype: DType::BF16, rope: false, chunk: None, split: true, config: OutConfig::V1 });
     }
 }
 
@@ -215,18 +224,18 @@ fn single_rounded_state_variant() {
 fn rope_numerator() {
     for dtype in [DType::BF16, DType::F16] {
         for d in linear::HEAD_DIMS {
-            check(Case { b: 1, h: 2, n: 1203, d, dtype, rope: true, chunk: None, split: true });
+            check(Case { b: 1, h: 2, n: 1203, d, dtype, rope: true, chunk: None, split: true, config: OutConfig::V2 });
         }
     }
-    check(Case { b: 1, h: 2, n: 7000, d: 112, dtype: DType::BF16, rope: true, chunk: None, split: true });
+    check(Case { b: 1, h: 2, n: 7000, d: 112, dtype: DType::BF16, rope: true, chunk: None, split: true, config: OutConfig::V2 });
 }
 
 #[test]
 fn chunk_causal() {
     for (n, chunk, d, rope) in [(1000, 300, 112, true), (1000, 300, 64, false), (640, 64, 128, false), (130, 1, 32, false), (2000, 999, 112, true)] {
-        check(Case { b: 1, h: 2, n, d, dtype: DType::BF16, rope, chunk: Some(chunk), split: true });
+        check(Case { b: 1, h: 2, n, d, dtype: DType::BF16, rope, chunk: Some(chunk), split: true, config: OutConfig::V2 });
     }
-    check(Case { b: 2, h: 1, n: 500, d: 64, dtype: DType::F16, rope: true, chunk: Some(128), split: true });
+    check(Case { b: 2, h: 1, n: 500, d: 64, dtype: DType::F16, rope: true, chunk: Some(128), split: true, config: OutConfig::V2 });
 }
 
 #[test]

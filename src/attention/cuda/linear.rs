@@ -28,9 +28,33 @@ pub const HEAD_DIMS: [usize; 4] = [32, 64, 112, 128];
 // Mirrors of the kernel's tiling constants (linear_attn.cu): tokens per tile, pipeline stages.
 const STATE_TOK: usize = 64;
 const STATE_STAGES: usize = 3;
-const OUT_WARPS: usize = 4;
-const OUT_TOK: usize = 16 * OUT_WARPS;
-const OUT_STAGES: usize = 3;
+
+/// The output kernel's block shape (`OutConfig` in linear_attn.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutConfig {
+    /// 4 warps × 16 tokens, 3 stages: the first version, bf16 and D ∈ {64, 112, 128} only.
+    V1,
+    /// 8 warps × 32 tokens, 2 stages: the default.
+    V2,
+}
+
+impl OutConfig {
+    /// (warps, tokens per tile, stages)
+    fn shape(self) -> (usize, usize, usize) {
+        match self {
+            OutConfig::V1 => (4, 64, 3),
+            OutConfig::V2 => (8, 256, 2),
+        }
+    }
+}
+
+/// Which launches a call makes; all but `Both` exist to time the passes apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Passes {
+    Both,
+    StateOnly,
+    OutOnly,
+}
 
 /// How a call runs. `split_state`: S enters the query product as hi + lo parts in the element type
 /// (~16 mantissa bits, two tensor-core products); without it S is rounded once to bf16/f16.
@@ -38,11 +62,13 @@ const OUT_STAGES: usize = 3;
 pub struct KernelOptions {
     pub eps: f64,
     pub split_state: bool,
+    pub out_config: OutConfig,
+    pub passes: Passes,
 }
 
 impl KernelOptions {
     pub fn new(eps: f64) -> Self {
-        Self { eps, split_state: true }
+        Self { eps, split_state: true, out_config: OutConfig::V2, passes: Passes::Both }
     }
 }
 
@@ -206,12 +232,15 @@ fn run_typed<T: CudaDType + DeviceRepr>(
 
     let rope_tag = if tables.is_some() { "_rope" } else { "" };
     let split_tag = if opts.split_state { "_split" } else { "" };
+    let version_tag = if opts.out_config == OutConfig::V1 { "_v1" } else { "" };
     let state_fn = kernels::load(dev, MODULE, &format!("linear_state{rope_tag}_{tname}_d{d}"))?;
-    let out_fn = kernels::load(dev, MODULE, &format!("linear_out{rope_tag}{split_tag}_{tname}_d{d}"))?;
+    let out_fn = kernels::load(dev, MODULE, &format!("linear_out{rope_tag}{split_tag}{version_tag}_{tname}_d{d}"))?;
     let state_threads = 2 * d;
     let state_smem = 2 * STATE_STAGES * STATE_TOK * (d + 8) * elem;
-    let out_threads = 32 * OUT_WARPS;
-    let out_smem = (OUT_STAGES * OUT_TOK * (d + 8) + (1 + opts.split_state as usize) * d * (d + 8)) * elem + (d + OUT_TOK) * 4;
+    let (out_warps, out_tok, out_stages) = opts.out_config.shape();
+    let out_threads = 32 * out_warps;
+    // Q stages, S hi (+ lo), then fp32 z, 1/c per row and the denominators.
+    let out_smem = (out_stages * out_tok * (d + 8) + (1 + opts.split_state as usize) * d * (d + 8)) * elem + (2 * d + out_tok) * 4;
     state_fn.set_max_dynamic_smem(state_smem)?;
     out_fn.set_max_dynamic_smem(out_smem)?;
     let sms = sm_count(dev)? as usize;
@@ -237,12 +266,13 @@ fn run_typed<T: CudaDType + DeviceRepr>(
         // Pass 1: S, z += this chunk's keys and values.
         let (tpb, blocks) = split_tiles(count.div_ceil(STATE_TOK), bh, state_slots);
         let layout = KernelLayout { n_tokens: n as i32, n_begin: begin as i32, n_count: count as i32, tiles_per_block: tpb as i32 };
+        let run_state = opts.passes != Passes::OutOnly;
         let cfg = LaunchConfig {
             grid_dim: (bh as u32, blocks as u32, 1),
             block_dim: (state_threads as u32, 1, 1),
             shared_mem_bytes: state_smem as u32,
         };
-        {
+        if run_state {
             let mut launch = state_fn.builder();
             launch.arg(&vk).arg(&vv);
             match &table_views {
@@ -254,14 +284,15 @@ fn run_typed<T: CudaDType + DeviceRepr>(
         }
 
         // Pass 2: this chunk's outputs from the updated state.
-        let (tpb, blocks) = split_tiles(count.div_ceil(OUT_TOK), bh, out_slots);
+        let (tpb, blocks) = split_tiles(count.div_ceil(out_tok), bh, out_slots);
         let layout = KernelLayout { tiles_per_block: tpb as i32, ..layout };
+        let run_out = opts.passes != Passes::StateOnly;
         let cfg = LaunchConfig {
             grid_dim: (bh as u32, blocks as u32, 1),
             block_dim: (out_threads as u32, 1, 1),
             shared_mem_bytes: out_smem as u32,
         };
-        {
+        if run_out {
             let mut launch = out_fn.builder();
             launch.arg(&vq).arg(&mut out);
             match &table_views {
