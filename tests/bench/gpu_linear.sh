@@ -12,7 +12,11 @@ libdirs=$(find / -xdev \( -name 'libcublas.so.13' -o -name 'libcudart.so.13' -o 
 export LD_LIBRARY_PATH="${libdirs}/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
 {
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
-for f in "$HERE"/*.xz; do xz -dc "$f" > "/tmp/$(basename "${f%.xz}")"; chmod +x "/tmp/$(basename "${f%.xz}")"; done
+for f in "$HERE"/*.xz; do
+  dst="/tmp/$(basename "${f%.xz}")"
+  if command -v xz >/dev/null; then xz -dc "$f" > "$dst"; else python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$f" "$dst"; fi
+  chmod +x "$dst"
+done
 for t in /tmp/cuda_linear*; do
   echo "=== $t: parity tests"
   "$t" --test-threads 4 --nocapture 2>&1 | grep -vE '^test .* \.\.\. ok$'
