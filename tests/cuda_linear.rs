@@ -172,10 +172,13 @@ fn check(case: Case) {
     assert!(ours.max_abs <= 2.0 * base.max_abs + 1e-6, "{case:?}: max-abs error {} > 2 x naive {}", ours.max_abs, base.max_abs);
     assert!(ours.rel_l2 <= 2.0 * base.rel_l2, "{case:?}: rel-L2 error {} > 2 x naive {}", ours.rel_l2, base.rel_l2);
 
-    // The state is fp32 sums of exact products: close to the f64 sums.
+    // The state is fp32 sums of exact products: close to the f64 sums. In the RoPE form the
+    // rotated keys are rounded to the element type before the tensor-core product (as in the
+    // naive version), so S is only as close as that rounding (2^-8 for bf16); z is never rotated.
     let s_err = errors(&state.kv, &s_ref).rel_l2;
     let z_err = errors(&state.k_sum, &z_ref).rel_l2;
-    assert!(s_err < 1e-5 && z_err < 1e-5, "{case:?}: state rel-L2 S {s_err:.3e}, z {z_err:.3e}");
+    let s_bound = if rope { 1.0 / 256.0 } else { 1e-5 };
+    assert!(s_err < s_bound && z_err < 1e-5, "{case:?}: state rel-L2 S {s_err:.3e}, z {z_err:.3e}");
 }
 
 #[test]
@@ -266,7 +269,8 @@ fn state_carried_between_calls() {
     let (ours, base) = (errors(&out, &reference), errors(&naive, &reference));
     println!("state carry: max-abs {:.3e} (naive {:.3e}), rel-L2 {:.3e} (naive {:.3e})", ours.max_abs, base.max_abs, ours.rel_l2, base.rel_l2);
     assert!(ours.max_abs <= 2.0 * base.max_abs + 1e-6 && ours.rel_l2 <= 2.0 * base.rel_l2);
-    assert!(errors(&s2.kv, &s_ref).rel_l2 < 1e-5 && errors(&s2.k_sum, &z_ref).rel_l2 < 1e-5);
+    // RoPE form: S carries the rounding of the rotated keys (see `check`).
+    assert!(errors(&s2.kv, &s_ref).rel_l2 < 1.0 / 256.0 && errors(&s2.k_sum, &z_ref).rel_l2 < 1e-5);
 
     // Starting from an explicit zero state is the same as starting from none.
     let zero = LinearState {

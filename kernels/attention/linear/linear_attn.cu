@@ -124,13 +124,6 @@ template <typename T, int D, int TOK> struct Tile {
     }
 };
 
-// Rotates one interleaved pair by the table entries of token n: (x cos - y sin, x sin + y cos).
-__device__ __forceinline__ float2 rotate(float2 x, const float* cos_t, const float* sin_t, size_t idx) {
-    const float2 c = *reinterpret_cast<const float2*>(cos_t + idx);
-    const float2 s = *reinterpret_cast<const float2*>(sin_t + idx);
-    return make_float2(x.x * c.x - x.y * s.x, x.x * s.y + x.y * c.y);
-}
-
 // ------------------------------------------------------------------------------------------------
 // Pass 1: S += Σ v ψ(k)ᵀ, z += Σ φ(k) over this block's tokens.
 //
@@ -191,17 +184,35 @@ __device__ __forceinline__ void state_kernel(const T* __restrict__ k, const T* _
         cp_async_commit();
 
         // (2) φ (and RoPE) on K in place; z from the unrotated features. Rows past n_count are zero.
+        // The RoPE table entries of ROWS rows are loaded before any is used (independent global
+        // loads in flight instead of one latency per row).
         T* kt = sk + stage * KTile::ELEMS;
-        for (int r = row0; r < STATE_TOK; r += 4) {
-            T2* p = reinterpret_cast<T2*>(kt + r * LD + 2 * pair);
-            float2 x = E::to_float2(*p);
-            x.x = fmaxf(x.x, 0.f);
-            x.y = fmaxf(x.y, 0.f);
-            z0 += x.x;
-            z1 += x.y;
-            const int t = tile * STATE_TOK + r;
-            if (ROPE && t < L.n_count) x = rotate(x, cos_t, sin_t, static_cast<size_t>(L.n_begin + t) * D + 2 * pair);
-            *p = E::from_float2(x.x, x.y);
+        constexpr int ROWS = 4;
+        for (int r0 = row0; r0 < STATE_TOK; r0 += 4 * ROWS) {
+            float2 cs[ROWS], sn[ROWS];
+#pragma unroll
+            for (int i = 0; i < ROWS; ++i) {
+                const int t = tile * STATE_TOK + r0 + 4 * i;
+                if (ROPE && t < L.n_count) {
+                    const size_t idx = static_cast<size_t>(L.n_begin + t) * D + 2 * pair;
+                    cs[i] = *reinterpret_cast<const float2*>(cos_t + idx);
+                    sn[i] = *reinterpret_cast<const float2*>(sin_t + idx);
+                } else {
+                    cs[i] = make_float2(1.f, 1.f);
+                    sn[i] = make_float2(0.f, 0.f);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < ROWS; ++i) {
+                T2* p = reinterpret_cast<T2*>(kt + (r0 + 4 * i) * LD + 2 * pair);
+                float2 x = E::to_float2(*p);
+                x.x = fmaxf(x.x, 0.f);
+                x.y = fmaxf(x.y, 0.f);
+                z0 += x.x;
+                z1 += x.y;
+                if (ROPE) x = make_float2(x.x * cs[i].x - x.y * sn[i].x, x.x * sn[i].y + x.y * cs[i].y);
+                *p = E::from_float2(x.x, x.y);
+            }
         }
         __syncthreads();
 
@@ -346,21 +357,48 @@ __device__ __forceinline__ void out_kernel(const T* __restrict__ q, T* __restric
         cp_async_commit();
 
         // (2) one warp per row: φ in place, the denominator z·φ(q) in fp32, then RoPE.
+        // The RoPE table entries of ROWS rows are loaded before any is used (see pass 1).
         T* qt = sq + stage * QTile::ELEMS;
-        for (int r = warp; r < TOK; r += C::WARPS) {
-            const int t = tile * TOK + r;
-            float den = 0.f;
-            for (int p = lane; p < D / 2; p += 32) {
-                T2* ptr = reinterpret_cast<T2*>(qt + r * LD + 2 * p);
-                float2 x = E::to_float2(*ptr);
-                x.x = fmaxf(x.x, 0.f);
-                x.y = fmaxf(x.y, 0.f);
-                den += x.x * s_z[2 * p] + x.y * s_z[2 * p + 1];
-                if (ROPE && t < L.n_count) x = rotate(x, cos_t, sin_t, static_cast<size_t>(L.n_begin + t) * D + 2 * p);
-                *ptr = E::from_float2(x.x, x.y);
+        constexpr int ROWS = 4, PAIRS = (D / 2 + 31) / 32;  // pairs per lane
+        static_assert(TOK % (ROWS * C::WARPS) == 0, "rows split evenly");
+        for (int r0 = warp; r0 < TOK; r0 += ROWS * C::WARPS) {
+            float2 cs[ROWS][PAIRS], sn[ROWS][PAIRS];
+#pragma unroll
+            for (int i = 0; i < ROWS; ++i) {
+                const int t = tile * TOK + r0 + i * C::WARPS;
+#pragma unroll
+                for (int k = 0; k < PAIRS; ++k) {
+                    const int p = lane + 32 * k;
+                    if (ROPE && t < L.n_count && p < D / 2) {
+                        const size_t idx = static_cast<size_t>(L.n_begin + t) * D + 2 * p;
+                        cs[i][k] = *reinterpret_cast<const float2*>(cos_t + idx);
+                        sn[i][k] = *reinterpret_cast<const float2*>(sin_t + idx);
+                    } else {
+                        cs[i][k] = make_float2(1.f, 1.f);
+                        sn[i][k] = make_float2(0.f, 0.f);
+                    }
+                }
             }
-            for (int off = 16; off > 0; off /= 2) den += __shfl_xor_sync(0xffffffffu, den, off);
-            if (lane == 0) s_den[r] = den + eps;
+#pragma unroll
+            for (int i = 0; i < ROWS; ++i) {
+                const int r = r0 + i * C::WARPS;
+                float den = 0.f;
+#pragma unroll
+                for (int k = 0; k < PAIRS; ++k) {
+                    const int p = lane + 32 * k;
+                    if (p < D / 2) {
+                        T2* ptr = reinterpret_cast<T2*>(qt + r * LD + 2 * p);
+                        float2 x = E::to_float2(*ptr);
+                        x.x = fmaxf(x.x, 0.f);
+                        x.y = fmaxf(x.y, 0.f);
+                        den += x.x * s_z[2 * p] + x.y * s_z[2 * p + 1];
+                        if (ROPE) x = make_float2(x.x * cs[i][k].x - x.y * sn[i][k].x, x.x * sn[i][k].y + x.y * cs[i][k].y);
+                        *ptr = E::from_float2(x.x, x.y);
+                    }
+                }
+                for (int off = 16; off > 0; off /= 2) den += __shfl_xor_sync(0xffffffffu, den, off);
+                if (lane == 0) s_den[r] = den + eps;
+            }
         }
         __syncthreads();
 
