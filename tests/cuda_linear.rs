@@ -79,18 +79,36 @@ fn closed_form(
 ) -> (Tensor, Tensor, Tensor) {
     let cast = |t: &Tensor| t.to_device(dev).unwrap().to_dtype(dtype).unwrap();
     let (q, k, v) = (cast(q), cast(k), cast(v));
-    let (b, h, n, d) = q.dims4().unwrap();
+    let n = q.dim(2).unwrap();
     let (phi_q, phi_k) = (q.relu().unwrap(), k.relu().unwrap());
     let (psi_q, psi_k) = match rope {
         Some(r) => (rotate(&phi_q, r), rotate(&phi_k, r)),
         None => (phi_q.clone(), phi_k.clone()),
     };
+    let mut bounds: Vec<usize> = (0..n).step_by(chunk.max(1)).collect();
+    bounds.push(n);
+    closed_form_bounds(&q, &phi_q, &phi_k, &psi_q, &psi_k, &v, &bounds, dtype, dev)
+}
+
+/// The closed form over chunks with token boundaries `bounds` (`[0, .., N]`), from features.
+#[allow(clippy::too_many_arguments)]
+fn closed_form_bounds(
+    q: &Tensor,
+    phi_q: &Tensor,
+    phi_k: &Tensor,
+    psi_q: &Tensor,
+    psi_k: &Tensor,
+    v: &Tensor,
+    bounds: &[usize],
+    dtype: DType,
+    dev: &Device,
+) -> (Tensor, Tensor, Tensor) {
+    let (b, h, _n, d) = q.dims4().unwrap();
     let mut s = Tensor::zeros((b, h, d, d), dtype, dev).unwrap();
     let mut z = Tensor::zeros((b, h, d), dtype, dev).unwrap();
     let mut outs = Vec::new();
-    let mut begin = 0;
-    while begin < n {
-        let len = chunk.min(n - begin);
+    for w in bounds.windows(2) {
+        let (begin, len) = (w[0], w[1] - w[0]);
         let vc = v.narrow(2, begin, len).unwrap();
         // S[a, b] += Σ_m v[m, a] ψk[m, b];  z += Σ_m φk[m]
         let s_loc = vc.transpose(2, 3).unwrap().contiguous().unwrap().matmul(&psi_k.narrow(2, begin, len).unwrap().contiguous().unwrap()).unwrap();
@@ -100,7 +118,6 @@ fn closed_form(
         let den = phi_q.narrow(2, begin, len).unwrap().contiguous().unwrap().matmul(&z.unsqueeze(3).unwrap()).unwrap();
         let den = (den + EPS).unwrap();
         outs.push(num.broadcast_div(&den).unwrap());
-        begin += len;
     }
     (Tensor::cat(&outs, 2).unwrap(), s, z)
 }
@@ -239,6 +256,36 @@ fn chunk_causal() {
         check(Case { b: 1, h: 2, n, d, dtype: DType::BF16, rope, chunk: Some(chunk), split: true, config: OutConfig::V2 });
     }
     check(Case { b: 2, h: 1, n: 500, d: 64, dtype: DType::F16, rope: true, chunk: Some(128), split: true, config: OutConfig::V2 });
+}
+
+#[test]
+fn chunk_boundaries_longsana_style() {
+    // 21 frames of 40 tokens in chunks [0, 11, 21) frames: the first chunk absorbs the remainder.
+    let dev = gpu();
+    let (b, h, d, per_frame) = (1, 2, 112, 40);
+    let n = 21 * per_frame;
+    let bounds = [0, 11 * per_frame, n];
+    let q = input((b, h, n, d), DType::BF16, 1.0, &dev);
+    let k = input((b, h, n, d), DType::BF16, 1.0, &dev);
+    let v = input((b, h, n, d), DType::BF16, 2.0, &dev);
+    let rope = rope_tables(n, d, &dev);
+    linear::set_poison_outputs(true);
+    let (out, _) = linear::forward_chunked(&q, &k, &v, Some(&rope), &bounds, EPS).unwrap();
+    assert_eq!(count_nan(&out), 0);
+    let feats = |dtype: DType, on: &Device| {
+        let cast = |t: &Tensor| t.to_device(on).unwrap().to_dtype(dtype).unwrap();
+        let (q, k, v) = (cast(&q), cast(&k), cast(&v));
+        let (pq, pk) = (q.relu().unwrap(), k.relu().unwrap());
+        let (sq, sk) = (rotate(&pq, &rope), rotate(&pk, &rope));
+        closed_form_bounds(&q, &pq, &pk, &sq, &sk, &v, &bounds, dtype, on).0
+    };
+    let reference = feats(DType::F64, &Device::Cpu);
+    let naive = feats(DType::BF16, &dev);
+    let (ours, base) = (errors(&out, &reference), errors(&naive, &reference));
+    println!("longsana bounds: max-abs {:.3e} (naive {:.3e}), rel-L2 {:.3e} (naive {:.3e})", ours.max_abs, base.max_abs, ours.rel_l2, base.rel_l2);
+    assert!(ours.max_abs <= 2.0 * base.max_abs + 1e-6 && ours.rel_l2 <= 2.0 * base.rel_l2);
+    assert!(linear::forward_chunked(&q, &k, &v, None, &[0, 500, 400, n], EPS).is_err(), "boundaries must rise");
+    assert!(linear::forward_chunked(&q, &k, &v, None, &[0, 500], EPS).is_err(), "boundaries must end at N");
 }
 
 #[test]

@@ -80,6 +80,11 @@ pub fn set_poison_outputs(on: bool) {
     POISON_OUTPUTS.store(on, Ordering::Relaxed);
 }
 
+/// Whether the kernels serve this dtype and head dim (otherwise use the f32 reference).
+pub fn supports(dtype: DType, head_dim: usize) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && HEAD_DIMS.contains(&head_dim)
+}
+
 /// Bidirectional linear attention over all tokens. `rope`: tables `(N, D)` for the RoPE-numerator form.
 pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, rope: Option<&Rope>, eps: f64) -> Result<Tensor> {
     let n = q.dim(2)?;
@@ -118,6 +123,20 @@ pub fn forward_chunk_causal(
     run(q, k, v, rope, None, chunk_tokens, &KernelOptions::new(eps))
 }
 
+/// Block-causal linear attention with chunks given by token boundaries `[0, b1, ..., N]` (LongSANA's
+/// first chunk absorbs the remainder: frames `[0, 11, 21]` times tokens per frame). `rope` covers all
+/// N tokens. Returns the output and the state after the last chunk.
+pub fn forward_chunked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rope: Option<&Rope>,
+    bounds: &[usize],
+    eps: f64,
+) -> Result<(Tensor, LinearState)> {
+    run_bounds(q, k, v, rope, None, bounds, &KernelOptions::new(eps))
+}
+
 /// The general entry: chunks of `chunk_tokens` tokens in order on one state (a single chunk when
 /// `chunk_tokens >= N`), starting from `state_in` or zero.
 pub fn run(
@@ -127,6 +146,23 @@ pub fn run(
     rope: Option<&Rope>,
     state_in: Option<&LinearState>,
     chunk_tokens: usize,
+    opts: &KernelOptions,
+) -> Result<(Tensor, LinearState)> {
+    let n = q.dim(2)?;
+    let step = chunk_tokens.max(1);
+    let mut bounds: Vec<usize> = (0..n).step_by(step).collect();
+    bounds.push(n);
+    run_bounds(q, k, v, rope, state_in, &bounds, opts)
+}
+
+/// [`run`] with chunk boundaries in tokens: `[0, b1, ..., N]`, increasing.
+pub fn run_bounds(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rope: Option<&Rope>,
+    state_in: Option<&LinearState>,
+    bounds: &[usize],
     opts: &KernelOptions,
 ) -> Result<(Tensor, LinearState)> {
     let bad = |m: String| Error::Other(format!("linear attention (CUDA): {m}"));
@@ -144,10 +180,20 @@ pub fn run(
     if n > i32::MAX as usize / 2 {
         return Err(bad(format!("{n} tokens is too many")));
     }
+    if n == 0 {
+        return Err(bad("no tokens".into()));
+    }
+    let valid_bounds = bounds.len() >= 2
+        && bounds[0] == 0
+        && bounds[bounds.len() - 1] == n
+        && bounds.windows(2).all(|w| w[0] < w[1]);
+    if !valid_bounds {
+        return Err(bad(format!("chunk boundaries {bounds:?} must rise from 0 to N = {n}")));
+    }
     let dev = cuda_device(q, "linear attention")?;
     match dtype {
-        DType::BF16 => run_typed::<bf16>(&dev, "bf16", q, k, v, rope, state_in, chunk_tokens, opts, (b, h, n, d)),
-        DType::F16 => run_typed::<f16>(&dev, "f16", q, k, v, rope, state_in, chunk_tokens, opts, (b, h, n, d)),
+        DType::BF16 => run_typed::<bf16>(&dev, "bf16", q, k, v, rope, state_in, bounds, opts, (b, h, n, d)),
+        DType::F16 => run_typed::<f16>(&dev, "f16", q, k, v, rope, state_in, bounds, opts, (b, h, n, d)),
         other => Err(bad(format!("dtype {other:?} has no kernel (bf16, f16)"))),
     }
 }
@@ -180,7 +226,7 @@ fn run_typed<T: CudaDType + DeviceRepr>(
     v: &Tensor,
     rope: Option<&Rope>,
     state_in: Option<&LinearState>,
-    chunk_tokens: usize,
+    bounds: &[usize],
     opts: &KernelOptions,
     (b, h, n, d): (usize, usize, usize, usize),
 ) -> Result<(Tensor, LinearState)> {
@@ -260,9 +306,11 @@ fn run_typed<T: CudaDType + DeviceRepr>(
     let null: u64 = 0;
     let eps = opts.eps as f32;
 
-    let mut begin = 0usize;
-    while begin < n {
-        let count = chunk_tokens.min(n - begin);
+    for w in bounds.windows(2) {
+        let (begin, count) = (w[0], w[1] - w[0]);
+        if count == 0 {
+            continue;
+        }
         // Pass 1: S, z += this chunk's keys and values.
         let (tpb, blocks) = split_tiles(count.div_ceil(STATE_TOK), bh, state_slots);
         let layout = KernelLayout { n_tokens: n as i32, n_begin: begin as i32, n_count: count as i32, tiles_per_block: tpb as i32 };
@@ -302,7 +350,6 @@ fn run_typed<T: CudaDType + DeviceRepr>(
             launch.arg(&kv).arg(&ksum).arg(&eps).arg(&layout);
             unsafe { launch.launch(cfg) }.map_err(|e| bad(format!("output kernel launch: {e:?}")))?;
         }
-        begin += count;
     }
 
     let o = into_tensor(out, dev, (b, h, n, d));
