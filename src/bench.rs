@@ -193,6 +193,9 @@ mod gpu {
                 ("split", None, base, n),
                 ("single", None, KernelOptions { split_state: false, ..base }, n),
                 ("split v1", None, KernelOptions { out_config: OutConfig::V1, ..base }, n),
+                ("split v3", None, KernelOptions { out_config: OutConfig::V3, ..base }, n),
+                ("single v3", None, KernelOptions { out_config: OutConfig::V3, split_state: false, ..base }, n),
+                ("out v3", None, KernelOptions { out_config: OutConfig::V3, passes: Passes::OutOnly, ..base }, n),
                 ("state pass", None, KernelOptions { passes: Passes::StateOnly, ..base }, n),
                 ("out pass", None, KernelOptions { passes: Passes::OutOnly, ..base }, n),
             ];

@@ -241,6 +241,22 @@ fn first_output_config() {
 }
 
 #[test]
+fn third_output_config() {
+    // v3: the denominator on the tensor cores.
+    for dtype in [DType::BF16, DType::F16] {
+        for d in linear::HEAD_DIMS {
+            for (n, split) in [(3001, true), (65, true), (1000, false)] {
+                check(Case { b: 1, h: 3, n, d, dtype, rope: false, chunk: None, split, config: OutConfig::V3 });
+            }
+        }
+    }
+    check(Case { b: 1, h: 2, n: 6007, d: 128, dtype: DType::F16, rope: false, chunk: None, split: true, config: OutConfig::V3 });
+    check(Case { b: 1, h: 2, n: 1000, d: 64, dtype: DType::BF16, rope: false, chunk: Some(300), split: true, config: OutConfig::V3 });
+    // RoPE calls fall back to v2.
+    check(Case { b: 1, h: 2, n: 500, d: 112, dtype: DType::BF16, rope: true, chunk: None, split: true, config: OutConfig::V3 });
+}
+
+#[test]
 fn rope_numerator() {
     for dtype in [DType::BF16, DType::F16] {
         for d in linear::HEAD_DIMS {

@@ -39,6 +39,12 @@ template <> struct Elem<__nv_bfloat16> {
     static __device__ T2 from_float2(float a, float b) { return __floats2bfloat162_rn(a, b); }
     static __device__ __nv_bfloat16 from_float(float a) { return __float2bfloat16_rn(a); }
     static __device__ float to_float(__nv_bfloat16 a) { return __bfloat162float(a); }
+    // ReLU on a packed pair (the bits of a T2 in a register).
+    static __device__ uint32_t relu2(uint32_t x) {
+        T2 v = *reinterpret_cast<T2*>(&x);
+        v = __hmax2(v, __float2bfloat162_rn(0.f));
+        return *reinterpret_cast<uint32_t*>(&v);
+    }
     // c += a·b, a 16×16 row-major, b 16×8 column-major, c 16×8 fp32.
     static __device__ void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
         asm volatile(
@@ -54,6 +60,11 @@ template <> struct Elem<__half> {
     static __device__ T2 from_float2(float a, float b) { return __floats2half2_rn(a, b); }
     static __device__ __half from_float(float a) { return __float2half_rn(a); }
     static __device__ float to_float(__half a) { return __half2float(a); }
+    static __device__ uint32_t relu2(uint32_t x) {
+        T2 v = *reinterpret_cast<T2*>(&x);
+        v = __hmax2(v, __float2half2_rn(0.f));
+        return *reinterpret_cast<uint32_t*>(&v);
+    }
     static __device__ void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
         asm volatile(
             "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -82,6 +93,11 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x2(uint32_t r[2], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
                  : "r"(smem_addr(p)));
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* p) {
@@ -262,14 +278,19 @@ __device__ __forceinline__ void state_kernel(const T* __restrict__ k, const T* _
 // (4) scale, divide, round, stage the rows through shared memory (the warp's own Q rows) and store
 // them with 16-byte writes.
 
-template <int WARPS_, int MT_, int STAGES_> struct OutConfig {
+template <int WARPS_, int MT_, int STAGES_, bool DEN_MMA_ = false> struct OutConfig {
     static constexpr int WARPS = WARPS_;    // warps per block
     static constexpr int MT = MT_;          // m16 tiles (16 tokens each) per warp
     static constexpr int STAGES = STAGES_;  // Q tiles in the cp.async pipeline
     static constexpr int TOK = 16 * MT * WARPS;
+    // Denominator on the tensor cores: z is row D of S (the ones-row trick of the reference), ReLU
+    // is applied to the A fragments in registers, and the transform pass over the Q tile (and its
+    // barrier) disappears. Plain form only: with RoPE the denominator needs the unrotated q.
+    static constexpr bool DEN_MMA = DEN_MMA_;
 };
-using OutV1 = OutConfig<4, 1, 3>;  // first version: kept for comparison in the bench
-using OutV2 = OutConfig<8, 2, 2>;  // default
+using OutV1 = OutConfig<4, 1, 3>;        // first version: kept for comparison in the bench
+using OutV2 = OutConfig<8, 2, 2>;        // default
+using OutV3 = OutConfig<8, 2, 2, true>;  // v2 with the denominator on the tensor cores
 
 template <typename T, int D, bool ROPE, bool SPLIT, typename C>
 __device__ __forceinline__ void out_kernel(const T* __restrict__ q, T* __restrict__ o,
@@ -281,14 +302,16 @@ __device__ __forceinline__ void out_kernel(const T* __restrict__ q, T* __restric
     using QTile = Tile<T, D, C::TOK>;
     constexpr int THREADS = 32 * C::WARPS, NT = D / 8, LD = QTile::LD, TOK = C::TOK, MT = C::MT;
     constexpr bool SCALE_ROWS = sizeof(T) == 2 && !std::is_same<T, __nv_bfloat16>::value;  // f16
+    constexpr bool DEN_MMA = C::DEN_MMA && !ROPE;
+    constexpr int RS = D + (DEN_MMA ? 8 : 0);  // rows of S in shared memory: z is row D with DEN_MMA
 
     extern __shared__ __align__(16) uint8_t smem_raw[];
     T* sq = reinterpret_cast<T*>(smem_raw);               // [STAGES][TOK][LD]
-    T* s_hi = sq + C::STAGES * QTile::ELEMS;               // [D][LD]  S[a][b], a = output feature
-    T* s_lo = s_hi + D * LD;                               // [D][LD]  (SPLIT only)
-    float* s_z = reinterpret_cast<float*>(s_lo + (SPLIT ? D * LD : 0));  // [D]
-    float* s_rinv = s_z + D;                               // [D]  1/c_a
-    float* s_den = s_rinv + D;                             // [TOK]
+    T* s_hi = sq + C::STAGES * QTile::ELEMS;               // [RS][LD]  S[a][b], a = output feature
+    T* s_lo = s_hi + RS * LD;                              // [RS][LD]  (SPLIT only)
+    float* s_z = reinterpret_cast<float*>(s_lo + (SPLIT ? RS * LD : 0));  // [RS]
+    float* s_rinv = s_z + RS;                              // [RS]  1/c_a
+    float* s_den = s_rinv + RS;                            // [TOK]
 
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int bh = blockIdx.x;
@@ -306,12 +329,15 @@ __device__ __forceinline__ void out_kernel(const T* __restrict__ q, T* __restric
 
     // Prologue: rows of S, 4 at a time per warp (4 float4 loads in flight per lane).
     const float* kv_head = kv + static_cast<size_t>(bh) * D * D;
-    for (int a0 = 4 * warp; a0 < D; a0 += 4 * C::WARPS) {
+    const float* z_head = ksum + static_cast<size_t>(bh) * D;
+    for (int a0 = 4 * warp; a0 < RS; a0 += 4 * C::WARPS) {
         float4 x[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
-            x[i] = (lane < D / 4 && a0 + i < D) ? reinterpret_cast<const float4*>(kv_head + (a0 + i) * D)[lane]
-                                                : make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int i = 0; i < 4; ++i) {
+            // rows 0..D-1: S; with DEN_MMA row D: z, rows D+1..D+7: zero
+            const float* row = a0 + i < D ? kv_head + (a0 + i) * D : (a0 + i == D ? z_head : nullptr);
+            x[i] = (lane < D / 4 && row != nullptr) ? reinterpret_cast<const float4*>(row)[lane] : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             float scale = 1.f;
@@ -323,9 +349,9 @@ __device__ __forceinline__ void out_kernel(const T* __restrict__ q, T* __restric
                     frexpf(m, &e);  // m = f·2^e, f ∈ [0.5, 1)
                     scale = ldexpf(1.f, 14 - e);
                 }
-                if (lane == 0 && a0 + i < D) s_rinv[a0 + i] = 1.f / scale;
+                if (lane == 0 && a0 + i < RS) s_rinv[a0 + i] = 1.f / scale;
             }
-            if (lane < D / 4 && a0 + i < D) {
+            if (lane < D / 4 && a0 + i < RS) {
                 const float v[4] = {x[i].x * scale, x[i].y * scale, x[i].z * scale, x[i].w * scale};
                 T hi[4], lo[4];
 #pragma unroll
@@ -344,7 +370,7 @@ __device__ __forceinline__ void out_kernel(const T* __restrict__ q, T* __restric
             }
         }
     }
-    for (int i = tid; i < D; i += THREADS) s_z[i] = ksum[static_cast<size_t>(bh) * D + i];
+    for (int i = tid; i < D; i += THREADS) s_z[i] = z_head[i];
     // (the first __syncthreads of the loop publishes s_hi, s_lo, s_z, s_rinv)
 
     const int g = lane / 4, c = 2 * (lane % 4);
@@ -361,7 +387,7 @@ __device__ __forceinline__ void out_kernel(const T* __restrict__ q, T* __restric
         T* qt = sq + stage * QTile::ELEMS;
         constexpr int ROWS = 4, PAIRS = (D / 2 + 31) / 32;  // pairs per lane
         static_assert(TOK % (ROWS * C::WARPS) == 0, "rows split evenly");
-        for (int r0 = warp; r0 < TOK; r0 += ROWS * C::WARPS) {
+        for (int r0 = warp; r0 < TOK && !DEN_MMA; r0 += ROWS * C::WARPS) {
             float2 cs[ROWS][PAIRS], sn[ROWS][PAIRS];
 #pragma unroll
             for (int i = 0; i < ROWS; ++i) {
@@ -400,18 +426,37 @@ __device__ __forceinline__ void out_kernel(const T* __restrict__ q, T* __restric
                 if (lane == 0) s_den[r] = den + eps;
             }
         }
-        __syncthreads();
+        if (!DEN_MMA) __syncthreads();
 
         // (3) rows [16·MT·w, 16·MT·(w+1)) of the tile times Sᵀ: A = ψ(Q) (row-major), B[b][a] = S[a][b].
         float acc[MT][NT][4] = {};
+        float acc_den[MT][4] = {};  // DEN_MMA: column 0 of the extra n-tile is z·φ(q)
         const T* qw = qt + 16 * MT * warp * LD;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             uint32_t a[MT][4];
             // matrices: (t 0-7, b 0-7), (t 8-15, b 0-7), (t 0-7, b 8-15), (t 8-15, b 8-15)
 #pragma unroll
-            for (int m = 0; m < MT; ++m)
+            for (int m = 0; m < MT; ++m) {
                 ldmatrix_x4(a[m], qw + (16 * m + lane % 8 + 8 * ((lane / 8) % 2)) * LD + kk * 16 + 8 * (lane / 16));
+                if (DEN_MMA) {
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) a[m][r] = E::relu2(a[m][r]);
+                }
+            }
+            if (DEN_MMA) {
+                // matrices: (rows D..D+7, b 0-7), (rows D..D+7, b 8-15); lanes 16-31 repeat the addresses
+                const int off = (D + lane % 8) * LD + kk * 16 + 8 * ((lane / 8) % 2);
+                uint32_t b[2];
+                ldmatrix_x2(b, s_hi + off);
+#pragma unroll
+                for (int m = 0; m < MT; ++m) E::mma(acc_den[m], a[m], b[0], b[1]);
+                if (SPLIT) {
+                    ldmatrix_x2(b, s_lo + off);
+#pragma unroll
+                    for (int m = 0; m < MT; ++m) E::mma(acc_den[m], a[m], b[0], b[1]);
+                }
+            }
 #pragma unroll
             for (int j = 0; j < NT; j += 2) {
                 // matrices: (a of tile j, b 0-7), (tile j, b 8-15), (tile j+1, b 0-7), (tile j+1, b 8-15)
@@ -439,7 +484,16 @@ __device__ __forceinline__ void out_kernel(const T* __restrict__ q, T* __restric
         T* ow = qt + 16 * MT * warp * LD;
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
-            const float inv0 = 1.f / s_den[16 * (MT * warp + m) + g], inv1 = 1.f / s_den[16 * (MT * warp + m) + g + 8];
+            float inv0, inv1;
+            if (DEN_MMA) {
+                // column 0 of the z tile sits in lanes with lane % 4 == 0
+                const float zr = SCALE_ROWS ? s_rinv[D] : 1.f;
+                inv0 = 1.f / (__shfl_sync(0xffffffffu, acc_den[m][0], lane & ~3) * zr + eps);
+                inv1 = 1.f / (__shfl_sync(0xffffffffu, acc_den[m][2], lane & ~3) * zr + eps);
+            } else {
+                inv0 = 1.f / s_den[16 * (MT * warp + m) + g];
+                inv1 = 1.f / s_den[16 * (MT * warp + m) + g + 8];
+            }
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
                 float c0 = 1.f, c1 = 1.f;
@@ -507,6 +561,19 @@ LINEAR_ALL(f16, __half, 128)
 LINEAR_OUT(linear_out_split_v1_bf16_d64, __nv_bfloat16, 64, false, true, OutV1)
 LINEAR_OUT(linear_out_split_v1_bf16_d112, __nv_bfloat16, 112, false, true, OutV1)
 LINEAR_OUT(linear_out_split_v1_bf16_d128, __nv_bfloat16, 128, false, true, OutV1)
+
+// v3: the denominator on the tensor cores (plain form only), bf16 and f16.
+#define LINEAR_V3(TNAME, T, D)                                               \
+    LINEAR_OUT(linear_out_v3_##TNAME##_d##D, T, D, false, false, OutV3)      \
+    LINEAR_OUT(linear_out_split_v3_##TNAME##_d##D, T, D, false, true, OutV3)
+LINEAR_V3(bf16, __nv_bfloat16, 32)
+LINEAR_V3(bf16, __nv_bfloat16, 64)
+LINEAR_V3(bf16, __nv_bfloat16, 112)
+LINEAR_V3(bf16, __nv_bfloat16, 128)
+LINEAR_V3(f16, __half, 32)
+LINEAR_V3(f16, __half, 64)
+LINEAR_V3(f16, __half, 112)
+LINEAR_V3(f16, __half, 128)
 
 // Fills n 16-bit words with `value` (0xFFFF is a NaN in bf16 and f16): tests poison outputs with it.
 extern "C" __global__ void linear_fill_u16(uint16_t* p, unsigned long long n, uint16_t value) {

@@ -36,6 +36,9 @@ pub enum OutConfig {
     V1,
     /// 8 warps × 32 tokens, 2 stages: the default.
     V2,
+    /// V2 with the denominator on the tensor cores (z as an extra row of S, ReLU on the
+    /// fragments, no transform pass over Q). Plain form only: RoPE calls use V2.
+    V3,
 }
 
 impl OutConfig {
@@ -43,7 +46,7 @@ impl OutConfig {
     fn shape(self) -> (usize, usize, usize) {
         match self {
             OutConfig::V1 => (4, 64, 3),
-            OutConfig::V2 => (8, 256, 2),
+            OutConfig::V2 | OutConfig::V3 => (8, 256, 2),
         }
     }
 }
@@ -278,15 +281,22 @@ fn run_typed<T: CudaDType + DeviceRepr>(
 
     let rope_tag = if tables.is_some() { "_rope" } else { "" };
     let split_tag = if opts.split_state { "_split" } else { "" };
-    let version_tag = if opts.out_config == OutConfig::V1 { "_v1" } else { "" };
+    let v3 = opts.out_config == OutConfig::V3 && tables.is_none();
+    let version_tag = match opts.out_config {
+        OutConfig::V1 => "_v1",
+        OutConfig::V3 if v3 => "_v3",
+        _ => "",
+    };
     let state_fn = kernels::load(dev, MODULE, &format!("linear_state{rope_tag}_{tname}_d{d}"))?;
     let out_fn = kernels::load(dev, MODULE, &format!("linear_out{rope_tag}{split_tag}{version_tag}_{tname}_d{d}"))?;
     let state_threads = 2 * d;
     let state_smem = 2 * STATE_STAGES * STATE_TOK * (d + 8) * elem;
     let (out_warps, out_tok, out_stages) = opts.out_config.shape();
     let out_threads = 32 * out_warps;
-    // Q stages, S hi (+ lo), then fp32 z, 1/c per row and the denominators.
-    let out_smem = (out_stages * out_tok * (d + 8) + (1 + opts.split_state as usize) * d * (d + 8)) * elem + (2 * d + out_tok) * 4;
+    // Q stages, S hi (+ lo) with z as an extra row block in v3, then fp32 z, 1/c per row and the
+    // denominators (`RS` rows in linear_attn.cu).
+    let rows = if v3 { d + 8 } else { d };
+    let out_smem = (out_stages * out_tok * (d + 8) + (1 + opts.split_state as usize) * rows * (d + 8)) * elem + (2 * rows + out_tok) * 4;
     state_fn.set_max_dynamic_smem(state_smem)?;
     out_fn.set_max_dynamic_smem(out_smem)?;
     let sms = sm_count(dev)? as usize;
