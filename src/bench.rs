@@ -227,3 +227,41 @@ mod gpu {
         Ok(Rope { cos: angles.cos()?, sin: angles.sin()? })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse() {
+        assert!(matches!(parse_device("cpu"), Ok(Target::Cpu)));
+        assert!(matches!(parse_device("cuda"), Ok(Target::Cuda(0))));
+        assert!(matches!(parse_device("cuda:3"), Ok(Target::Cuda(3))));
+        for bad in ["gpu", "cuda:", "cuda:x", ""] {
+            assert!(matches!(parse_device(bad), Err(Error::Usage(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn bad_options_are_usage_errors() {
+        let opts = |case: Option<&str>, iters| BenchOptions { device: "cpu".into(), case: case.map(String::from), iters };
+        assert!(matches!(run(&opts(Some("nope"), 1)), Err(Error::Usage(_))));
+        assert!(matches!(run(&opts(None, 0)), Err(Error::Usage(_))));
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_says_how_to_rebuild() {
+        let opts = BenchOptions { device: "cuda".into(), case: None, iters: 1 };
+        match run(&opts) {
+            Err(Error::Usage(msg)) => assert!(msg.contains("--features cuda"), "{msg}"),
+            other => panic!("expected a usage error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cpu_matmul_case_runs() {
+        let opts = BenchOptions { device: "cpu".into(), case: Some("matmul".into()), iters: 1 };
+        run(&opts).unwrap();
+    }
+}
