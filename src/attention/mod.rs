@@ -7,6 +7,8 @@
 //! Tensor layout everywhere: `(batch, heads, tokens, head_dim)`. Tokens of a grid (an image or a
 //! video) are flattened row-major: for a grid `[T, H, W]`, token `n = (t * H + h) * W + w`.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dense;
 pub mod linear;
 pub mod masked;
