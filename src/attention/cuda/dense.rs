@@ -1,0 +1,315 @@
+//! Launcher for the dense flash-attention forward kernel (kernels/attention/dense/dense_fwd.cu).
+//!
+//! `O = softmax(Q Kᵀ · scale + mask) V` over the keys of `(k, v)` followed by the optional extra keys
+//! `(k2, v2)` (joint image+text attention, no concatenation), with the per-row log-sum-exp
+//! `lse = ln Σ exp(q·k · scale)` (f32, natural log) as a second output. The key-padding mask
+//! `(B, Nk)` covers `k` only (nonzero = attend). A query row whose keys are all masked gets
+//! `O = 0` and `lse = -inf`, so [`crate::attention::merge_partials`] ignores it.
+//!
+//! bf16 and f16 inputs, head dims 64, 72, 96, 112, 128; f32 accumulation inside.
+
+use candle_core::cuda_backend::cudarc::driver::result::memset_d8_async;
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Storage, Tensor};
+use half::{bf16, f16};
+
+use crate::error::{Error, Result};
+
+const MODULE: &str = "attention/dense/dense_fwd";
+/// Query rows per CTA and threads per CTA (`dense::Tile` in dense_fwd.cuh).
+const BLOCK_M: usize = 128;
+const THREADS: u32 = 128;
+
+/// Head dims with a compiled kernel.
+pub const HEAD_DIMS: [usize; 5] = [64, 72, 96, 112, 128];
+
+/// Whether the kernel serves this dtype and head dim.
+pub fn supports(dtype: DType, head_dim: usize) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && HEAD_DIMS.contains(&head_dim)
+}
+
+/// Mirror of `DenseFwdArgs` in dense_fwd.cuh (passed by value as the kernel's one parameter).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct DenseFwdArgs {
+    q: u64,
+    k: u64,
+    v: u64,
+    k2: u64,
+    v2: u64,
+    key_mask: u64,
+    o: u64,
+    lse: u64,
+    q_stride: [i64; 3],
+    k_stride: [i64; 3],
+    v_stride: [i64; 3],
+    k2_stride: [i64; 3],
+    v2_stride: [i64; 3],
+    o_stride: [i64; 3],
+    lse_stride: [i64; 2],
+    mask_stride: i64,
+    nq: i32,
+    nk: i32,
+    n_extra: i32,
+    scale_log2: f32,
+}
+
+// SAFETY: plain old data with the C layout of the kernel's parameter struct.
+unsafe impl DeviceRepr for DenseFwdArgs {}
+
+/// Dynamic shared memory of one CTA, as `dense::Tile<D>::kSmemElems * sizeof(T)` computes it:
+/// Q (128 rows) + double-buffered K and V (64 keys for D <= 72, else 32), rows of
+/// `round_up(D, 16) + 8` 16-bit elements.
+fn smem_bytes(head_dim: usize) -> usize {
+    let ld = head_dim.div_ceil(16) * 16 + 8;
+    let block_n = if head_dim <= 72 { 64 } else { 32 };
+    (BLOCK_M * ld + 4 * block_n * ld) * 2
+}
+
+fn err(msg: impl Into<String>) -> Error {
+    Error::Other(format!("dense attention (cuda): {}", msg.into()))
+}
+
+/// A view the kernel can read: last dim contiguous, other strides and the offset multiples of
+/// 8 elements (16-byte cp.async). Anything else is copied to a contiguous tensor.
+fn kernel_view(t: &Tensor) -> Result<Tensor> {
+    let stride = t.stride();
+    let aligned = stride[3] == 1 && stride[..3].iter().all(|s| s % 8 == 0) && t.layout().start_offset() % 8 == 0;
+    Ok(if aligned { t.clone() } else { t.contiguous()? })
+}
+
+fn strides3(t: &Tensor) -> [i64; 3] {
+    let s = t.stride();
+    [s[0] as i64, s[1] as i64, s[2] as i64]
+}
+
+/// Device address of the tensor's first element.
+fn dev_ptr<T: CudaDType + DeviceRepr>(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        return Err(err("tensor is not on a CUDA device"));
+    };
+    let stream = dev.cuda_stream();
+    let slice = cs.as_cuda_slice::<T>()?;
+    // One stream per candle device: the sync guard has nothing to order, drop it here.
+    let (ptr, _sync) = slice.device_ptr(&stream);
+    Ok(ptr + (layout.start_offset() * std::mem::size_of::<T>()) as u64)
+}
+
+/// Dense attention forward on the GPU. `q (B, H, Nq, D)`, `k, v (B, H, Nk, D)`, `key_mask (B, Nk)`
+/// (any dtype, nonzero = attend), `extra_kv` `(B, H, Ne, D)` each. Returns `O (B, H, Nq, D)` in
+/// the dtype of `q` and `lse (B, H, Nq)` f32.
+pub fn forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_mask: Option<&Tensor>,
+    extra_kv: Option<(&Tensor, &Tensor)>,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    forward_impl(q, k, v, key_mask, extra_kv, scale, false)
+}
+
+/// [`forward`] with both outputs filled with NaN bytes (0xFF) before the launch, so that a test
+/// sees any element the kernel fails to write.
+#[doc(hidden)]
+pub fn forward_poisoned(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_mask: Option<&Tensor>,
+    extra_kv: Option<(&Tensor, &Tensor)>,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    forward_impl(q, k, v, key_mask, extra_kv, scale, true)
+}
+
+fn forward_impl(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_mask: Option<&Tensor>,
+    extra_kv: Option<(&Tensor, &Tensor)>,
+    scale: f64,
+    poison: bool,
+) -> Result<(Tensor, Tensor)> {
+    let (b, h, nq, nk, d) = super::super::check_qkv(q, k, v)?;
+    let dtype = q.dtype();
+    if !supports(dtype, d) {
+        return Err(err(format!("dtype {dtype:?} / head_dim {d} not compiled (bf16/f16, head_dim in {HEAD_DIMS:?})")));
+    }
+    if k.dtype() != dtype || v.dtype() != dtype {
+        return Err(err("q, k, v must share a dtype"));
+    }
+    let dev = match q.device() {
+        candle_core::Device::Cuda(dev) => dev.clone(),
+        _ => return Err(err("q is not on a CUDA device")),
+    };
+    let n_extra = match extra_kv {
+        Some((k2, v2)) => {
+            let (_, _, ne, _, _) = super::super::check_qkv(q, k2, v2)?;
+            if k2.dtype() != dtype || v2.dtype() != dtype {
+                return Err(err("extra k, v must have the dtype of q"));
+            }
+            ne
+        }
+        None => 0,
+    };
+    if [nq, nk, n_extra].iter().any(|&n| n > i32::MAX as usize) {
+        return Err(err("sequence longer than 2^31"));
+    }
+    let mask = match key_mask {
+        Some(m) => {
+            if m.dims() != [b, nk] {
+                return Err(err(format!("key_mask must be (B, Nk) = ({b}, {nk}), got {:?}", m.dims())));
+            }
+            Some(m.ne(0.0)?.contiguous()?)
+        }
+        None => None,
+    };
+
+    if b * h * nq == 0 {
+        let o = Tensor::zeros((b, h, nq, d), dtype, q.device())?;
+        let lse = Tensor::zeros((b, h, nq), DType::F32, q.device())?;
+        return Ok((o, lse));
+    }
+
+    let (q, k, v) = (kernel_view(q)?, kernel_view(k)?, kernel_view(v)?);
+    let extra = match extra_kv {
+        Some((k2, v2)) => Some((kernel_view(k2)?, kernel_view(v2)?)),
+        None => None,
+    };
+
+    let out_elems = b * h * nq * d;
+    let rows = b * h * nq;
+    let lse_slice = unsafe { dev.alloc::<f32>(rows)? };
+    let mut args = DenseFwdArgs {
+        q_stride: strides3(&q),
+        k_stride: strides3(&k),
+        v_stride: strides3(&v),
+        o_stride: [(h * nq * d) as i64, (nq * d) as i64, d as i64],
+        lse_stride: [(h * nq) as i64, nq as i64],
+        nq: nq as i32,
+        nk: nk as i32,
+        n_extra: n_extra as i32,
+        scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
+        ..Default::default()
+    };
+    if let Some((k2, v2)) = &extra {
+        args.k2_stride = strides3(k2);
+        args.v2_stride = strides3(v2);
+    }
+    if let Some(m) = &mask {
+        args.key_mask = dev_ptr::<u8>(m, &dev)?;
+        args.mask_stride = nk as i64;
+    }
+    args.lse = {
+        let (ptr, _sync) = lse_slice.device_ptr(&dev.cuda_stream());
+        ptr
+    };
+
+    let (o_storage, name) = match dtype {
+        DType::BF16 => {
+            let o = unsafe { dev.alloc::<bf16>(out_elems)? };
+            fill_ptrs::<bf16>(&mut args, &q, &k, &v, extra.as_ref(), &dev)?;
+            args.o = o.device_ptr(&dev.cuda_stream()).0;
+            (CudaStorage::wrap_cuda_slice(o, dev.clone()), format!("dense_fwd_bf16_d{d}"))
+        }
+        DType::F16 => {
+            let o = unsafe { dev.alloc::<f16>(out_elems)? };
+            fill_ptrs::<f16>(&mut args, &q, &k, &v, extra.as_ref(), &dev)?;
+            args.o = o.device_ptr(&dev.cuda_stream()).0;
+            (CudaStorage::wrap_cuda_slice(o, dev.clone()), format!("dense_fwd_f16_d{d}"))
+        }
+        _ => unreachable!("checked by supports()"),
+    };
+
+    if poison {
+        let stream = dev.cuda_stream();
+        for (ptr, bytes) in [(args.o, out_elems * 2), (args.lse, rows * 4)] {
+            // SAFETY: both are fresh allocations of exactly these sizes.
+            unsafe { memset_d8_async(ptr, 0xFF, bytes, stream.cu_stream()) }
+                .map_err(|e| err(format!("poison memset failed: {e:?}")))?;
+        }
+    }
+
+    {
+        let kernel = crate::kernels::load(&dev, MODULE, &name)?;
+        let smem = smem_bytes(d);
+        kernel.set_max_dynamic_smem(smem)?;
+        let cfg = LaunchConfig {
+            grid_dim: (nq.div_ceil(BLOCK_M) as u32, h as u32, b as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let mut launch = kernel.builder();
+        launch.arg(&args);
+        // SAFETY: every pointer in `args` addresses a live allocation of the size the strides imply
+        // (checked shapes), and the outputs are fresh allocations of B·H·Nq·D and B·H·Nq elements.
+        unsafe { launch.launch(cfg) }.map_err(|e| err(format!("launch failed: {e:?}")))?;
+    }
+
+    let o = Tensor::from_storage(Storage::Cuda(o_storage), (b, h, nq, d), BackpropOp::none(), false);
+    let lse = Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(lse_slice, dev.clone())),
+        (b, h, nq),
+        BackpropOp::none(),
+        false,
+    );
+    Ok((o, lse))
+}
+
+fn fill_ptrs<T: CudaDType + DeviceRepr>(
+    args: &mut DenseFwdArgs,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    extra: Option<&(Tensor, Tensor)>,
+    dev: &CudaDevice,
+) -> Result<()> {
+    args.q = dev_ptr::<T>(q, dev)?;
+    args.k = dev_ptr::<T>(k, dev)?;
+    args.v = dev_ptr::<T>(v, dev)?;
+    if let Some((k2, v2)) = extra {
+        args.k2 = dev_ptr::<T>(k2, dev)?;
+        args.v2 = dev_ptr::<T>(v2, dev)?;
+    }
+    Ok(())
+}
+
+/// One benchmark line: the median over `reps` samples of the time per call, each sample timing
+/// `CALLS_PER_SAMPLE` back-to-back calls between two CUDA events (host overhead overlaps the
+/// GPU), after `warmup` calls; random bf16 inputs (B, H, N, D), self-attention without mask.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchResult {
+    pub ms: f64,
+    pub tflops: f64,
+}
+
+pub fn bench(dev: &CudaDevice, b: usize, h: usize, n: usize, d: usize, warmup: usize, reps: usize) -> Result<BenchResult> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+    let device = candle_core::Device::Cuda(dev.clone());
+    let make = || -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, (b, h, n, d), &device)?.to_dtype(DType::BF16)?) };
+    let (q, k, v) = (make()?, make()?, make()?);
+    let scale = 1.0 / (d as f64).sqrt();
+    for _ in 0..warmup {
+        forward(&q, &k, &v, None, None, scale)?;
+    }
+    let stream = dev.cuda_stream();
+    const CALLS_PER_SAMPLE: usize = 4;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let e0 = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| err(format!("{e:?}")))?;
+        for _ in 0..CALLS_PER_SAMPLE {
+            forward(&q, &k, &v, None, None, scale)?;
+        }
+        let e1 = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| err(format!("{e:?}")))?;
+        times.push(e0.elapsed_ms(&e1).map_err(|e| err(format!("{e:?}")))? as f64 / CALLS_PER_SAMPLE as f64);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let ms = times[times.len() / 2];
+    let tflops = 4.0 * (b * h) as f64 * (n as f64) * (n as f64) * d as f64 / (ms * 1e-3) / 1e12;
+    Ok(BenchResult { ms, tflops })
+}
