@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "dense_fwd.cuh"
+#include "dense_fwd_wgmma.cuh"
 
 #define CK(x)                                                                                   \
     do {                                                                                        \
@@ -28,6 +29,13 @@ template <int D, typename T>
 __global__ void __launch_bounds__(128, 2) fwd_kernel(const __grid_constant__ DenseFwdArgs a) {
     dense::dense_fwd<D, T>(a);
 }
+
+template <int D, typename T>
+__global__ void __launch_bounds__(256, 1) fwd_wgmma_kernel(const __grid_constant__ DenseFwdArgs a) {
+    dense_wgmma::dense_fwd<D, T>(a);
+}
+
+static bool g_wgmma = false;  // which kernel launch_d runs (D = 64, 128 only)
 
 template <typename T> __device__ float to_f(T x);
 template <> __device__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -133,8 +141,20 @@ static void launch(const DenseFwdArgs& a, int B, int H, cudaStream_t st = 0) {
     CK(cudaGetLastError());
 }
 
+template <int D, typename T>
+static void launch_wgmma(const DenseFwdArgs& a, int B, int H) {
+    constexpr int smem = dense_wgmma::smem_bytes<D, T>();
+    static bool init = false;
+    if (!init) { CK(cudaFuncSetAttribute(fwd_wgmma_kernel<D, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)); init = true; }
+    dim3 grid((a.nq + 127) / 128, H, B);
+    fwd_wgmma_kernel<D, T><<<grid, 256, smem>>>(a);
+    CK(cudaGetLastError());
+}
+
 template <typename T>
 static void launch_d(int D, const DenseFwdArgs& a, int B, int H) {
+    if (g_wgmma && D == 64) { launch_wgmma<64, T>(a, B, H); return; }
+    if (g_wgmma && D == 128) { launch_wgmma<128, T>(a, B, H); return; }
     switch (D) {
         case 64: launch<64, T>(a, B, H); break;
         case 72: launch<72, T>(a, B, H); break;
@@ -217,8 +237,8 @@ static bool check(const Shape& s, const char* tname) {
     }
     const double rel_ours = sqrt(e_ours / nref), rel_low = sqrt(e_low / nref);
     const bool ok = nan == 0 && rel_ours <= 2 * rel_low + 1e-6 && max_ours <= 2 * max_low + 1e-6 && lse_err < 1e-3;
-    printf("%-4s B%d H%d Nq%-5d Nk%-5d Ne%-4d D%-3d mask%d | rel %.2e (naive %.2e) max %.2e (naive %.2e) lse %.1e nan %zu %s\n",
-           tname, s.B, s.H, s.Nq, s.Nk, s.Ne, s.D, (int)s.mask, rel_ours, rel_low, max_ours, max_low, lse_err, nan,
+    printf("%s %-4s B%d H%d Nq%-5d Nk%-5d Ne%-4d D%-3d mask%d | rel %.2e (naive %.2e) max %.2e (naive %.2e) lse %.1e nan %zu %s\n",
+           g_wgmma ? "wgmma" : "mma  ", tname, s.B, s.H, s.Nq, s.Nk, s.Ne, s.D, (int)s.mask, rel_ours, rel_low, max_ours, max_low, lse_err, nan,
            ok ? "ok" : "FAIL");
     for (auto p : bufs) if (p) CK(cudaFree(p));
     if (mask) CK(cudaFree(mask));
@@ -241,7 +261,7 @@ static double bench(const Shape& s) {
     std::sort(ts.begin(), ts.end());
     const double ms = ts[ts.size() / 2];
     const double tflops = 4.0 * s.B * s.H * (double)s.Nq * s.Nk * s.D / (ms * 1e-3) / 1e12;
-    printf("bench B%d H%d N%d D%d: %.3f ms  %.0f TFLOP/s\n", s.B, s.H, s.Nq, s.D, ms, tflops);
+    printf("bench %s B%d H%d N%d D%d: %.3f ms  %.0f TFLOP/s\n", g_wgmma ? "wgmma" : "mma", s.B, s.H, s.Nq, s.D, ms, tflops);
     for (auto p : bufs) if (p) CK(cudaFree(p));
     return ms;
 }
@@ -258,16 +278,24 @@ int main(int argc, char** argv) {
             {2, 2, 190, 100, 45, 128, true}, {1, 2, 300, 512, 33, 64, false}, {1, 1, 17, 5, 0, 128, false},
             {1, 2, 100, 0, 70, 96, false},  {2, 4, 1024, 1024, 0, 128, false}, {1, 2, 129, 31, 77, 72, true},
         };
-        for (const auto& s : shapes) {
-            fails += !check<__nv_bfloat16>(s, "bf16");
-            fails += !check<__half>(s, "f16");
+        for (int w = 0; w < 2; ++w) {
+            g_wgmma = w == 1;
+            for (const auto& s : shapes) {
+                if (g_wgmma && s.D != 64 && s.D != 128) continue;
+                fails += !check<__nv_bfloat16>(s, "bf16");
+                fails += !check<__half>(s, "f16");
+            }
         }
         printf("parity: %d failures\n", fails);
     }
     if (do_bench) {
         const Shape shapes[] = {{1, 24, 4608, 4608, 0, 128, false}, {1, 24, 16896, 16896, 0, 128, false},
                                 {1, 20, 32760, 32760, 0, 112, false}, {2, 16, 8192, 8192, 0, 64, false}};
-        for (const auto& s : shapes) bench(s);
+        for (int w = 0; w < 2; ++w) {
+            g_wgmma = w == 1;
+            for (const auto& s : shapes)
+                if (!g_wgmma || s.D == 64 || s.D == 128) bench(s);
+        }
     }
     return fails ? 1 : 0;
 }

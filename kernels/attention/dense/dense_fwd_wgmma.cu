@@ -1,0 +1,15 @@
+// Entry points of the Hopper (wgmma) dense attention forward: dense_fwd_wgmma_{bf16,f16}_d{64,128}.
+// Launch: grid (ceil(Nq/128), H, B), 256 threads (2 warpgroups), dynamic shared memory =
+// dense_wgmma::Tile<D>::kSmemBytes (over 48 KB: the launcher raises the limit). Same arguments as
+// dense_fwd.cu.
+#include "dense_fwd_wgmma.cuh"
+
+#define DENSE_WGMMA_ENTRY(NAME, T, D)                                                          \
+    extern "C" __global__ void __launch_bounds__(256, 1) NAME(const __grid_constant__ DenseFwdArgs args) { \
+        dense_wgmma::dense_fwd<D, T>(args);                                                    \
+    }
+
+DENSE_WGMMA_ENTRY(dense_fwd_wgmma_bf16_d64, __nv_bfloat16, 64)
+DENSE_WGMMA_ENTRY(dense_fwd_wgmma_bf16_d128, __nv_bfloat16, 128)
+DENSE_WGMMA_ENTRY(dense_fwd_wgmma_f16_d64, __half, 64)
+DENSE_WGMMA_ENTRY(dense_fwd_wgmma_f16_d128, __half, 128)
