@@ -7,9 +7,9 @@
 //   O += P V    wgmma m64nDk16, P from registers (the S accumulator layout is the A-register layout
 //               after a bf16/f16 pack), V from shared memory (MN-major: "transposed" B)
 //
-// CTA: 2 warpgroups x 64 query rows = 128 rows, keys in tiles of 128, K/V double-buffered with
-// cp.async. Shared tiles are stored in the canonical 128B-swizzle layout that wgmma descriptors
-// address: rows of 64 elements (128 B), 16-byte chunk c of row r at chunk (c ^ r % 8), atoms of
+// CTA: 2 warpgroups x 64 query rows = 128 rows, keys in tiles of 128, K/V in 3 cp.async stages so
+// that the softmax of tile j+1 runs while the tensor cores do P_j V_j. Shared tiles are stored in
+// the canonical 128B-swizzle layout that wgmma descriptors address: rows of 64 elements (128 B), 16-byte chunk c of row r at chunk (c ^ r % 8), atoms of
 // 8 rows = 1024 B, one "column block" per 64 elements of D.
 #pragma once
 
@@ -32,10 +32,11 @@ struct Tile {
     static constexpr int kBlockN = 128;
     static constexpr int kThreads = 256;
     static constexpr int kColBlocks = D / 64;  // 128-byte swizzle atoms across a row
+    static constexpr int kStages = 3;  // K/V tiles resident: j (P V), j+1 (Q Kᵀ), j+2 (landing)
     static constexpr int kQBytes = kBlockM * D * 2;
     static constexpr int kKVBytes = kBlockN * D * 2;
-    // Q, K[2], V[2], plus 1 KB to align the base to the 1024-byte swizzle atom.
-    static constexpr int kSmemBytes = kQBytes + 4 * kKVBytes + 1024;
+    // Q, K[3], V[3], plus 1 KB to align the base to the 1024-byte swizzle atom (225 KB for D=128).
+    static constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + 1024;
 };
 
 template <int D, typename T>
@@ -50,6 +51,7 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lead_bytes
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
 // cp.async writes through the generic proxy; wgmma reads through the async proxy.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
@@ -85,11 +87,12 @@ template <int D, typename T>
 __device__ __forceinline__ void dense_fwd(const DenseFwdArgs& a) {
     using L = Tile<D>;
     constexpr int BN = L::kBlockN;
+    constexpr int kStages = L::kStages;
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
     uint8_t* sQ = smem;
-    uint8_t* sK = sQ + L::kQBytes;        // buffer b at sK + b * kKVBytes
-    uint8_t* sV = sK + 2 * L::kKVBytes;
+    uint8_t* sK = sQ + L::kQBytes;  // stage s at sK + s * kKVBytes
+    uint8_t* sV = sK + kStages * L::kKVBytes;
 
     const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
     const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -99,6 +102,7 @@ __device__ __forceinline__ void dense_fwd(const DenseFwdArgs& a) {
     const int tiles_extra = (a.n_extra + BN - 1) / BN;
     const int n_tiles = tiles_main + tiles_extra;
 
+    // Where key tile j lives: the first sequence (maskable) or the extra one.
     auto tile_src = [&](int j, const T*& k, const T*& v, int64_t& ks, int64_t& vs, int& first, int& valid, bool& extra) {
         extra = j >= tiles_main;
         const int jj = extra ? j - tiles_main : j;
@@ -111,20 +115,32 @@ __device__ __forceinline__ void dense_fwd(const DenseFwdArgs& a) {
         ks = kst[2];
         vs = vst[2];
     };
-    auto load_kv = [&](int j, int buf) {
+    auto load_kv = [&](int j) {
         const T *k, *v;
         int64_t ks, vs;
         int first, valid;
         bool extra;
         tile_src(j, k, v, ks, vs, first, valid, extra);
-        load_tile<D, BN>(sK + buf * L::kKVBytes, k, ks, valid, tid);
-        load_tile<D, BN>(sV + buf * L::kKVBytes, v, vs, valid, tid);
+        const int stage = j % kStages;
+        load_tile<D, BN>(sK + stage * L::kKVBytes, k, ks, valid, tid);
+        load_tile<D, BN>(sV + stage * L::kKVBytes, v, vs, valid, tid);
     };
 
-    const T* q = static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] + (int64_t)q_row0 * a.q_stride[2];
-    load_tile<D, L::kBlockM>(sQ, q, a.q_stride[2], a.nq - q_row0, tid);
-    if (n_tiles > 0) load_kv(0, 0);
-    cp_async_commit();
+    const uint32_t q_addr = smem_addr(sQ) + wg * 64 * 128;  // this warpgroup's 64 rows
+    // S = Q K_jᵀ, issued asynchronously: D/16 k-steps; a k-step inside a 128-byte atom is a
+    // 32-byte start offset. The caller commits and waits.
+    auto issue_qk = [&](float (&s)[BN / 2], int j) {
+        const uint32_t k_addr = smem_addr(sK + (j % kStages) * L::kKVBytes);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const uint32_t col = kk / 4, off = (kk % 4) * 32;
+            const uint64_t dq = make_desc(q_addr + col * L::kBlockM * 128 + off, 16, 1024);
+            const uint64_t dk = make_desc(k_addr + col * BN * 128 + off, 16, 1024);
+            Wgmma<T, BN>::ss(s, dq, dk, kk > 0);
+        }
+        wgmma_commit();
+    };
 
     // Accumulator layout (per warpgroup, m64nN): thread (warp w, lane l) holds rows
     // 16w + l/4 (+8) and, per n8 chunk j, columns 8j + 2(l%4) + {0,1}: acc[4j + 2*half + c].
@@ -134,40 +150,16 @@ __device__ __forceinline__ void dense_fwd(const DenseFwdArgs& a) {
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
     const uint8_t* mask_row = a.key_mask ? a.key_mask + b * a.mask_stride : nullptr;
 
-    const uint32_t q_addr = smem_addr(sQ) + wg * 64 * 128;  // this warpgroup's 64 rows
-
-    for (int j = 0; j < n_tiles; ++j) {
-        const int buf = j & 1;
-        if (j + 1 < n_tiles) load_kv(j + 1, buf ^ 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-        fence_proxy_async();
-        __syncthreads();
-
-        const uint32_t k_addr = smem_addr(sK + buf * L::kKVBytes);
-        const uint32_t v_addr = smem_addr(sV + buf * L::kKVBytes);
-
-        // ---- S = Q Kᵀ: D/16 k-steps; a k-step inside a 128-byte atom is a 32-byte start offset ----
-        float s[BN / 2];
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const uint32_t col = (kk / 4) , off = (kk % 4) * 32;
-            const uint64_t dq = make_desc(q_addr + col * L::kBlockM * 128 + off, 16, 1024);
-            const uint64_t dk = make_desc(k_addr + col * BN * 128 + off, 16, 1024);
-            Wgmma<T, BN>::ss(s, dq, dk, kk > 0);
-        }
-        wgmma_commit();
-        wgmma_wait0();
-
-        // ---- scale to base 2, mask ragged / masked-out keys ----
+    // Softmax of S_j in place (S -> P, base-2 exponent with the scale folded in); returns the
+    // factor 2^(m_old - m_new) by which O must still be rescaled, per row half.
+    auto softmax = [&](float (&s)[BN / 2], int j, float (&alpha)[2]) {
         const T *kp, *vp;
         int64_t ks, vs;
         int first, valid;
         bool extra;
         tile_src(j, kp, vp, ks, vs, first, valid, extra);
         const bool use_mask = !extra && mask_row != nullptr;
-        if (use_mask || valid < BN) {
+        if (use_mask || valid < BN) {  // ragged last tile or key-padding mask: -inf scores
 #pragma unroll
             for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
@@ -178,10 +170,7 @@ __device__ __forceinline__ void dense_fwd(const DenseFwdArgs& a) {
                     if (!ok) s[4 * n + c] = s[4 * n + 2 + c] = -INFINITY;
                 }
         }
-#pragma unroll
-        for (int i = 0; i < BN / 2; ++i) s[i] *= a.scale_log2;
-
-        // ---- online softmax (see dense_fwd.cuh) ----
+        const float sl2 = a.scale_log2;
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             float mx = -INFINITY;
@@ -189,36 +178,60 @@ __device__ __forceinline__ void dense_fwd(const DenseFwdArgs& a) {
             for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(row_max[half], mx);
-            const float shift = m_new == -INFINITY ? 0.f : m_new;
-            const float alpha = fast_exp2(row_max[half] - shift);
+            const float m_new = fmaxf(row_max[half], mx * sl2);  // base-2 units
+            const float shift = m_new == -INFINITY ? 0.f : m_new;  // all masked so far: avoid inf - inf
+            alpha[half] = fast_exp2(row_max[half] - shift);
             row_max[half] = m_new;
             float sum = 0.f;
 #pragma unroll
             for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
                 for (int c = 0; c < 2; ++c) {
-                    const float p = fast_exp2(s[4 * n + 2 * half + c] - shift);
+                    const float p = fast_exp2(fmaf(s[4 * n + 2 * half + c], sl2, -shift));
                     s[4 * n + 2 * half + c] = p;
                     sum += p;
                 }
-            row_sum[half] = row_sum[half] * alpha + sum;
-#pragma unroll
-            for (int n = 0; n < D / 8; ++n) {
-                o[4 * n + 2 * half] *= alpha;
-                o[4 * n + 2 * half + 1] *= alpha;
-            }
+            row_sum[half] = row_sum[half] * alpha[half] + sum;
         }
+    };
+    // P as the A operand of O += P V: the accumulator layout of two adjacent n8 chunks is the
+    // register layout of one k16 step.
+    auto pack_p = [&](const float (&s)[BN / 2], uint32_t (&pa)[BN / 16][4]) {
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) pa[kk][r] = pack2<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+    };
+    auto rescale_o = [&](const float (&alpha)[2]) {
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) o[4 * n + i] *= alpha[i / 2];
+    };
 
-        // ---- O += P V: BN/16 k-steps of 16 keys; V k-step = 16 rows of 128 B ----
-        uint32_t pa[BN / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-            pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-            pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-            pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
-        }
+    // Prologue: Q with tile 0, then tile 1; S_0 and P_0 computed up front.
+    const T* q = static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] + (int64_t)q_row0 * a.q_stride[2];
+    load_tile<D, L::kBlockM>(sQ, q, a.q_stride[2], a.nq - q_row0, tid);
+    if (n_tiles > 0) load_kv(0);
+    cp_async_commit();
+    if (n_tiles > 1) load_kv(1);
+    cp_async_commit();
+    float s[BN / 2];
+    uint32_t pa[BN / 16][4];
+    if (n_tiles > 0) {
+        cp_async_wait<1>();
+        fence_proxy_async();
+        __syncthreads();
+        issue_qk(s, 0);
+        wgmma_wait0();
+        float alpha[2];
+        softmax(s, 0, alpha);  // O is still 0: nothing to rescale
+        pack_p(s, pa);
+    }
+
+    // O += P_j V_j: BN/16 k-steps of 16 keys; a V k-step is 16 rows of 128 B.
+    auto issue_pv = [&](int j) {
+        const uint32_t v_addr = smem_addr(sV + (j % kStages) * L::kKVBytes);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
@@ -227,8 +240,37 @@ __device__ __forceinline__ void dense_fwd(const DenseFwdArgs& a) {
             Wgmma<T, D>::rs_tb(o, pa[kk], dv);
         }
         wgmma_commit();
+    };
+    // Tile j+1 has landed (the only copy in flight) and every warpgroup is done with tile j-1,
+    // whose stage the prefetch of tile j+2 reuses.
+    auto next_stage = [&](int j) {
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();
+        if (j + 2 < n_tiles) load_kv(j + 2);
+        cp_async_commit();
+    };
+
+    // Tiles 0 .. n-2, software-pipelined (FlashAttention-3's intra-warpgroup overlap): issue
+    // S_{j+1} = Q K_{j+1}ᵀ and O += P_j V_j back to back, do the softmax of S_{j+1} while the
+    // second GEMM runs, rescale O once it has landed. The same instruction sequence every
+    // iteration, so that ptxas can follow the wgmma groups.
+    for (int j = 0; j + 1 < n_tiles; ++j) {
+        next_stage(j);
+        issue_qk(s, j + 1);
+        issue_pv(j);
+        wgmma_wait1();  // S_{j+1} is done; P_j V_j may still run
+        float alpha[2];
+        softmax(s, j + 1, alpha);
         wgmma_wait0();
-        __syncthreads();  // buffer `buf` is refilled by the next iteration's prefetch
+        rescale_o(alpha);
+        pack_p(s, pa);
+    }
+    // Last tile: only O += P V.
+    if (n_tiles > 0) {
+        next_stage(n_tiles - 1);
+        issue_pv(n_tiles - 1);
+        wgmma_wait0();
     }
 
     // ---- store O / l and lse ----
