@@ -6,7 +6,9 @@
 //! `(B, Nk)` covers `k` only (nonzero = attend). A query row whose keys are all masked gets
 //! `O = 0` and `lse = -inf`, so [`crate::attention::merge_partials`] ignores it.
 //!
-//! bf16 and f16 inputs, head dims 64, 72, 96, 112, 128; f32 accumulation inside.
+//! bf16 and f16 inputs, head dims 64, 72, 96, 112, 128; f32 accumulation inside. Head dims 64
+//! and 128 run the Hopper kernel (dense_fwd_wgmma.cu: wgmma, 3-stage pipeline), the others the
+//! mma.sync kernel (dense_fwd.cu).
 
 use candle_core::cuda_backend::cudarc::driver::result::memset_d8_async;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -17,10 +19,8 @@ use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 
-const MODULE: &str = "attention/dense/dense_fwd";
-/// Query rows per CTA and threads per CTA (`dense::Tile` in dense_fwd.cuh).
+/// Query rows per CTA, in both kernels.
 const BLOCK_M: usize = 128;
-const THREADS: u32 = 128;
 
 /// Head dims with a compiled kernel.
 pub const HEAD_DIMS: [usize; 5] = [64, 72, 96, 112, 128];
@@ -59,13 +59,32 @@ struct DenseFwdArgs {
 // SAFETY: plain old data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for DenseFwdArgs {}
 
-/// Dynamic shared memory of one CTA, as `dense::Tile<D>::kSmemElems * sizeof(T)` computes it:
-/// Q (128 rows) + double-buffered K and V (64 keys for D <= 72, else 32), rows of
-/// `round_up(D, 16) + 8` 16-bit elements.
-fn smem_bytes(head_dim: usize) -> usize {
-    let ld = head_dim.div_ceil(16) * 16 + 8;
-    let block_n = if head_dim <= 72 { 64 } else { 32 };
-    (BLOCK_M * ld + 4 * block_n * ld) * 2
+/// Which kernel serves a head dim, and how it is launched.
+struct Plan {
+    module: &'static str,
+    /// function name without the `_{bf16,f16}_d{D}` suffix
+    prefix: &'static str,
+    threads: u32,
+    smem: usize,
+}
+
+fn plan(head_dim: usize) -> Plan {
+    if head_dim == 64 || head_dim == 128 {
+        // dense_fwd_wgmma.cuh, `dense_wgmma::Tile<D>::kSmemBytes`: Q (128 rows) + 3 stages of K and
+        // V (128 keys), 2-byte elements, + 1 KB to align to the 1024-byte swizzle atom.
+        Plan {
+            module: "attention/dense/dense_fwd_wgmma",
+            prefix: "dense_fwd_wgmma",
+            threads: 256,
+            smem: (BLOCK_M * head_dim + 2 * 3 * 128 * head_dim) * 2 + 1024,
+        }
+    } else {
+        // dense_fwd.cuh, `dense::Tile<D>::kSmemElems * 2`: Q (128 rows) + double-buffered K and V
+        // (64 keys for D <= 72, else 32), rows of `round_up(D, 16) + 8` elements.
+        let ld = head_dim.div_ceil(16) * 16 + 8;
+        let block_n = if head_dim <= 72 { 64 } else { 32 };
+        Plan { module: "attention/dense/dense_fwd", prefix: "dense_fwd", threads: 128, smem: (BLOCK_M * ld + 4 * block_n * ld) * 2 }
+    }
 }
 
 fn err(msg: impl Into<String>) -> Error {
@@ -215,13 +234,13 @@ fn forward_impl(
             let o = unsafe { dev.alloc::<bf16>(out_elems)? };
             fill_ptrs::<bf16>(&mut args, &q, &k, &v, extra.as_ref(), &dev)?;
             args.o = o.device_ptr(&dev.cuda_stream()).0;
-            (CudaStorage::wrap_cuda_slice(o, dev.clone()), format!("dense_fwd_bf16_d{d}"))
+            (CudaStorage::wrap_cuda_slice(o, dev.clone()), format!("{}_bf16_d{d}", plan(d).prefix))
         }
         DType::F16 => {
             let o = unsafe { dev.alloc::<f16>(out_elems)? };
             fill_ptrs::<f16>(&mut args, &q, &k, &v, extra.as_ref(), &dev)?;
             args.o = o.device_ptr(&dev.cuda_stream()).0;
-            (CudaStorage::wrap_cuda_slice(o, dev.clone()), format!("dense_fwd_f16_d{d}"))
+            (CudaStorage::wrap_cuda_slice(o, dev.clone()), format!("{}_f16_d{d}", plan(d).prefix))
         }
         _ => unreachable!("checked by supports()"),
     };
@@ -236,13 +255,13 @@ fn forward_impl(
     }
 
     {
-        let kernel = crate::kernels::load(&dev, MODULE, &name)?;
-        let smem = smem_bytes(d);
-        kernel.set_max_dynamic_smem(smem)?;
+        let plan = plan(d);
+        let kernel = crate::kernels::load(&dev, plan.module, &name)?;
+        kernel.set_max_dynamic_smem(plan.smem)?;
         let cfg = LaunchConfig {
             grid_dim: (nq.div_ceil(BLOCK_M) as u32, h as u32, b as u32),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
+            block_dim: (plan.threads, 1, 1),
+            shared_mem_bytes: plan.smem as u32,
         };
         let mut launch = kernel.builder();
         launch.arg(&args);
