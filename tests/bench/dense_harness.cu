@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "dense_fwd.cuh"
@@ -31,8 +32,32 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const __grid_constant__ Den
 }
 
 template <int D, typename T>
-__global__ void __launch_bounds__(256, 1) fwd_wgmma_kernel(const __grid_constant__ DenseFwdArgs a) {
+__global__ void __launch_bounds__(384, 1) fwd_wgmma_kernel(const __grid_constant__ DenseTmaArgs a) {
     dense_wgmma::dense_fwd<D, T>(a);
+}
+
+// 4-D tensor map (D, N, H, B) over a (B, H, N, D) tensor with these element strides (row, head,
+// batch), box (64, 128, 1, 1), 128-byte swizzle, zero fill out of bounds.
+typedef CUresult (*EncodeTiled)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+static CUtensorMap make_map(const void* ptr, bool bf16, int D, int N, int H, int B, const int64_t (&st)[3]) {
+    static EncodeTiled encode = nullptr;
+    if (!encode) {
+        cudaDriverEntryPointQueryResult q;
+        CK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", (void**)&encode, 12000, cudaEnableDefault, &q));
+    }
+    CUtensorMap m;
+    memset(&m, 0, sizeof(m));
+    if (ptr == nullptr || N == 0) return m;  // unused (no extra tokens)
+    cuuint64_t dims[4] = {(cuuint64_t)D, (cuuint64_t)N, (cuuint64_t)H, (cuuint64_t)B};
+    cuuint64_t strides[3] = {(cuuint64_t)st[2] * 2, (cuuint64_t)st[1] * 2, (cuuint64_t)st[0] * 2};
+    cuuint32_t box[4] = {64, 128, 1, 1}, estr[4] = {1, 1, 1, 1};
+    CUresult r = encode(&m, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4, (void*)ptr, dims,
+                        strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) { printf("cuTensorMapEncodeTiled failed: %d\n", (int)r); exit(1); }
+    return m;
 }
 
 static bool g_wgmma = false;  // which kernel launch_d runs (D = 64, 128 only)
@@ -146,8 +171,16 @@ static void launch_wgmma(const DenseFwdArgs& a, int B, int H) {
     constexpr int smem = dense_wgmma::smem_bytes<D, T>();
     static bool init = false;
     if (!init) { CK(cudaFuncSetAttribute(fwd_wgmma_kernel<D, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)); init = true; }
+    constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+    DenseTmaArgs t;
+    t.q = make_map(a.q, bf16, D, a.nq, H, B, a.q_stride);
+    t.k = make_map(a.k, bf16, D, a.nk, H, B, a.k_stride);
+    t.v = make_map(a.v, bf16, D, a.nk, H, B, a.v_stride);
+    t.k2 = make_map(a.k2, bf16, D, a.n_extra, H, B, a.k2_stride);
+    t.v2 = make_map(a.v2, bf16, D, a.n_extra, H, B, a.v2_stride);
+    t.base = a;
     dim3 grid((a.nq + 127) / 128, H, B);
-    fwd_wgmma_kernel<D, T><<<grid, 256, smem>>>(a);
+    fwd_wgmma_kernel<D, T><<<grid, 384, smem>>>(t);
     CK(cudaGetLastError());
 }
 

@@ -1,11 +1,11 @@
 // Entry points of the Hopper (wgmma) dense attention forward: dense_fwd_wgmma_{bf16,f16}_d{64,128}.
-// Launch: grid (ceil(Nq/128), H, B), 256 threads (2 warpgroups), dynamic shared memory =
-// dense_wgmma::Tile<D>::kSmemBytes (over 48 KB: the launcher raises the limit). Same arguments as
-// dense_fwd.cu.
+// Launch: grid (ceil(Nq/128), H, B), 384 threads (producer + 2 consumer warpgroups), dynamic shared memory =
+// dense_wgmma::Tile<D>::kSmemBytes (over 48 KB: the launcher raises the limit). Arguments: DenseTmaArgs (tensor maps + the DenseFwdArgs of
+// dense_fwd.cu).
 #include "dense_fwd_wgmma.cuh"
 
 #define DENSE_WGMMA_ENTRY(NAME, T, D)                                                          \
-    extern "C" __global__ void __launch_bounds__(256, 1) NAME(const __grid_constant__ DenseFwdArgs args) { \
+    extern "C" __global__ void __launch_bounds__(384, 1) NAME(const __grid_constant__ DenseTmaArgs args) { \
         dense_wgmma::dense_fwd<D, T>(args);                                                    \
     }
 
