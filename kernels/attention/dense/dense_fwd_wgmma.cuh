@@ -1,10 +1,10 @@
 // Dense attention forward for Hopper (sm_90a): the same math as dense_fwd.cuh, with the two GEMMs
 // on warpgroup MMA (wgmma) and the K/V tiles brought in by the tensor memory accelerator (TMA).
-// Head dims 64 and 128 (one or two 128-byte swizzle atoms per row).
+// Head dims 64, 96, 112, 128 (rows padded to one or two 128-byte swizzle atoms).
 //
 //   S = Q Kᵀ    wgmma m64n128k16, Q and K both read from shared memory (K-major)
 //   P = online softmax of S, in registers (same recurrence as dense_fwd.cuh)
-//   O += P V    wgmma m64nDk16, P from registers (the S accumulator layout is the A-register layout
+//   O += P V    wgmma m64nDk16 (D rounded up to 64 or 128), P from registers (the S accumulator layout is the A-register layout
 //               after a bf16/f16 pack), V from shared memory (MN-major: "transposed" B)
 //
 // CTA (FlashAttention-3's structure): warpgroup 0 is the producer, one thread of it issues TMA copies
@@ -38,15 +38,18 @@ using dense::smem_addr;
 
 template <int D>
 struct Tile {
-    static_assert(D == 64 || D == 128, "wgmma path: head_dim 64 or 128");
+    static_assert(D % 16 == 0 && D >= 64 && D <= 128, "wgmma path: head_dim 64, 80, 96, 112 or 128");
     static constexpr int kD = D;
+    // Rows are padded to whole 128-byte atoms: columns D..kDPad-1 are zero (the TMA unit fills
+    // what lies past the tensor's last column), so Q Kᵀ stops at D while P V runs over kDPad.
+    static constexpr int kDPad = D <= 64 ? 64 : 128;
     static constexpr int kBlockM = 128;  // 2 consumer warpgroups x 64 rows
     static constexpr int kBlockN = 128;
     static constexpr int kThreads = 384;  // producer + 2 consumers
-    static constexpr int kColBlocks = D / 64;  // 128-byte swizzle atoms across a row
+    static constexpr int kColBlocks = kDPad / 64;  // 128-byte swizzle atoms across a row
     static constexpr int kStages = 3;
-    static constexpr int kQBytes = kBlockM * D * 2;
-    static constexpr int kKVBytes = kBlockN * D * 2;
+    static constexpr int kQBytes = kBlockM * kDPad * 2;
+    static constexpr int kKVBytes = kBlockN * kDPad * 2;
     static constexpr int kBarrierBytes = 64;  // q_full, k_full[3], v_full[3], empty[3]: 10 x 8 B
     // Q, K[3], V[3], barriers, plus 1 KB to align the base to the 1024-byte swizzle atom.
     static constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + 128 + 1024;
@@ -113,6 +116,7 @@ __device__ __forceinline__ void consume(const DenseFwdArgs& a, const uint8_t* sQ
                                         int warp, int lane, int q_row0, int b, int h, int tiles_main, int n_tiles) {
     using L = Tile<D>;
     constexpr int BN = L::kBlockN;
+    constexpr int DP = L::kDPad;
     constexpr int kStages = L::kStages;
     const uint32_t q_addr = smem_addr(sQ) + cw * 64 * 128;  // this warpgroup's 64 rows
 
@@ -133,9 +137,9 @@ __device__ __forceinline__ void consume(const DenseFwdArgs& a, const uint8_t* sQ
 
     // Accumulator layout (per warpgroup, m64nN): thread (warp w, lane l) holds rows
     // 16w + l/4 (+8) and, per n8 chunk j, columns 8j + 2(l%4) + {0,1}: acc[4j + 2*half + c].
-    float o[D / 2];
+    float o[DP / 2];
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    for (int i = 0; i < DP / 2; ++i) o[i] = 0.f;
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
     const uint8_t* mask_row = a.key_mask ? a.key_mask + b * a.mask_stride : nullptr;
 
@@ -192,7 +196,7 @@ __device__ __forceinline__ void consume(const DenseFwdArgs& a, const uint8_t* sQ
     };
     auto rescale_o = [&](const float (&alpha)[2]) {
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n)
+        for (int n = 0; n < DP / 8; ++n)
 #pragma unroll
             for (int i = 0; i < 4; ++i) o[4 * n + i] *= alpha[i / 2];
     };
@@ -205,7 +209,7 @@ __device__ __forceinline__ void consume(const DenseFwdArgs& a, const uint8_t* sQ
         for (int kk = 0; kk < BN / 16; ++kk) {
             // MN-major B: leading offset = distance between 64-column blocks of V, stride = 8 rows.
             const uint64_t dv = make_desc(v_addr + kk * 16 * 128, BN * 128, 1024);
-            Wgmma<T, D>::rs_tb(o, pa[kk], dv);
+            Wgmma<T, DP>::rs_tb(o, pa[kk], dv);
         }
         wgmma_commit();
     };

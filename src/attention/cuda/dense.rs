@@ -6,9 +6,9 @@
 //! `(B, Nk)` covers `k` only (nonzero = attend). A query row whose keys are all masked gets
 //! `O = 0` and `lse = -inf`, so [`crate::attention::merge_partials`] ignores it.
 //!
-//! bf16 and f16 inputs, head dims 64, 72, 96, 112, 128; f32 accumulation inside. Head dims 64
-//! and 128 run the Hopper kernel (dense_fwd_wgmma.cu: wgmma, 3-stage pipeline), the others the
-//! mma.sync kernel (dense_fwd.cu).
+//! bf16 and f16 inputs, head dims 64, 72, 96, 112, 128; f32 accumulation inside. Head dims 64, 96,
+//! 112 and 128 run the Hopper kernel (dense_fwd_wgmma.cu: TMA producer, wgmma consumers, 3-stage
+//! mbarrier ring); 72 runs the mma.sync kernel (dense_fwd.cu).
 
 use candle_core::cuda_backend::cudarc::driver::result::memset_d8_async;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -59,6 +59,61 @@ struct DenseFwdArgs {
 // SAFETY: plain old data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for DenseFwdArgs {}
 
+/// Mirror of `DenseTmaArgs` in dense_fwd_wgmma.cuh: five TMA tensor maps (q, k, v, k2, v2; a
+/// CUtensorMap is 128 opaque bytes, 128-byte aligned with CUDA 13 headers) then the plain arguments.
+#[repr(C, align(128))]
+#[derive(Debug, Clone, Copy)]
+struct DenseTmaArgs {
+    maps: [[u64; 16]; 5],
+    base: DenseFwdArgs,
+}
+
+// SAFETY: plain old data with the C layout of the kernel's parameter struct.
+unsafe impl DeviceRepr for DenseTmaArgs {}
+
+/// TMA descriptor of a (B, H, N, D) tensor at `ptr` with element strides (batch, head, row):
+/// 4-D (D, N, H, B), box (64 columns, 128 rows), 128-byte swizzle; reads past the last row or
+/// column return zeros. An empty sequence gets an all-zero map, which the kernel never reads.
+fn tensor_map(ptr: u64, dtype: DType, dims: (usize, usize, usize, usize), strides: [i64; 3]) -> Result<[u64; 16]> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let (b, h, n, d) = dims;
+    if n == 0 || b * h == 0 {
+        return Ok([0; 16]);
+    }
+    let data_type = match dtype {
+        DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+    };
+    let global_dim = [d as u64, n as u64, h as u64, b as u64];
+    let global_strides = [strides[2] as u64 * 2, strides[1] as u64 * 2, strides[0] as u64 * 2];
+    let box_dim = [64u32, 128, 1, 1];
+    let element_strides = [1u32; 4];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: every array has the rank (4, strides 3) the call is told; `ptr` is a live device
+    // allocation covering the tensor these dims and strides describe.
+    let status = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            data_type,
+            4,
+            ptr as *mut std::ffi::c_void,
+            global_dim.as_ptr(),
+            global_strides.as_ptr(),
+            box_dim.as_ptr(),
+            element_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if status != sys::CUresult::CUDA_SUCCESS {
+        return Err(err(format!("cuTensorMapEncodeTiled {dims:?} strides {strides:?}: {status:?}")));
+    }
+    // SAFETY: written by the successful call above.
+    Ok(unsafe { map.assume_init() }.opaque)
+}
+
 /// Which kernel serves a head dim, and how it is launched.
 struct Plan {
     module: &'static str,
@@ -69,14 +124,16 @@ struct Plan {
 }
 
 fn plan(head_dim: usize) -> Plan {
-    if head_dim == 64 || head_dim == 128 {
+    if head_dim != 72 {
         // dense_fwd_wgmma.cuh, `dense_wgmma::Tile<D>::kSmemBytes`: Q (128 rows) + 3 stages of K and
-        // V (128 keys), 2-byte elements, + 1 KB to align to the 1024-byte swizzle atom.
+        // V (128 keys), rows padded to 64 or 128 2-byte elements, 128 B of mbarriers, + 1 KB to
+        // align to the 1024-byte swizzle atom.
+        let pad = if head_dim <= 64 { 64 } else { 128 };
         Plan {
             module: "attention/dense/dense_fwd_wgmma",
             prefix: "dense_fwd_wgmma",
-            threads: 256,
-            smem: (BLOCK_M * head_dim + 2 * 3 * 128 * head_dim) * 2 + 1024,
+            threads: 384,
+            smem: (BLOCK_M * pad + 2 * 3 * 128 * pad) * 2 + 128 + 1024,
         }
     } else {
         // dense_fwd.cuh, `dense::Tile<D>::kSmemElems * 2`: Q (128 rows) + double-buffered K and V
@@ -263,8 +320,30 @@ fn forward_impl(
             block_dim: (plan.threads, 1, 1),
             shared_mem_bytes: plan.smem as u32,
         };
+        let tma_args;
         let mut launch = kernel.builder();
-        launch.arg(&args);
+        if plan.threads == 384 {
+            let extra_maps = match &extra {
+                Some(_) => [
+                    tensor_map(args.k2, dtype, (b, h, n_extra, d), args.k2_stride)?,
+                    tensor_map(args.v2, dtype, (b, h, n_extra, d), args.v2_stride)?,
+                ],
+                None => [[0; 16]; 2],
+            };
+            tma_args = DenseTmaArgs {
+                maps: [
+                    tensor_map(args.q, dtype, (b, h, nq, d), args.q_stride)?,
+                    tensor_map(args.k, dtype, (b, h, nk, d), args.k_stride)?,
+                    tensor_map(args.v, dtype, (b, h, nk, d), args.v_stride)?,
+                    extra_maps[0],
+                    extra_maps[1],
+                ],
+                base: args,
+            };
+            launch.arg(&tma_args);
+        } else {
+            launch.arg(&args);
+        }
         // SAFETY: every pointer in `args` addresses a live allocation of the size the strides imply
         // (checked shapes), and the outputs are fresh allocations of B·H·Nq·D and B·H·Nq elements.
         unsafe { launch.launch(cfg) }.map_err(|e| err(format!("launch failed: {e:?}")))?;
