@@ -1,6 +1,6 @@
 // Dense attention forward for Hopper (sm_90a): the same math as dense_fwd.cuh, with the two GEMMs
 // on warpgroup MMA (wgmma) and the K/V tiles brought in by the tensor memory accelerator (TMA).
-// Head dims 64, 96, 112, 128 (rows padded to one or two 128-byte swizzle atoms).
+// Head dims: multiples of 8 from 64 to 128 (rows padded to one or two 128-byte swizzle atoms).
 //
 //   S = Q Kᵀ    wgmma m64n128k16, Q and K both read from shared memory (K-major)
 //   P = online softmax of S, in registers (same recurrence as dense_fwd.cuh)
@@ -38,10 +38,11 @@ using dense::smem_addr;
 
 template <int D>
 struct Tile {
-    static_assert(D % 16 == 0 && D >= 64 && D <= 128, "wgmma path: head_dim 64, 80, 96, 112 or 128");
+    static_assert(D % 8 == 0 && D >= 64 && D <= 128, "wgmma path: head_dim a multiple of 8 in [64, 128]");
     static constexpr int kD = D;
     // Rows are padded to whole 128-byte atoms: columns D..kDPad-1 are zero (the TMA unit fills
-    // what lies past the tensor's last column), so Q Kᵀ stops at D while P V runs over kDPad.
+    // what lies past the tensor's last column), so Q Kᵀ stops at the k16 step that covers D while
+    // P V runs over kDPad.
     static constexpr int kDPad = D <= 64 ? 64 : 128;
     static constexpr int kBlockM = 128;  // 2 consumer warpgroups x 64 rows
     static constexpr int kBlockN = 128;
@@ -126,7 +127,7 @@ __device__ __forceinline__ void consume(const DenseFwdArgs& a, const uint8_t* sQ
         const uint32_t k_addr = smem_addr(sK + (j % kStages) * L::kKVBytes);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
+        for (int kk = 0; kk < (D + 15) / 16; ++kk) {
             const uint32_t col = kk / 4, off = (kk % 4) * 32;
             const uint64_t dq = make_desc(q_addr + col * L::kBlockM * 128 + off, 16, 1024);
             const uint64_t dk = make_desc(k_addr + col * BN * 128 + off, 16, 1024);

@@ -6,9 +6,9 @@
 //! `(B, Nk)` covers `k` only (nonzero = attend). A query row whose keys are all masked gets
 //! `O = 0` and `lse = -inf`, so [`crate::attention::merge_partials`] ignores it.
 //!
-//! bf16 and f16 inputs, head dims 64, 72, 96, 112, 128; f32 accumulation inside. Head dims 64, 96,
-//! 112 and 128 run the Hopper kernel (dense_fwd_wgmma.cu: TMA producer, wgmma consumers, 3-stage
-//! mbarrier ring); 72 runs the mma.sync kernel (dense_fwd.cu).
+//! bf16 and f16 inputs, head dims 64, 72, 96, 112, 128; f32 accumulation inside. The Hopper kernel
+//! (dense_fwd_wgmma.cu: TMA producer, wgmma consumers, 3-stage mbarrier ring) serves every head
+//! dim; dense_fwd.cu (mma.sync, FlashAttention-2 style) is the earlier version, kept compiled.
 
 use candle_core::cuda_backend::cudarc::driver::result::memset_d8_async;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -124,7 +124,9 @@ struct Plan {
 }
 
 fn plan(head_dim: usize) -> Plan {
-    if head_dim != 72 {
+    // Every compiled head dim runs the Hopper kernel; VISGEN_DENSE_MMA=1 selects the earlier
+    // mma.sync kernel (dense_fwd.cu) instead, to compare the two.
+    if std::env::var_os("VISGEN_DENSE_MMA").is_none() {
         // dense_fwd_wgmma.cuh, `dense_wgmma::Tile<D>::kSmemBytes`: Q (128 rows) + 3 stages of K and
         // V (128 keys), rows padded to 64 or 128 2-byte elements, 128 B of mbarriers, + 1 KB to
         // align to the 1024-byte swizzle atom.
