@@ -259,6 +259,8 @@ fn forward_impl(
         Some((k2, v2)) => Some((kernel_view(k2)?, kernel_view(v2)?)),
         None => None,
     };
+    let all_contiguous = [&q, &k, &v].iter().all(|t| t.is_contiguous())
+        && extra.as_ref().is_none_or(|(k2, v2)| k2.is_contiguous() && v2.is_contiguous());
 
     let out_elems = b * h * nq * d;
     let rows = b * h * nq;
@@ -283,29 +285,26 @@ fn forward_impl(
         args.key_mask = dev_ptr::<u8>(m, &dev)?;
         args.mask_stride = nk as i64;
     }
-    args.lse = {
-        let (ptr, _sync) = lse_slice.device_ptr(&dev.cuda_stream());
-        ptr
-    };
+    let stream = dev.cuda_stream();
+    args.lse = lse_slice.device_ptr(&stream).0;
 
     let (o_storage, name) = match dtype {
         DType::BF16 => {
             let o = unsafe { dev.alloc::<bf16>(out_elems)? };
             fill_ptrs::<bf16>(&mut args, &q, &k, &v, extra.as_ref(), &dev)?;
-            args.o = o.device_ptr(&dev.cuda_stream()).0;
+            args.o = o.device_ptr(&stream).0;
             (CudaStorage::wrap_cuda_slice(o, dev.clone()), format!("{}_bf16_d{d}", plan(d).prefix))
         }
         DType::F16 => {
             let o = unsafe { dev.alloc::<f16>(out_elems)? };
             fill_ptrs::<f16>(&mut args, &q, &k, &v, extra.as_ref(), &dev)?;
-            args.o = o.device_ptr(&dev.cuda_stream()).0;
+            args.o = o.device_ptr(&stream).0;
             (CudaStorage::wrap_cuda_slice(o, dev.clone()), format!("{}_f16_d{d}", plan(d).prefix))
         }
         _ => unreachable!("checked by supports()"),
     };
 
     if poison {
-        let stream = dev.cuda_stream();
         for (ptr, bytes) in [(args.o, out_elems * 2), (args.lse, rows * 4)] {
             // SAFETY: both are fresh allocations of exactly these sizes.
             unsafe { memset_d8_async(ptr, 0xFF, bytes, stream.cu_stream()) }
@@ -325,23 +324,36 @@ fn forward_impl(
         let tma_args;
         let mut launch = kernel.builder();
         if plan.threads == 384 {
-            let extra_maps = match &extra {
-                Some(_) => [
-                    tensor_map(args.k2, dtype, (b, h, n_extra, d), args.k2_stride)?,
-                    tensor_map(args.v2, dtype, (b, h, n_extra, d), args.v2_stride)?,
-                ],
-                None => [[0; 16]; 2],
-            };
-            tma_args = DenseTmaArgs {
-                maps: [
+            let maps = (|| -> Result<[[u64; 16]; 5]> {
+                let mut maps = [
                     tensor_map(args.q, dtype, (b, h, nq, d), args.q_stride)?,
                     tensor_map(args.k, dtype, (b, h, nk, d), args.k_stride)?,
                     tensor_map(args.v, dtype, (b, h, nk, d), args.v_stride)?,
-                    extra_maps[0],
-                    extra_maps[1],
-                ],
-                base: args,
+                    [0; 16],
+                    [0; 16],
+                ];
+                if extra.is_some() {
+                    maps[3] = tensor_map(args.k2, dtype, (b, h, n_extra, d), args.k2_stride)?;
+                    maps[4] = tensor_map(args.v2, dtype, (b, h, n_extra, d), args.v2_stride)?;
+                }
+                Ok(maps)
+            })();
+            let maps = match maps {
+                Ok(maps) => maps,
+                // A stride pattern the TMA unit refuses: retry once on contiguous copies.
+                Err(_) if !all_contiguous => {
+                    let c = |t: &Tensor| t.contiguous();
+                    let (q, k, v) = (c(&q)?, c(&k)?, c(&v)?);
+                    let extra = match &extra {
+                        Some((k2, v2)) => Some((c(k2)?, c(v2)?)),
+                        None => None,
+                    };
+                    let extra_ref = extra.as_ref().map(|(k2, v2)| (k2, v2));
+                    return forward_impl(&q, &k, &v, mask.as_ref(), extra_ref, scale, poison);
+                }
+                Err(e) => return Err(e),
             };
+            tma_args = DenseTmaArgs { maps, base: args };
             launch.arg(&tma_args);
         } else {
             launch.arg(&args);
