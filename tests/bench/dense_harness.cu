@@ -31,9 +31,9 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const __grid_constant__ Den
     dense::dense_fwd<D, T>(a);
 }
 
-template <int D, typename T>
-__global__ void __launch_bounds__(384, 1) fwd_wgmma_kernel(const __grid_constant__ DenseTmaArgs a) {
-    dense_wgmma::dense_fwd<D, T>(a);
+template <int D, typename T, int C>
+__global__ void __launch_bounds__(dense_wgmma::Tile<D, C>::kThreads, 1) fwd_wgmma_kernel(const __grid_constant__ DenseTmaArgs a) {
+    dense_wgmma::dense_fwd<D, T, C>(a);
 }
 
 // 4-D tensor map (D, N, H, B) over a (B, H, N, D) tensor with these element strides (row, head,
@@ -60,6 +60,7 @@ static CUtensorMap make_map(const void* ptr, bool bf16, int D, int N, int H, int
     return m;
 }
 
+static int g_c64 = 3;  // consumer warpgroups of the D = 64 wgmma kernel (A/B: 2 or 3)
 static bool g_wgmma = false;  // which kernel launch_d runs: mma.sync (dense_fwd.cuh) or wgmma + TMA
 
 template <typename T> __device__ float to_f(T x);
@@ -166,11 +167,12 @@ static void launch(const DenseFwdArgs& a, int B, int H, cudaStream_t st = 0) {
     CK(cudaGetLastError());
 }
 
-template <int D, typename T>
+template <int D, typename T, int C = dense_wgmma::default_consumers(D)>
 static void launch_wgmma(const DenseFwdArgs& a, int B, int H) {
-    constexpr int smem = dense_wgmma::smem_bytes<D, T>();
+    using L = dense_wgmma::Tile<D, C>;
+    constexpr int smem = L::kSmemBytes;
     static bool init = false;
-    if (!init) { CK(cudaFuncSetAttribute(fwd_wgmma_kernel<D, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)); init = true; }
+    if (!init) { CK(cudaFuncSetAttribute(fwd_wgmma_kernel<D, T, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)); init = true; }
     constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
     DenseTmaArgs t;
     t.q = make_map(a.q, bf16, D, a.nq, H, B, a.q_stride);
@@ -179,13 +181,14 @@ static void launch_wgmma(const DenseFwdArgs& a, int B, int H) {
     t.k2 = make_map(a.k2, bf16, D, a.n_extra, H, B, a.k2_stride);
     t.v2 = make_map(a.v2, bf16, D, a.n_extra, H, B, a.v2_stride);
     t.base = a;
-    dim3 grid((a.nq + 127) / 128, H, B);
-    fwd_wgmma_kernel<D, T><<<grid, 384, smem>>>(t);
+    dim3 grid((a.nq + L::kBlockM - 1) / L::kBlockM, H, B);
+    fwd_wgmma_kernel<D, T, C><<<grid, L::kThreads, smem>>>(t);
     CK(cudaGetLastError());
 }
 
 template <typename T>
 static void launch_d(int D, const DenseFwdArgs& a, int B, int H) {
+    if (g_wgmma && D == 64 && g_c64 == 2) { launch_wgmma<64, T, 2>(a, B, H); return; }
     if (g_wgmma && D == 64) { launch_wgmma<64, T>(a, B, H); return; }
     if (g_wgmma && D == 72) { launch_wgmma<72, T>(a, B, H); return; }
     if (g_wgmma && D == 96) { launch_wgmma<96, T>(a, B, H); return; }
@@ -273,8 +276,8 @@ static bool check(const Shape& s, const char* tname) {
     }
     const double rel_ours = sqrt(e_ours / nref), rel_low = sqrt(e_low / nref);
     const bool ok = nan == 0 && rel_ours <= 2 * rel_low + 1e-6 && max_ours <= 2 * max_low + 1e-6 && lse_err < 1e-3;
-    printf("%s %-4s B%d H%d Nq%-5d Nk%-5d Ne%-4d D%-3d mask%d | rel %.2e (naive %.2e) max %.2e (naive %.2e) lse %.1e nan %zu %s\n",
-           g_wgmma ? "wgmma" : "mma  ", tname, s.B, s.H, s.Nq, s.Nk, s.Ne, s.D, (int)s.mask, rel_ours, rel_low, max_ours, max_low, lse_err, nan,
+    printf("%s%s %-4s B%d H%d Nq%-5d Nk%-5d Ne%-4d D%-3d mask%d | rel %.2e (naive %.2e) max %.2e (naive %.2e) lse %.1e nan %zu %s\n",
+           g_wgmma ? "wgmma" : "mma  ", (g_wgmma && s.D == 64) ? (g_c64 == 2 ? "/c2" : "/c3") : "   ", tname, s.B, s.H, s.Nq, s.Nk, s.Ne, s.D, (int)s.mask, rel_ours, rel_low, max_ours, max_low, lse_err, nan,
            ok ? "ok" : "FAIL");
     for (auto p : bufs) if (p) CK(cudaFree(p));
     if (mask) CK(cudaFree(mask));
@@ -297,7 +300,7 @@ static double bench(const Shape& s) {
     std::sort(ts.begin(), ts.end());
     const double ms = ts[ts.size() / 2];
     const double tflops = 4.0 * s.B * s.H * (double)s.Nq * s.Nk * s.D / (ms * 1e-3) / 1e12;
-    printf("bench %s B%d H%d N%d D%d: %.3f ms  %.0f TFLOP/s\n", g_wgmma ? "wgmma" : "mma", s.B, s.H, s.Nq, s.D, ms, tflops);
+    printf("bench %s%s B%d H%d N%d D%d: %.3f ms  %.0f TFLOP/s\n", g_wgmma ? "wgmma" : "mma", (g_wgmma && s.D == 64) ? (g_c64 == 2 ? "/c2" : "/c3") : "", s.B, s.H, s.Nq, s.D, ms, tflops);
     for (auto p : bufs) if (p) CK(cudaFree(p));
     return ms;
 }
@@ -319,6 +322,12 @@ int main(int argc, char** argv) {
             for (const auto& s : shapes) {
                 fails += !check<__nv_bfloat16>(s, "bf16");
                 fails += !check<__half>(s, "f16");
+                if (g_wgmma && s.D == 64) {  // the 2-consumer variant of D = 64 too
+                    g_c64 = 2;
+                    fails += !check<__nv_bfloat16>(s, "bf16");
+                    fails += !check<__half>(s, "f16");
+                    g_c64 = 3;
+                }
             }
         }
         printf("parity: %d failures\n", fails);
@@ -328,8 +337,10 @@ int main(int argc, char** argv) {
                                 {1, 20, 32760, 32760, 0, 112, false}, {2, 16, 8192, 8192, 0, 64, false}};
         for (int w = 0; w < 2; ++w) {
             g_wgmma = w == 1;
-            for (const auto& s : shapes)
+            for (const auto& s : shapes) {
                 bench(s);
+                if (g_wgmma && s.D == 64) { g_c64 = 2; bench(s); g_c64 = 3; }
+            }
         }
     }
     return fails ? 1 : 0;

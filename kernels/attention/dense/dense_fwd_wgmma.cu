@@ -1,12 +1,13 @@
 // Entry points of the Hopper (wgmma + TMA) dense attention forward:
 // dense_fwd_wgmma_{bf16,f16}_d{64,72,96,112,128}.
-// Launch: grid (ceil(Nq/128), H, B), 384 threads (producer + 2 consumer warpgroups), dynamic shared memory =
+// Launch: grid (ceil(Nq / kBlockM), H, B), kThreads = 128 x (1 producer + C consumer warpgroups)
+// threads, kBlockM = 64 C query rows (C = 3 for D = 64, else 2), dynamic shared memory =
 // dense_wgmma::Tile<D>::kSmemBytes (over 48 KB: the launcher raises the limit). Arguments: DenseTmaArgs (tensor maps + the DenseFwdArgs of
 // dense_fwd.cu).
 #include "dense_fwd_wgmma.cuh"
 
 #define DENSE_WGMMA_ENTRY(NAME, T, D)                                                          \
-    extern "C" __global__ void __launch_bounds__(384, 1) NAME(const __grid_constant__ DenseTmaArgs args) { \
+    extern "C" __global__ void __launch_bounds__(dense_wgmma::Tile<D>::kThreads, 1) NAME(const __grid_constant__ DenseTmaArgs args) { \
         dense_wgmma::dense_fwd<D, T>(args);                                                    \
     }
 

@@ -8,8 +8,8 @@
 //               after a bf16/f16 pack), V from shared memory (MN-major: "transposed" B)
 //
 // CTA (FlashAttention-3's structure): warpgroup 0 is the producer, one thread of it issues TMA copies
-// of K and V tiles (128 keys) into a 3-stage ring; warpgroups 1 and 2 are consumers of 64 query rows
-// each. Stages are handed over with mbarriers (full: the copy landed; empty: both consumers are done
+// of K and V tiles (128 keys) into a 3-stage ring; warpgroups 1..C are consumers of 64 query rows
+// each (C = 3 for D = 64, else 2). Stages are handed over with mbarriers (full: the copy landed; empty: both consumers are done
 // with it), so the consumers never wait on each other and drift apart, which lets one warpgroup's
 // softmax run while the other's GEMMs occupy the tensor cores. Inside a consumer, the softmax of
 // tile j+1 runs while P_j V_j is on the tensor cores. TMA writes the canonical 128B-swizzle layout
@@ -36,7 +36,11 @@ using dense::fast_exp2;
 using dense::pack2;
 using dense::smem_addr;
 
-template <int D>
+// Consumer warpgroups per CTA: 3 for D = 64, whose GEMMs are short next to the softmax (a third
+// warpgroup keeps the tensor cores busy while two are in their softmax), else 2 (register-bound).
+constexpr int default_consumers(int d) { return d <= 64 ? 3 : 2; }
+
+template <int D, int C = default_consumers(D)>
 struct Tile {
     static_assert(D % 8 == 0 && D >= 64 && D <= 128, "wgmma path: head_dim a multiple of 8 in [64, 128]");
     static constexpr int kD = D;
@@ -44,20 +48,24 @@ struct Tile {
     // what lies past the tensor's last column), so Q Kᵀ stops at the k16 step that covers D while
     // P V runs over kDPad.
     static constexpr int kDPad = D <= 64 ? 64 : 128;
-    static constexpr int kBlockM = 128;  // 2 consumer warpgroups x 64 rows
+    static constexpr int kConsumers = C;
+    static constexpr int kBlockM = 64 * C;  // query rows: 64 per consumer warpgroup
+    static constexpr int kQRows = (kBlockM + 127) / 128 * 128;  // Q arrives in 128-row TMA boxes
     static constexpr int kBlockN = 128;
-    static constexpr int kThreads = 384;  // producer + 2 consumers
+    static constexpr int kThreads = 128 * (C + 1);  // producer + consumers
+    // setmaxnreg budgets: 128 * (24 + C * kConsumerRegs) <= 65536 registers.
+    static constexpr int kConsumerRegs = C == 2 ? 240 : 160;
     static constexpr int kColBlocks = kDPad / 64;  // 128-byte swizzle atoms across a row
     static constexpr int kStages = 3;
-    static constexpr int kQBytes = kBlockM * kDPad * 2;
+    static constexpr int kQBytes = kQRows * kDPad * 2;
     static constexpr int kKVBytes = kBlockN * kDPad * 2;
     static constexpr int kBarrierBytes = 64;  // q_full, k_full[3], v_full[3], empty[3]: 10 x 8 B
     // Q, K[3], V[3], barriers, plus 1 KB to align the base to the 1024-byte swizzle atom.
     static constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + 128 + 1024;
 };
 
-template <int D, typename T>
-constexpr int smem_bytes() { return Tile<D>::kSmemBytes; }
+template <int D, typename T, int C = default_consumers(D)>
+constexpr int smem_bytes() { return Tile<D, C>::kSmemBytes; }
 
 // wgmma shared-memory matrix descriptor, 128-byte swizzle. Offsets in bytes.
 __device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lead_bytes, uint32_t stride_bytes) {
@@ -111,11 +119,11 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, uint
 }
 
 // One consumer warpgroup: 64 query rows (`cw` selects which) against every key tile.
-template <int D, typename T>
+template <int D, typename T, int C>
 __device__ __forceinline__ void consume(const DenseFwdArgs& a, const uint8_t* sQ, const uint8_t* sK, const uint8_t* sV,
                                         uint64_t* q_full, uint64_t* k_full, uint64_t* v_full, uint64_t* empty, int cw,
                                         int warp, int lane, int q_row0, int b, int h, int tiles_main, int n_tiles) {
-    using L = Tile<D>;
+    using L = Tile<D, C>;
     constexpr int BN = L::kBlockN;
     constexpr int DP = L::kDPad;
     constexpr int kStages = L::kStages;
@@ -129,7 +137,7 @@ __device__ __forceinline__ void consume(const DenseFwdArgs& a, const uint8_t* sQ
 #pragma unroll
         for (int kk = 0; kk < (D + 15) / 16; ++kk) {
             const uint32_t col = kk / 4, off = (kk % 4) * 32;
-            const uint64_t dq = make_desc(q_addr + col * L::kBlockM * 128 + off, 16, 1024);
+            const uint64_t dq = make_desc(q_addr + col * L::kQRows * 128 + off, 16, 1024);
             const uint64_t dk = make_desc(k_addr + col * BN * 128 + off, 16, 1024);
             Wgmma<T, BN>::ss(s, dq, dk, kk > 0);
         }
@@ -268,9 +276,9 @@ __device__ __forceinline__ void consume(const DenseFwdArgs& a, const uint8_t* sQ
     }
 }
 
-template <int D, typename T>
+template <int D, typename T, int C = default_consumers(D)>
 __device__ __forceinline__ void dense_fwd(const DenseTmaArgs& args) {
-    using L = Tile<D>;
+    using L = Tile<D, C>;
     constexpr int BN = L::kBlockN;
     constexpr int kStages = L::kStages;
     const DenseFwdArgs& a = args.base;
@@ -283,7 +291,7 @@ __device__ __forceinline__ void dense_fwd(const DenseTmaArgs& args) {
     uint64_t* q_full = bars;
     uint64_t* k_full = bars + 1;              // [kStages]
     uint64_t* v_full = bars + 1 + kStages;    // [kStages]
-    uint64_t* empty = bars + 1 + 2 * kStages; // [kStages], 256 arrivals: every consumer thread
+    uint64_t* empty = bars + 1 + 2 * kStages; // [kStages], one arrival per consumer thread
 
     const int tid = threadIdx.x, wg = tid / 128;
     const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -298,7 +306,7 @@ __device__ __forceinline__ void dense_fwd(const DenseTmaArgs& args) {
         for (int s = 0; s < kStages; ++s) {
             mbar_init(&k_full[s], 1);
             mbar_init(&v_full[s], 1);
-            mbar_init(&empty[s], 256);
+            mbar_init(&empty[s], 128 * C);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -310,7 +318,8 @@ __device__ __forceinline__ void dense_fwd(const DenseTmaArgs& args) {
         if (tid == 0) {
             mbar_expect_tx(q_full, L::kQBytes);
             for (int c = 0; c < L::kColBlocks; ++c)
-                tma_load(sQ + c * L::kBlockM * 128, &args.q, q_full, c * 64, q_row0, h, b);
+                for (int r = 0; r < L::kQRows / 128; ++r)
+                    tma_load(sQ + (c * L::kQRows + r * 128) * 128, &args.q, q_full, c * 64, q_row0 + r * 128, h, b);
             for (int j = 0; j < n_tiles; ++j) {
                 const int s = j % kStages;
                 if (j >= kStages) mbar_wait(&empty[s], (j / kStages - 1) & 1);  // tile j-3 released
@@ -328,11 +337,12 @@ __device__ __forceinline__ void dense_fwd(const DenseTmaArgs& args) {
         }
     } else {
         // ---------------- consumers ----------------
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
-        const int cw = wg - 1, ctid = tid - 128;  // consumer warpgroup 0/1, thread 0..255
+        if constexpr (L::kConsumerRegs == 240) asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+        else asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n");
+        const int cw = wg - 1, ctid = tid - 128;  // consumer warpgroup, thread among the consumers
         const int warp = (ctid % 128) / 32, lane = ctid % 32;
         (void)ctid;
-        consume<D, T>(a, sQ, sK, sV, q_full, k_full, v_full, empty, cw, warp, lane, q_row0, b, h, tiles_main, n_tiles);
+        consume<D, T, C>(a, sQ, sK, sV, q_full, k_full, v_full, empty, cw, warp, lane, q_row0, b, h, tiles_main, n_tiles);
     }
 }
 

@@ -19,8 +19,6 @@ use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 
-/// Query rows per CTA, in both kernels.
-const BLOCK_M: usize = 128;
 
 /// Head dims with a compiled kernel.
 pub const HEAD_DIMS: [usize; 5] = [64, 72, 96, 112, 128];
@@ -119,6 +117,10 @@ struct Plan {
     module: &'static str,
     /// function name without the `_{bf16,f16}_d{D}` suffix
     prefix: &'static str,
+    /// whether the kernel takes `DenseTmaArgs` (tensor maps) rather than `DenseFwdArgs`
+    tma: bool,
+    /// query rows per CTA
+    block_m: usize,
     threads: u32,
     smem: usize,
 }
@@ -127,22 +129,35 @@ fn plan(head_dim: usize) -> Plan {
     // Every compiled head dim runs the Hopper kernel; VISGEN_DENSE_MMA=1 selects the earlier
     // mma.sync kernel (dense_fwd.cu) instead, to compare the two.
     if std::env::var_os("VISGEN_DENSE_MMA").is_none() {
-        // dense_fwd_wgmma.cuh, `dense_wgmma::Tile<D>::kSmemBytes`: Q (128 rows) + 3 stages of K and
-        // V (128 keys), rows padded to 64 or 128 2-byte elements, 128 B of mbarriers, + 1 KB to
-        // align to the 1024-byte swizzle atom.
+        // dense_fwd_wgmma.cuh, `dense_wgmma::Tile<D>`: C consumer warpgroups of 64 query rows (3 for
+        // D = 64, else 2) + a producer warpgroup; shared memory = Q (rows rounded up to 128) + 3
+        // stages of K and V (128 keys), rows padded to 64 or 128 2-byte elements, 128 B of
+        // mbarriers, + 1 KB to align to the 1024-byte swizzle atom.
+        let consumers = if head_dim <= 64 { 3 } else { 2 };
         let pad = if head_dim <= 64 { 64 } else { 128 };
+        let block_m = 64 * consumers;
+        let q_rows = block_m.div_ceil(128) * 128;
         Plan {
             module: "attention/dense/dense_fwd_wgmma",
             prefix: "dense_fwd_wgmma",
-            threads: 384,
-            smem: (BLOCK_M * pad + 2 * 3 * 128 * pad) * 2 + 128 + 1024,
+            tma: true,
+            block_m,
+            threads: 128 * (consumers as u32 + 1),
+            smem: (q_rows * pad + 2 * 3 * 128 * pad) * 2 + 128 + 1024,
         }
     } else {
         // dense_fwd.cuh, `dense::Tile<D>::kSmemElems * 2`: Q (128 rows) + double-buffered K and V
         // (64 keys for D <= 72, else 32), rows of `round_up(D, 16) + 8` elements.
         let ld = head_dim.div_ceil(16) * 16 + 8;
         let block_n = if head_dim <= 72 { 64 } else { 32 };
-        Plan { module: "attention/dense/dense_fwd", prefix: "dense_fwd", threads: 128, smem: (BLOCK_M * ld + 4 * block_n * ld) * 2 }
+        Plan {
+            module: "attention/dense/dense_fwd",
+            prefix: "dense_fwd",
+            tma: false,
+            block_m: 128,
+            threads: 128,
+            smem: (128 * ld + 4 * block_n * ld) * 2,
+        }
     }
 }
 
@@ -317,13 +332,13 @@ fn forward_impl(
         let kernel = crate::kernels::load(&dev, plan.module, &name)?;
         kernel.set_max_dynamic_smem(plan.smem)?;
         let cfg = LaunchConfig {
-            grid_dim: (nq.div_ceil(BLOCK_M) as u32, h as u32, b as u32),
+            grid_dim: (nq.div_ceil(plan.block_m) as u32, h as u32, b as u32),
             block_dim: (plan.threads, 1, 1),
             shared_mem_bytes: plan.smem as u32,
         };
         let tma_args;
         let mut launch = kernel.builder();
-        if plan.threads == 384 {
+        if plan.tma {
             let maps = (|| -> Result<[[u64; 16]; 5]> {
                 let mut maps = [
                     tensor_map(args.q, dtype, (b, h, nq, d), args.q_stride)?,
