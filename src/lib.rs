@@ -11,6 +11,7 @@ pub mod layers;
 pub mod models;
 pub mod pipelines;
 pub mod schedulers;
+pub mod spec;
 pub mod weights;
 
 pub use error::{Error, Result};

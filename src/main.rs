@@ -1,1 +1,217 @@
-fn main() {}
+//! `gen`: the visgen command line. Thin: parse, build a request, call a pipeline, write the output.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use visgen::pipelines::{request::parse_dtype, DeviceChoice, Flow, ImageRequest, LoadOptions, Pipeline, Progress, Stage};
+use visgen::{Error, Result};
+
+#[derive(Parser)]
+#[command(name = "gen", version, about = "Visual generation with diffusion transformers; attention chosen per layer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate an image from a prompt.
+    Image(ImageArgs),
+    /// Generate a video from a prompt.
+    Video(VideoArgs),
+    /// List the pipeline specs, one line each.
+    Models,
+    /// Attention micro-benchmarks and device checks.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Clone)]
+struct GenerateArgs {
+    /// What to draw.
+    #[arg(long, short)]
+    prompt: String,
+    /// What to steer away from (classifier-free guidance).
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// A spec name (see `gen models`) or a path to a spec file.
+    #[arg(long, short, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Denoising steps (default: the spec's).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Guidance scale (default: the spec's).
+    #[arg(long)]
+    cfg: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    /// cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, f16 or bf16 (default: the spec's)
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Per-layer attention override LAYER=BACKEND[,key=value...], e.g. `self=dense`,
+    /// `0-3=neighborhood,kernel=7x7`. Repeatable; later ones win.
+    #[arg(long = "attention", value_name = "LAYER=BACKEND")]
+    attention: Vec<String>,
+}
+
+#[derive(Args)]
+struct ImageArgs {
+    #[command(flatten)]
+    common: GenerateArgs,
+    /// Output file (.png or .jpg).
+    #[arg(long, short, default_value = "out.png")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct VideoArgs {
+    #[command(flatten)]
+    common: GenerateArgs,
+    #[arg(long, default_value_t = 81)]
+    frames: usize,
+    /// Output file (.gif, or .mp4 with the `video` feature).
+    #[arg(long, short, default_value = "out.gif")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// What to benchmark: a case name, or all cases when omitted.
+    case: Option<String>,
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+}
+
+const DEFAULT_MODEL: &str = "tiny-random";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Image(args) => run_image(args),
+        Command::Video(args) => run_video(args),
+        Command::Models => run_models(),
+        Command::Bench(args) => run_bench(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn load_options(args: &GenerateArgs) -> Result<LoadOptions> {
+    Ok(LoadOptions {
+        device: DeviceChoice::parse(&args.device)?,
+        dtype: args.dtype.as_deref().map(parse_dtype).transpose()?,
+        attention: args.attention.clone(),
+    })
+}
+
+fn image_request(args: &GenerateArgs) -> ImageRequest {
+    ImageRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        width: args.width,
+        height: args.height,
+        steps: args.steps,
+        cfg: args.cfg,
+        seed: args.seed,
+        count: 1,
+    }
+}
+
+/// Fails before any work if the output cannot be written, so a long run is never lost.
+fn check_output(path: &Path, extensions: &[&str]) -> Result<()> {
+    let ext = path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).unwrap_or_default();
+    if !extensions.contains(&ext.as_str()) {
+        return Err(Error::usage(format!(
+            "output `{}`: expected a file ending in {}",
+            path.display(),
+            extensions.iter().map(|e| format!(".{e}")).collect::<Vec<_>>().join(" or ")
+        )));
+    }
+    let existed = path.exists();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|e| Error::usage(format!("cannot write output `{}`: {e}", path.display())))?;
+    if !existed {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+fn progress_bar() -> impl FnMut(Progress) -> Flow {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>8} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    move |p: Progress| {
+        let msg = match p.stage {
+            Stage::Encode => "encode",
+            Stage::Denoise => "denoise",
+            Stage::Decode => "decode",
+        };
+        bar.set_message(msg);
+        bar.set_length(p.total as u64);
+        bar.set_position(p.step as u64);
+        if p.stage == Stage::Decode && p.step == p.total {
+            bar.finish();
+        }
+        Flow::Continue
+    }
+}
+
+fn run_image(args: ImageArgs) -> Result<()> {
+    let request = image_request(&args.common);
+    request.validate()?;
+    check_output(&args.out, &["png", "jpg", "jpeg"])?;
+    let pipeline = Pipeline::load(&args.common.model, &load_options(&args.common)?)?;
+    let images = pipeline.generate(&request, &mut progress_bar())?;
+    let image = images.into_iter().next().ok_or_else(|| Error::Other("the pipeline returned no image".into()))?;
+    image.save(&args.out).map_err(|e| Error::usage(format!("cannot write `{}`: {e}", args.out.display())))?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn run_video(args: VideoArgs) -> Result<()> {
+    let request = image_request(&args.common);
+    request.validate()?;
+    if args.frames == 0 {
+        return Err(Error::usage("--frames must be at least 1"));
+    }
+    let formats: &[&str] = if cfg!(feature = "video") { &["gif", "mp4"] } else { &["gif"] };
+    check_output(&args.out, formats)?;
+    let spec = visgen::spec::find_spec(&args.common.model)?;
+    Err(Error::usage(format!("`{}` is not a video model (family `{}`)", spec.name, spec.family)))
+}
+
+fn run_models() -> Result<()> {
+    for spec in visgen::spec::list_specs()? {
+        println!("{:<20} {:<12} {}", spec.name, spec.family, spec.description);
+    }
+    Ok(())
+}
+
+fn run_bench(args: BenchArgs) -> Result<()> {
+    if args.iters == 0 {
+        return Err(Error::usage("--iters must be at least 1"));
+    }
+    let _ = (args.case, args.device);
+    Err(Error::usage("benchmarks are not available yet"))
+}

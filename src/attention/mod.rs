@@ -7,8 +7,11 @@
 //! Tensor layout everywhere: `(batch, heads, tokens, head_dim)`. Tokens of a grid (an image or a
 //! video) are flattened row-major: for a grid `[T, H, W]`, token `n = (t * H + h) * W + w`.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dense;
 pub mod linear;
+pub mod masked;
 pub mod neighborhood;
 pub mod plan;
 pub mod pyramid;
@@ -84,7 +87,7 @@ impl Backend {
 }
 
 /// What a layer looks like, as far as choosing its backend goes.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct LayerShape {
     pub role: Role,
     pub head_dim: usize,

@@ -1,1 +1,47 @@
-//! See ../../shared/DESIGN.md for what lives here.
+//! Pipelines: explicit loops (encode the prompt, denoise with a scheduler, decode). They report
+//! progress through a callback, can be cancelled from it, return images, and write nothing.
+//!
+//! The request types are shared by the CLI and library users.
+
+pub mod request;
+
+pub use request::{DeviceChoice, ImageRequest, LoadOptions, Progress};
+
+use crate::error::{Error, Result};
+use crate::attention::plan::AttentionPlan;
+use crate::spec::PipelineSpec;
+pub use request::{Flow, Stage};
+
+/// A loaded pipeline: a closed set of families, dispatched by an exhaustive `match`.
+pub enum Pipeline {}
+
+impl Pipeline {
+    /// Loads a pipeline from a spec name (`pipelines/NAME.toml`) or a spec file path.
+    pub fn load(model: &str, options: &LoadOptions) -> Result<Self> {
+        let spec = crate::spec::find_spec(model)?;
+        Self::from_spec(spec, options)
+    }
+
+    pub fn from_spec(spec: PipelineSpec, options: &LoadOptions) -> Result<Self> {
+        let _plan = attention_plan(&spec, options)?;
+        Err(Error::usage(format!("model family `{}` of `{}` is not available yet", spec.family, spec.name)))
+    }
+
+    /// Runs a text-to-image request; `progress` is called at every step and may cancel.
+    pub fn generate(
+        &self,
+        _request: &ImageRequest,
+        _progress: &mut dyn FnMut(Progress) -> Flow,
+    ) -> Result<Vec<image::RgbImage>> {
+        match *self {}
+    }
+}
+
+/// The spec's attention table with the caller's overrides applied last.
+pub fn attention_plan(spec: &PipelineSpec, options: &LoadOptions) -> Result<AttentionPlan> {
+    let mut plan = AttentionPlan::from_spec(&spec.attention)?;
+    for text in &options.attention {
+        plan.add_cli_override(text)?;
+    }
+    Ok(plan)
+}
