@@ -38,6 +38,8 @@ struct DenseFwdArgs {
     int32_t nq, nk, n_extra;
     float scale_log2;  // softmax scale * log2(e): scores are kept in base-2 units
 };
+// The Rust mirror asserts the same size.
+static_assert(sizeof(DenseFwdArgs) == 232, "DenseFwdArgs layout changed: update src/attention/cuda/dense.rs");
 
 namespace dense {
 

@@ -29,6 +29,9 @@ struct DenseTmaArgs {
     CUtensorMap q, k, v, k2, v2;  // k2, v2: unused when n_extra = 0
     DenseFwdArgs base;            // pointers unused except key_mask, o, lse; strides of o, lse, mask
 };
+// The Rust mirror asserts the same layout.
+static_assert(sizeof(DenseTmaArgs) == 896 && offsetof(DenseTmaArgs, base) == 640,
+              "DenseTmaArgs layout changed: update src/attention/cuda/dense.rs");
 
 namespace dense_wgmma {
 

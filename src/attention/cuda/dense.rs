@@ -69,6 +69,10 @@ struct DenseTmaArgs {
 // SAFETY: plain old data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for DenseTmaArgs {}
 
+// The kernels static_assert the same sizes and offset.
+const _: () = assert!(std::mem::size_of::<DenseFwdArgs>() == 232);
+const _: () = assert!(std::mem::size_of::<DenseTmaArgs>() == 896 && std::mem::offset_of!(DenseTmaArgs, base) == 640);
+
 /// TMA descriptor of a (B, H, N, D) tensor at `ptr` with element strides (batch, head, row):
 /// 4-D (D, N, H, B), box (64 columns, 128 rows), 128-byte swizzle; reads past the last row or
 /// column return zeros. An empty sequence gets an all-zero map, which the kernel never reads.
