@@ -39,7 +39,7 @@ struct DenseFwdArgs {
     float scale_log2;  // softmax scale * log2(e): scores are kept in base-2 units
 };
 // The Rust mirror asserts the same size.
-static_assert(sizeof(DenseFwdArgs) == 232, "DenseFwdArgs layout changed: update src/attention/cuda/dense.rs");
+static_assert(sizeof(DenseFwdArgs) == 248, "DenseFwdArgs layout changed: update src/attention/cuda/dense.rs");
 
 namespace dense {
 

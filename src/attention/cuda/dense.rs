@@ -70,7 +70,7 @@ struct DenseTmaArgs {
 unsafe impl DeviceRepr for DenseTmaArgs {}
 
 // The kernels static_assert the same sizes and offset.
-const _: () = assert!(std::mem::size_of::<DenseFwdArgs>() == 232);
+const _: () = assert!(std::mem::size_of::<DenseFwdArgs>() == 248);
 const _: () = assert!(std::mem::size_of::<DenseTmaArgs>() == 896 && std::mem::offset_of!(DenseTmaArgs, base) == 640);
 
 /// TMA descriptor of a (B, H, N, D) tensor at `ptr` with element strides (batch, head, row):
