@@ -137,7 +137,7 @@ fn plan(head_dim: usize) -> Plan {
         // D = 64, else 2) + a producer warpgroup; shared memory = Q (rows rounded up to 128) + 3
         // stages of K and V (128 keys), rows padded to 64 or 128 2-byte elements, 128 B of
         // mbarriers, + 1 KB to align to the 1024-byte swizzle atom.
-        let consumers = if head_dim <= 64 { 3 } else { 2 };
+        let consumers: usize = if head_dim <= 64 { 3 } else { 2 };
         let pad = if head_dim <= 64 { 64 } else { 128 };
         let block_m = 64 * consumers;
         let q_rows = block_m.div_ceil(128) * 128;
