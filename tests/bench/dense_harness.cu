@@ -306,6 +306,20 @@ static double bench(const Shape& s) {
 }
 
 int main(int argc, char** argv) {
+    if (argc >= 2 && strcmp(argv[1], "focus") == 0) {  // a ragged main tile followed by more tiles
+        const Shape shapes[] = {{2, 2, 190, 300, 45, 64, false}, {1, 2, 190, 300, 45, 64, false},
+                                {1, 2, 190, 300, 0, 64, false},  {1, 2, 190, 200, 45, 64, false},
+                                {2, 2, 190, 300, 45, 128, false}, {1, 2, 190, 300, 45, 96, false},
+                                {1, 2, 190, 100, 300, 64, false}, {1, 2, 190, 600, 0, 64, false}};
+        int fails = 0;
+        g_wgmma = true;
+        for (const auto& s : shapes) {
+            fails += !check<__nv_bfloat16>(s, "bf16");
+            if (s.D == 64) { g_c64 = 2; fails += !check<__nv_bfloat16>(s, "bf16"); g_c64 = 3; }
+        }
+        printf("focus: %d failures\n", fails);
+        return 0;
+    }
     const bool do_check = argc < 2 || strcmp(argv[1], "bench") != 0;
     const bool do_bench = argc < 2 || strcmp(argv[1], "check") != 0;
     int fails = 0;
