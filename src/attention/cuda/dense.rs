@@ -246,7 +246,7 @@ fn forward_impl(
     };
     let n_extra = match extra_kv {
         Some((k2, v2)) => {
-            let (_, _, ne, _, _) = super::super::check_qkv(q, k2, v2)?;
+            let (_, _, _, ne, _) = super::super::check_qkv(q, k2, v2)?;
             if k2.dtype() != dtype || v2.dtype() != dtype {
                 return Err(err("extra k, v must have the dtype of q"));
             }
