@@ -35,11 +35,17 @@ fn main() {
     }
 
     let nvcc = find_nvcc(&root);
-    let mut sources = Vec::new();
-    collect_sources(&kernels_dir, &mut sources);
-    sources.sort();
-    // Any change under kernels/ (a .cu, a shared .cuh) rebuilds the embedded modules.
+    let mut files = Vec::new();
+    collect_files(&kernels_dir, &mut files);
+    files.sort();
+    // Any change under kernels/ (a .cu, a shared .cuh or .inc) rebuilds the embedded modules. Each
+    // file is named as well as the folder: a folder alone is only compared by its own timestamp
+    // on some cargo versions.
     println!("cargo:rerun-if-changed=kernels");
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+    let sources: Vec<PathBuf> = files.into_iter().filter(|p| p.extension().is_some_and(|e| e == "cu")).collect();
 
     // Compile in parallel: a handful of files, each nvcc call single-threaded.
     let jobs: Vec<_> = sources
@@ -98,13 +104,14 @@ fn find_nvcc(root: &Path) -> PathBuf {
     );
 }
 
-fn collect_sources(dir: &Path, out: &mut Vec<PathBuf>) {
+/// Every kernel source under `dir`: .cu files and the headers they include (.cuh, .h, .inc).
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(entries) = fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {
-            collect_sources(&path, out);
-        } else if path.extension().is_some_and(|e| e == "cu") {
+            collect_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "cu" || e == "cuh" || e == "h" || e == "inc") {
             out.push(path);
         }
     }

@@ -15,8 +15,17 @@ CUDA_DIR="$ROOT/.cuda"
 VENV="$CUDA_DIR/venv"
 TOOLKIT="$CUDA_DIR/toolkit"
 STUBS="$CUDA_DIR/stubs"
+# Flags: --print-env  only the exports on stdout (for eval), nothing else;
+#        --nvcc-only  install nvcc and stop (CI's kernel compile check: no cargo registry needed).
 PRINT_ONLY=0
-[[ "${1:-}" == "--print-env" ]] && PRINT_ONLY=1
+NVCC_ONLY=0
+for arg in "$@"; do
+    case "$arg" in
+        --print-env) PRINT_ONLY=1 ;;
+        --nvcc-only) NVCC_ONLY=1 ;;
+        *) echo "setup_cuda: unknown flag $arg (--print-env, --nvcc-only)" >&2; exit 2 ;;
+    esac
+done
 
 log() { [[ $PRINT_ONLY == 1 ]] || echo "setup_cuda: $*" >&2; }
 
@@ -34,6 +43,11 @@ if [[ ! -x "$TOOLKIT/bin/nvcc" ]]; then
     ln -sf libcudart.so.13 "$TOOLKIT/lib/libcudart.so"
 else
     log "nvcc already installed: $TOOLKIT/bin/nvcc"
+fi
+
+if [[ $NVCC_ONLY == 1 ]]; then
+    log "nvcc: $TOOLKIT/bin/nvcc ($("$TOOLKIT/bin/nvcc" --version | tail -n1))"
+    exit 0
 fi
 
 # 2. Link stubs: every `fn NAME(` in cudarc's bindings becomes `void NAME(void){}`.

@@ -112,7 +112,7 @@ mod gpu {
     use candle_core::cuda_backend::CudaDevice;
     use candle_core::{DType, Device, Tensor};
 
-    use crate::attention::cuda::linear::{self, KernelOptions};
+    use crate::attention::cuda::linear::{self, KernelOptions, OutConfig, Passes};
     use crate::attention::Rope;
 
     /// Median milliseconds of `f` over `iters` runs after `warmup`, by CUDA events on the stream.
@@ -143,17 +143,21 @@ mod gpu {
         let (major, minor) = ctx.compute_capability().map_err(drv)?;
         let mem = ctx.total_mem().map_err(drv)?;
         println!("device: cuda:{ordinal} {name}, sm_{major}{minor}, {sms} SMs, {:.1} GiB", mem as f64 / (1u64 << 30) as f64);
+        crate::kernels::keep_freed_memory(&dev)?;
         let from = crate::kernels::load(&dev, "attention/linear/linear_attn", "linear_fill_u16")?.from;
         println!("kernels: {} embedded modules, loaded from {from:?}", crate::kernels::module_keys().count());
 
         if wants(opts, "copy") {
-            let n = 1usize << 29; // 1 GiB of bf16
-            let a = Tensor::ones(n, DType::BF16, &device)?;
+            // Device-to-device copy between two preallocated 1 GiB buffers.
+            let n = 1usize << 30;
+            let src = dev.alloc_zeros::<u8>(n)?;
+            let mut dst = dev.alloc_zeros::<u8>(n)?;
+            let stream = dev.cuda_stream();
             let ms = time_ms(&dev, 2, opts.iters, || {
-                a.copy()?;
+                stream.memcpy_dtod(&src, &mut dst).map_err(|e| Error::Other(format!("copy: {e:?}")))?;
                 Ok(())
             })?;
-            println!("copy 1 GiB (read + write): {ms:.3} ms, {:.2} TB/s", 2.0 * (n * 2) as f64 / ms / 1e9);
+            println!("copy 1 GiB (read + write): {ms:.3} ms, {:.2} TB/s", 2.0 * n as f64 / ms / 1e9);
         }
         if wants(opts, "matmul") {
             let n = 4096;
@@ -184,21 +188,31 @@ mod gpu {
             let v = Tensor::randn(0f32, 1.0, (b, h, n, d), device)?.to_dtype(DType::BF16)?;
             let bytes = 4.0 * (b * h * n * d * 2) as f64;
             let shape = format!("B{b} H{h} N{n} D{d}");
-            let mut variants: Vec<(&str, Option<Rope>, bool, usize)> =
-                vec![("split", None, true, n), ("single", None, false, n)];
+            let base = KernelOptions::new(1e-15);
+            let mut variants: Vec<(&str, Option<Rope>, KernelOptions, usize)> = vec![
+                ("split", None, base, n),
+                ("single", None, KernelOptions { split_state: false, ..base }, n),
+                ("split v1", None, KernelOptions { out_config: OutConfig::V1, ..base }, n),
+                ("split v3", None, KernelOptions { out_config: OutConfig::V3, ..base }, n),
+                ("single v3", None, KernelOptions { out_config: OutConfig::V3, split_state: false, ..base }, n),
+                ("out v3", None, KernelOptions { out_config: OutConfig::V3, passes: Passes::OutOnly, ..base }, n),
+                ("state pass", None, KernelOptions { passes: Passes::StateOnly, ..base }, n),
+                ("out pass", None, KernelOptions { passes: Passes::OutOnly, ..base }, n),
+            ];
             if d == 112 {
                 // SANA-Video: RoPE numerator, and the chunk-causal form over 4 chunks.
                 let rope = rope_tables(device, n, d)?;
-                variants.push(("rope+split", Some(rope.clone()), true, n));
-                variants.push(("rope chunk/4", Some(rope), true, n.div_ceil(4)));
+                variants.push(("rope+split", Some(rope.clone()), base, n));
+                variants.push(("rope chunk/4", Some(rope), base, n.div_ceil(4)));
             }
-            for (label, rope, split, chunk) in variants {
-                let o = KernelOptions { eps: 1e-15, split_state: split };
+            for (label, rope, o, chunk) in variants {
                 let ms = time_ms(dev, 3, iters, || {
                     linear::run(&q, &k, &v, rope.as_ref(), None, chunk, &o)?;
                     Ok(())
                 })?;
-                println!("{shape:<26} {:<6} {label:<12} {ms:>9.4} {:>8.3}", "bf16", bytes / ms / 1e9);
+                // The single passes move half the bytes each (k, v in; q in, o out).
+                let moved = if o.passes == Passes::Both { bytes } else { bytes / 2.0 };
+                println!("{shape:<26} {:<6} {label:<12} {ms:>9.4} {:>8.3}", "bf16", moved / ms / 1e9);
             }
         }
         Ok(())
@@ -211,5 +225,43 @@ mod gpu {
         let freqs = Tensor::from_vec(freqs, (1, d), device)?;
         let angles = pos.broadcast_mul(&freqs)?;
         Ok(Rope { cos: angles.cos()?, sin: angles.sin()? })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse() {
+        assert!(matches!(parse_device("cpu"), Ok(Target::Cpu)));
+        assert!(matches!(parse_device("cuda"), Ok(Target::Cuda(0))));
+        assert!(matches!(parse_device("cuda:3"), Ok(Target::Cuda(3))));
+        for bad in ["gpu", "cuda:", "cuda:x", ""] {
+            assert!(matches!(parse_device(bad), Err(Error::Usage(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn bad_options_are_usage_errors() {
+        let opts = |case: Option<&str>, iters| BenchOptions { device: "cpu".into(), case: case.map(String::from), iters };
+        assert!(matches!(run(&opts(Some("nope"), 1)), Err(Error::Usage(_))));
+        assert!(matches!(run(&opts(None, 0)), Err(Error::Usage(_))));
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_says_how_to_rebuild() {
+        let opts = BenchOptions { device: "cuda".into(), case: None, iters: 1 };
+        match run(&opts) {
+            Err(Error::Usage(msg)) => assert!(msg.contains("--features cuda"), "{msg}"),
+            other => panic!("expected a usage error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cpu_matmul_case_runs() {
+        let opts = BenchOptions { device: "cpu".into(), case: Some("matmul".into()), iters: 1 };
+        run(&opts).unwrap();
     }
 }

@@ -77,6 +77,34 @@ mod imp {
         }
     }
 
+    /// Lets the device's stream-ordered memory pool keep freed memory instead of returning it to
+    /// the driver at every synchronization (its default threshold is 0). Without this, a program
+    /// that allocates its outputs per call and synchronizes between calls (a benchmark loop, a
+    /// sampler step) pays for mapping fresh pages every time: seen as a 1 GiB copy at 1.1 TB/s.
+    pub fn keep_freed_memory(dev: &CudaDevice) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let ctx = dev.cuda_stream().context().clone();
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut threshold: u64 = u64::MAX;
+        // SAFETY: plain driver calls on this device's default pool, with valid out-pointers.
+        unsafe {
+            ctx.bind_to_thread().map_err(|e| Error::Other(format!("cuda context: {e:?}")))?;
+            let r = sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device());
+            if r != sys::CUresult::CUDA_SUCCESS {
+                return Err(Error::Other(format!("cuDeviceGetDefaultMemPool: {r:?}")));
+            }
+            let r = sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut std::ffi::c_void,
+            );
+            if r != sys::CUresult::CUDA_SUCCESS {
+                return Err(Error::Other(format!("cuMemPoolSetAttribute: {r:?}")));
+            }
+        }
+        Ok(())
+    }
+
     /// The kernel `function` of the embedded module `module` on `dev`.
     pub fn load(dev: &CudaDevice, module: &str, function: &str) -> Result<Kernel> {
         let loaded = load_module(dev, module)?;

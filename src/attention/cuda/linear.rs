@@ -28,9 +28,36 @@ pub const HEAD_DIMS: [usize; 4] = [32, 64, 112, 128];
 // Mirrors of the kernel's tiling constants (linear_attn.cu): tokens per tile, pipeline stages.
 const STATE_TOK: usize = 64;
 const STATE_STAGES: usize = 3;
-const OUT_WARPS: usize = 4;
-const OUT_TOK: usize = 16 * OUT_WARPS;
-const OUT_STAGES: usize = 3;
+
+/// The output kernel's block shape (`OutConfig` in linear_attn.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutConfig {
+    /// 4 warps × 16 tokens, 3 stages: the first version, bf16 and D ∈ {64, 112, 128} only.
+    V1,
+    /// 8 warps × 32 tokens, 2 stages: the default.
+    V2,
+    /// V2 with the denominator on the tensor cores (z as an extra row of S, ReLU on the
+    /// fragments, no transform pass over Q). Plain form only: RoPE calls use V2.
+    V3,
+}
+
+impl OutConfig {
+    /// (warps, tokens per tile, stages)
+    fn shape(self) -> (usize, usize, usize) {
+        match self {
+            OutConfig::V1 => (4, 64, 3),
+            OutConfig::V2 | OutConfig::V3 => (8, 256, 2),
+        }
+    }
+}
+
+/// Which launches a call makes; all but `Both` exist to time the passes apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Passes {
+    Both,
+    StateOnly,
+    OutOnly,
+}
 
 /// How a call runs. `split_state`: S enters the query product as hi + lo parts in the element type
 /// (~16 mantissa bits, two tensor-core products); without it S is rounded once to bf16/f16.
@@ -38,11 +65,13 @@ const OUT_STAGES: usize = 3;
 pub struct KernelOptions {
     pub eps: f64,
     pub split_state: bool,
+    pub out_config: OutConfig,
+    pub passes: Passes,
 }
 
 impl KernelOptions {
     pub fn new(eps: f64) -> Self {
-        Self { eps, split_state: true }
+        Self { eps, split_state: true, out_config: OutConfig::V2, passes: Passes::Both }
     }
 }
 
@@ -52,6 +81,11 @@ static POISON_OUTPUTS: AtomicBool = AtomicBool::new(false);
 /// kernel forgets to write shows up as NaN.
 pub fn set_poison_outputs(on: bool) {
     POISON_OUTPUTS.store(on, Ordering::Relaxed);
+}
+
+/// Whether the kernels serve this dtype and head dim (otherwise use the f32 reference).
+pub fn supports(dtype: DType, head_dim: usize) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && HEAD_DIMS.contains(&head_dim)
 }
 
 /// Bidirectional linear attention over all tokens. `rope`: tables `(N, D)` for the RoPE-numerator form.
@@ -92,6 +126,20 @@ pub fn forward_chunk_causal(
     run(q, k, v, rope, None, chunk_tokens, &KernelOptions::new(eps))
 }
 
+/// Block-causal linear attention with chunks given by token boundaries `[0, b1, ..., N]` (LongSANA's
+/// first chunk absorbs the remainder: frames `[0, 11, 21]` times tokens per frame). `rope` covers all
+/// N tokens. Returns the output and the state after the last chunk.
+pub fn forward_chunked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rope: Option<&Rope>,
+    bounds: &[usize],
+    eps: f64,
+) -> Result<(Tensor, LinearState)> {
+    run_bounds(q, k, v, rope, None, bounds, &KernelOptions::new(eps))
+}
+
 /// The general entry: chunks of `chunk_tokens` tokens in order on one state (a single chunk when
 /// `chunk_tokens >= N`), starting from `state_in` or zero.
 pub fn run(
@@ -101,6 +149,23 @@ pub fn run(
     rope: Option<&Rope>,
     state_in: Option<&LinearState>,
     chunk_tokens: usize,
+    opts: &KernelOptions,
+) -> Result<(Tensor, LinearState)> {
+    let n = q.dim(2)?;
+    let step = chunk_tokens.max(1);
+    let mut bounds: Vec<usize> = (0..n).step_by(step).collect();
+    bounds.push(n);
+    run_bounds(q, k, v, rope, state_in, &bounds, opts)
+}
+
+/// [`run`] with chunk boundaries in tokens: `[0, b1, ..., N]`, increasing.
+pub fn run_bounds(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rope: Option<&Rope>,
+    state_in: Option<&LinearState>,
+    bounds: &[usize],
     opts: &KernelOptions,
 ) -> Result<(Tensor, LinearState)> {
     let bad = |m: String| Error::Other(format!("linear attention (CUDA): {m}"));
@@ -118,10 +183,20 @@ pub fn run(
     if n > i32::MAX as usize / 2 {
         return Err(bad(format!("{n} tokens is too many")));
     }
+    if n == 0 {
+        return Err(bad("no tokens".into()));
+    }
+    let valid_bounds = bounds.len() >= 2
+        && bounds[0] == 0
+        && bounds[bounds.len() - 1] == n
+        && bounds.windows(2).all(|w| w[0] < w[1]);
+    if !valid_bounds {
+        return Err(bad(format!("chunk boundaries {bounds:?} must rise from 0 to N = {n}")));
+    }
     let dev = cuda_device(q, "linear attention")?;
     match dtype {
-        DType::BF16 => run_typed::<bf16>(&dev, "bf16", q, k, v, rope, state_in, chunk_tokens, opts, (b, h, n, d)),
-        DType::F16 => run_typed::<f16>(&dev, "f16", q, k, v, rope, state_in, chunk_tokens, opts, (b, h, n, d)),
+        DType::BF16 => run_typed::<bf16>(&dev, "bf16", q, k, v, rope, state_in, bounds, opts, (b, h, n, d)),
+        DType::F16 => run_typed::<f16>(&dev, "f16", q, k, v, rope, state_in, bounds, opts, (b, h, n, d)),
         other => Err(bad(format!("dtype {other:?} has no kernel (bf16, f16)"))),
     }
 }
@@ -154,7 +229,7 @@ fn run_typed<T: CudaDType + DeviceRepr>(
     v: &Tensor,
     rope: Option<&Rope>,
     state_in: Option<&LinearState>,
-    chunk_tokens: usize,
+    bounds: &[usize],
     opts: &KernelOptions,
     (b, h, n, d): (usize, usize, usize, usize),
 ) -> Result<(Tensor, LinearState)> {
@@ -206,12 +281,22 @@ fn run_typed<T: CudaDType + DeviceRepr>(
 
     let rope_tag = if tables.is_some() { "_rope" } else { "" };
     let split_tag = if opts.split_state { "_split" } else { "" };
+    let v3 = opts.out_config == OutConfig::V3 && tables.is_none();
+    let version_tag = match opts.out_config {
+        OutConfig::V1 => "_v1",
+        OutConfig::V3 if v3 => "_v3",
+        _ => "",
+    };
     let state_fn = kernels::load(dev, MODULE, &format!("linear_state{rope_tag}_{tname}_d{d}"))?;
-    let out_fn = kernels::load(dev, MODULE, &format!("linear_out{rope_tag}{split_tag}_{tname}_d{d}"))?;
+    let out_fn = kernels::load(dev, MODULE, &format!("linear_out{rope_tag}{split_tag}{version_tag}_{tname}_d{d}"))?;
     let state_threads = 2 * d;
     let state_smem = 2 * STATE_STAGES * STATE_TOK * (d + 8) * elem;
-    let out_threads = 32 * OUT_WARPS;
-    let out_smem = (OUT_STAGES * OUT_TOK * (d + 8) + (1 + opts.split_state as usize) * d * (d + 8)) * elem + (d + OUT_TOK) * 4;
+    let (out_warps, out_tok, out_stages) = opts.out_config.shape();
+    let out_threads = 32 * out_warps;
+    // Q stages, S hi (+ lo) with z as an extra row block in v3, then fp32 z, 1/c per row and the
+    // denominators (`RS` rows in linear_attn.cu).
+    let rows = if v3 { d + 8 } else { d };
+    let out_smem = (out_stages * out_tok * (d + 8) + (1 + opts.split_state as usize) * rows * (d + 8)) * elem + (2 * rows + out_tok) * 4;
     state_fn.set_max_dynamic_smem(state_smem)?;
     out_fn.set_max_dynamic_smem(out_smem)?;
     let sms = sm_count(dev)? as usize;
@@ -231,18 +316,21 @@ fn run_typed<T: CudaDType + DeviceRepr>(
     let null: u64 = 0;
     let eps = opts.eps as f32;
 
-    let mut begin = 0usize;
-    while begin < n {
-        let count = chunk_tokens.min(n - begin);
+    for w in bounds.windows(2) {
+        let (begin, count) = (w[0], w[1] - w[0]);
+        if count == 0 {
+            continue;
+        }
         // Pass 1: S, z += this chunk's keys and values.
         let (tpb, blocks) = split_tiles(count.div_ceil(STATE_TOK), bh, state_slots);
         let layout = KernelLayout { n_tokens: n as i32, n_begin: begin as i32, n_count: count as i32, tiles_per_block: tpb as i32 };
+        let run_state = opts.passes != Passes::OutOnly;
         let cfg = LaunchConfig {
             grid_dim: (bh as u32, blocks as u32, 1),
             block_dim: (state_threads as u32, 1, 1),
             shared_mem_bytes: state_smem as u32,
         };
-        {
+        if run_state {
             let mut launch = state_fn.builder();
             launch.arg(&vk).arg(&vv);
             match &table_views {
@@ -254,14 +342,15 @@ fn run_typed<T: CudaDType + DeviceRepr>(
         }
 
         // Pass 2: this chunk's outputs from the updated state.
-        let (tpb, blocks) = split_tiles(count.div_ceil(OUT_TOK), bh, out_slots);
+        let (tpb, blocks) = split_tiles(count.div_ceil(out_tok), bh, out_slots);
         let layout = KernelLayout { tiles_per_block: tpb as i32, ..layout };
+        let run_out = opts.passes != Passes::StateOnly;
         let cfg = LaunchConfig {
             grid_dim: (bh as u32, blocks as u32, 1),
             block_dim: (out_threads as u32, 1, 1),
             shared_mem_bytes: out_smem as u32,
         };
-        {
+        if run_out {
             let mut launch = out_fn.builder();
             launch.arg(&vq).arg(&mut out);
             match &table_views {
@@ -271,7 +360,6 @@ fn run_typed<T: CudaDType + DeviceRepr>(
             launch.arg(&kv).arg(&ksum).arg(&eps).arg(&layout);
             unsafe { launch.launch(cfg) }.map_err(|e| bad(format!("output kernel launch: {e:?}")))?;
         }
-        begin += count;
     }
 
     let o = into_tensor(out, dev, (b, h, n, d));
