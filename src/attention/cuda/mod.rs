@@ -2,6 +2,7 @@
 //! tensors `(B, H, N, D)` and return tensors. The backends in `src/attention/*.rs` dispatch here
 //! when their tensors live on the GPU.
 
+pub mod dense;
 pub mod linear;
 
 use candle_core::backend::BackendStorage;
