@@ -129,11 +129,10 @@ pub fn forward(p: &DenseParams, input: &AttentionInput) -> Result<(Tensor, Tenso
     }
     let scale = p.scale_for(d);
 
-    // ---- CUDA DISPATCH POINT ------------------------------------------------------------------
-    // When the tensors are on the GPU, the dense CUDA kernel is called here (added by the CUDA
-    // work, behind `#[cfg(feature = "cuda")]` and `input.q.device().is_cuda()`); it must return
-    // the same (out, lse) as `reference`. Until then the reference below runs on any device.
-    // --------------------------------------------------------------------------------------------
+    #[cfg(feature = "cuda")]
+    if input.q.device().is_cuda() && super::cuda::dense::supports(input.q.dtype(), d) && !super::reference_only() {
+        return super::cuda::dense::forward(input.q, input.k, input.v, input.key_mask, input.extra_kv, scale);
+    }
 
     let (out, lse) = reference(input.q, input.k, input.v, input.key_mask, input.extra_kv, scale)?;
     Ok((out.to_dtype(input.q.dtype())?, lse))
