@@ -17,6 +17,15 @@ use crate::weights::hub::HubConfig;
 use crate::weights::random::{random_var_builder, seeded_normal};
 use crate::weights::{ModelRepo, ModelSource};
 
+/// What the pipeline returns before quantization to 8-bit images.
+#[derive(Debug, Clone)]
+pub struct SanaOutput {
+    /// The denoised latents `(B, C, h, w)`, f32, before the VAE's scaling.
+    pub latents: Tensor,
+    /// The decoder's output `(B, 3, H, W)`, nominally in [-1, 1], not clamped.
+    pub pixels: Tensor,
+}
+
 /// What a spec's `[scheduler]` table asks for.
 #[derive(Debug, Clone, PartialEq)]
 struct Sampling {
@@ -79,14 +88,48 @@ impl SanaPipeline {
         self.vae.config().spatial_compression() * self.transformer.config().patch_size
     }
 
+    /// Latent `(channels, height, width)` for an image of `width` x `height` pixels.
+    pub fn latent_shape(&self, width: usize, height: usize) -> (usize, usize, usize) {
+        let compression = self.vae.config().spatial_compression();
+        (self.transformer.config().in_channels, height / compression, width / compression)
+    }
+
     pub fn generate(&self, request: &ImageRequest, progress: &mut dyn FnMut(Progress) -> Flow) -> Result<Vec<RgbImage>> {
         request.validate()?;
-        let width = request.width.unwrap_or(self.default_size.0);
-        let height = request.height.unwrap_or(self.default_size.1);
+        let (width, height) = self.image_size(request)?;
+        let (channels, h, w) = self.latent_shape(width, height);
+        let noise = seeded_normal(request.seed, (request.count, channels, h, w), &self.device)?;
+        let output = self.generate_from_latents(request, noise, progress)?;
+        to_images(&output.pixels)
+    }
+
+    /// The whole pipeline from given initial latents `(count, C, h, w)` (diffusers' `latents=`
+    /// argument): the image size is the latents' size; the request's width and height, if set, must
+    /// agree with it. Returns the final latents and the decoder's pixels, before any clamping.
+    pub fn generate_from_latents(
+        &self,
+        request: &ImageRequest,
+        latents: Tensor,
+        progress: &mut dyn FnMut(Progress) -> Flow,
+    ) -> Result<SanaOutput> {
+        request.validate()?;
+        let (batch, channels, h, w) = latents.dims4()?;
+        let compression = self.vae.config().spatial_compression();
+        let (width, height) = (w * compression, h * compression);
+        let expected = self.latent_shape(request.width.unwrap_or(width), request.height.unwrap_or(height));
+        if expected != (channels, h, w) || batch != request.count {
+            return Err(Error::usage(format!(
+                "initial latents {:?} do not fit the request: expected ({}, {}, {}, {})",
+                latents.dims(),
+                request.count,
+                expected.0,
+                expected.1,
+                expected.2
+            )));
+        }
         ImageRequest::check_size(width, height, self.pixels_per_token(), &self.name)?;
         let steps = request.steps.unwrap_or(self.sampling.steps);
         let cfg = request.cfg.unwrap_or(self.sampling.cfg);
-        let batch = request.count;
         let report = |progress: &mut dyn FnMut(Progress) -> Flow, stage, step, total| match progress(Progress {
             stage,
             step,
@@ -100,6 +143,7 @@ impl SanaPipeline {
         let prompts = vec![request.prompt.as_str(); batch];
         let positive = self.text.encode_prompts(&prompts)?;
         let sprint = self.sampling.kind == "scm";
+        // diffusers: `do_classifier_free_guidance = guidance_scale > 1`
         let use_cfg = !sprint && cfg > 1.0;
         let conditioning = if use_cfg {
             let negative_text = request.negative_prompt.as_deref().unwrap_or(&self.default_negative);
@@ -112,22 +156,25 @@ impl SanaPipeline {
         let mask = conditioning.mask.clone();
         report(progress, Stage::Encode, 1, 1)?;
 
-        let compression = self.vae.config().spatial_compression();
-        let channels = self.transformer.config().in_channels;
-        let shape = (batch, channels, height / compression, width / compression);
-        let noise = seeded_normal(request.seed, shape, &self.device)?;
-
+        // Latents stay f32 between steps, as diffusers keeps them.
+        let latents = latents.to_device(&self.device)?.to_dtype(DType::F32)?;
         let latents = if sprint {
-            self.denoise_scm(noise, steps, cfg, &text, &mask, request.seed, progress)?
+            self.denoise_scm(latents, steps, cfg, &text, &mask, request.seed, progress)?
         } else {
-            self.denoise_flow(noise, steps, cfg, use_cfg, &text, &mask, progress)?
+            self.denoise_flow(latents, steps, cfg, use_cfg, &text, &mask, progress)?
         };
 
         report(progress, Stage::Decode, 0, 1)?;
         let pixels = self.vae.decode_scaled(&latents.to_dtype(self.vae_dtype())?)?;
-        let images = to_images(&pixels)?;
         report(progress, Stage::Decode, 1, 1)?;
-        Ok(images)
+        Ok(SanaOutput { latents, pixels })
+    }
+
+    fn image_size(&self, request: &ImageRequest) -> Result<(usize, usize)> {
+        let width = request.width.unwrap_or(self.default_size.0);
+        let height = request.height.unwrap_or(self.default_size.1);
+        ImageRequest::check_size(width, height, self.pixels_per_token(), &self.name)?;
+        Ok((width, height))
     }
 
     fn vae_dtype(&self) -> DType {
@@ -157,7 +204,10 @@ impl SanaPipeline {
             "flow-euler" => Box::new(FlowEuler::new(FlowEulerConfig { shift: self.sampling.shift, ..Default::default() }, steps)?),
             other => return Err(Error::Other(format!("scheduler `{other}` is not a flow scheduler"))),
         };
-        let timestep_scale = self.transformer.config().timestep_scale;
+        let config = self.transformer.config();
+        let timestep_scale = config.timestep_scale;
+        let latent_channels = config.in_channels;
+        let learned_sigma = config.out_channels() / 2 == latent_channels;
         // Latents stay f32 between steps, as diffusers keeps them; the model sees its dtype.
         let mut x = (noise * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
@@ -178,6 +228,8 @@ impl SanaPipeline {
             } else {
                 v
             };
+            // A model that also predicts a variance (out = 2 x in channels) keeps the first half.
+            let v = if learned_sigma { v.narrow(1, 0, latent_channels)? } else { v };
             x = scheduler.step(&v, i, &x)?;
         }
         if progress(Progress { stage: Stage::Denoise, step: steps, total: steps }) == Flow::Cancel {
