@@ -210,6 +210,8 @@ impl SanaPipeline {
         let learned_sigma = config.out_channels() / 2 == latent_channels;
         // Latents stay f32 between steps, as diffusers keeps them; the model sees its dtype.
         let mut x = (noise * scheduler.init_noise_sigma())?;
+        // The schedulers give the model's conditioning values as diffusers does (DPM-Solver's are
+        // truncated to integers there); the pipeline only scales them.
         let timesteps = scheduler.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
             if progress(Progress { stage: Stage::Denoise, step: i, total: steps }) == Flow::Cancel {
@@ -217,7 +219,6 @@ impl SanaPipeline {
             }
             let model_in = if use_cfg { Tensor::cat(&[&x, &x], 0)? } else { x.clone() };
             let b = model_in.dim(0)?;
-            let t = if self.sampling.kind == "flow-dpm-solver" { t.trunc() } else { t };
             let timestep = Tensor::full((t * timestep_scale) as f32, b, &self.device)?;
             let v = self.transformer.forward(&model_in.to_dtype(self.dtype)?, &timestep, text, mask, None)?;
             let v = v.to_dtype(DType::F32)?;
