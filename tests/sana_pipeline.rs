@@ -177,7 +177,8 @@ fn cli_makes_a_png_from_the_local_folder() {
 
 fn assert_weights_error(spec: &Path, needles: &[&str]) {
     let out = spec.with_file_name("out.png");
-    let (code, err) = gen(&["image", "--model", spec.to_str().unwrap(), "--prompt", "a fox", "--out", out.to_str().unwrap()]);
+    let (code, err) =
+        gen(&["image", "--model", spec.to_str().unwrap(), "--prompt", "a fox", "--out", out.to_str().unwrap()]);
     assert_eq!(code, 2, "stderr: {err}");
     for needle in needles {
         assert!(err.contains(needle), "stderr should name `{needle}`: {err}");

@@ -10,8 +10,12 @@ use crate::attention::plan::AttentionPlan;
 use crate::error::{Error, Result};
 use crate::models::dcae::{AutoencoderDc, DcAeConfig, TilingConfig};
 use crate::models::sana::{SanaConfig, SanaTransformer};
-use crate::models::text::{Gemma2Config, Gemma2Encoder, GemmaTokenizer, PromptEmbeddings, SanaPromptConfig, SanaTextEncoder};
-use crate::schedulers::{FlowDpmSolver, FlowDpmSolverConfig, FlowEuler, FlowEulerConfig, ScmConfig, ScmScheduler, Scheduler};
+use crate::models::text::{
+    Gemma2Config, Gemma2Encoder, GemmaTokenizer, PromptEmbeddings, SanaPromptConfig, SanaTextEncoder,
+};
+use crate::schedulers::{
+    FlowDpmSolver, FlowDpmSolverConfig, FlowEuler, FlowEulerConfig, Scheduler, ScmConfig, ScmScheduler,
+};
 use crate::spec::PipelineSpec;
 use crate::weights::hub::HubConfig;
 use crate::weights::random::{random_var_builder, seeded_normal};
@@ -94,7 +98,11 @@ impl SanaPipeline {
         (self.transformer.config().in_channels, height / compression, width / compression)
     }
 
-    pub fn generate(&self, request: &ImageRequest, progress: &mut dyn FnMut(Progress) -> Flow) -> Result<Vec<RgbImage>> {
+    pub fn generate(
+        &self,
+        request: &ImageRequest,
+        progress: &mut dyn FnMut(Progress) -> Flow,
+    ) -> Result<Vec<RgbImage>> {
         request.validate()?;
         let (width, height) = self.image_size(request)?;
         let (channels, h, w) = self.latent_shape(width, height);
@@ -201,7 +209,9 @@ impl SanaPipeline {
                 FlowDpmSolverConfig { flow_shift: self.sampling.shift, ..FlowDpmSolverConfig::sana() },
                 steps,
             )?),
-            "flow-euler" => Box::new(FlowEuler::new(FlowEulerConfig { shift: self.sampling.shift, ..Default::default() }, steps)?),
+            "flow-euler" => {
+                Box::new(FlowEuler::new(FlowEulerConfig { shift: self.sampling.shift, ..Default::default() }, steps)?)
+            }
             other => return Err(Error::Other(format!("scheduler `{other}` is not a flow scheduler"))),
         };
         let config = self.transformer.config();
@@ -306,7 +316,14 @@ pub fn to_images(pixels: &Tensor) -> Result<Vec<RgbImage>> {
 
 type Parts = (SanaTransformer, AutoencoderDc, SanaTextEncoder);
 
-fn load_random(spec: &PipelineSpec, plan: &AttentionPlan, seed: u64, dtype: DType, aux: DType, device: &Device) -> Result<Parts> {
+fn load_random(
+    spec: &PipelineSpec,
+    plan: &AttentionPlan,
+    seed: u64,
+    dtype: DType,
+    aux: DType,
+    device: &Device,
+) -> Result<Parts> {
     let config = SanaConfig::preset(&spec.preset)?;
     let tiny = spec.preset == "tiny";
     let vae_config = if tiny { DcAeConfig::tiny() } else { DcAeConfig::f32c32_sana_1_0() };
@@ -314,16 +331,28 @@ fn load_random(spec: &PipelineSpec, plan: &AttentionPlan, seed: u64, dtype: DTyp
     let transformer = SanaTransformer::new(&config, plan, random_var_builder(seed, dtype, device))?;
     let vae = AutoencoderDc::new_decoder_only(&vae_config, random_var_builder(seed ^ 1, aux, device))?;
     let gemma = Gemma2Encoder::new(&text_config, random_var_builder(seed ^ 2, aux, device))?;
-    let prompt_config = if tiny { SanaPromptConfig { max_sequence_length: 16, ..SanaPromptConfig::image() } } else { SanaPromptConfig::image() };
+    let prompt_config = if tiny {
+        SanaPromptConfig { max_sequence_length: 16, ..SanaPromptConfig::image() }
+    } else {
+        SanaPromptConfig::image()
+    };
     let text = SanaTextEncoder::new(GemmaTokenizer::char_level()?, gemma, prompt_config);
     Ok((transformer, vae, text))
 }
 
-fn load_checkpoint(spec: &PipelineSpec, plan: &AttentionPlan, dtype: DType, aux: DType, device: &Device) -> Result<Parts> {
+fn load_checkpoint(
+    spec: &PipelineSpec,
+    plan: &AttentionPlan,
+    dtype: DType,
+    aux: DType,
+    device: &Device,
+) -> Result<Parts> {
     let source = match (&spec.weights.repo, spec.local_weights()) {
         (Some(repo), _) => ModelSource::Hub { repo_id: repo.clone(), revision: spec.weights.revision.clone() },
         (None, Some(path)) => ModelSource::parse(&path.display().to_string())?,
-        (None, None) => return Err(Error::Spec { file: spec.source.display().to_string(), msg: "no weights source".into() }),
+        (None, None) => {
+            return Err(Error::Spec { file: spec.source.display().to_string(), msg: "no weights source".into() })
+        }
     };
     let repo = ModelRepo::open(&source, &HubConfig::from_env())?;
     let read = |component: &str| -> Result<String> {
@@ -333,9 +362,12 @@ fn load_checkpoint(spec: &PipelineSpec, plan: &AttentionPlan, dtype: DType, aux:
     let config = SanaConfig::from_diffusers_json(&read("transformer")?)?;
     let vae_config = DcAeConfig::from_diffusers_json(&read("vae")?)?;
     let text_config = Gemma2Config::from_json_file(&repo.component_config("text_encoder")?)?;
-    let transformer = repo.open_weights("transformer", None)?.build(dtype, device, |vb| SanaTransformer::new(&config, plan, vb))?;
-    let vae = repo.open_weights("vae", None)?.build(aux, device, |vb| AutoencoderDc::new_decoder_only(&vae_config, vb))?;
-    let gemma = repo.open_weights("text_encoder", None)?.build(aux, device, |vb| Gemma2Encoder::new(&text_config, vb))?;
+    let transformer =
+        repo.open_weights("transformer", None)?.build(dtype, device, |vb| SanaTransformer::new(&config, plan, vb))?;
+    let vae =
+        repo.open_weights("vae", None)?.build(aux, device, |vb| AutoencoderDc::new_decoder_only(&vae_config, vb))?;
+    let gemma =
+        repo.open_weights("text_encoder", None)?.build(aux, device, |vb| Gemma2Encoder::new(&text_config, vb))?;
     let tokenizer = GemmaTokenizer::from_file(&repo.tokenizer_json("tokenizer")?)?;
     Ok((transformer, vae, SanaTextEncoder::new(tokenizer, gemma, SanaPromptConfig::image())))
 }
