@@ -277,7 +277,8 @@ impl SanaPipeline {
                 return Err(Error::Cancelled);
             }
             let x_in = scheduler.model_input(&x, s)?;
-            let t = ScmScheduler::model_time(s) * config.timestep_scale;
+            // diffusers' SanaSprintPipeline passes the TrigFlow time as is: no `timestep_scale`.
+            let t = ScmScheduler::model_time(s);
             let timestep = Tensor::full(t as f32, b, &self.device)?;
             let v = self.transformer.forward(&x_in.to_dtype(self.dtype)?, &timestep, text, mask, guidance.as_ref())?;
             let f = scheduler.trigflow_output(&x_in, &v.to_dtype(DType::F32)?, s)?;

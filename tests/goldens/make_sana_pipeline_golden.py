@@ -63,6 +63,8 @@ TRANSFORMER = dict(
     sample_size=8,
     patch_size=1,
     norm_eps=1e-6,
+    # Released SANA configs keep 1.0; another value checks that the pipeline applies it.
+    timestep_scale=0.75,
 )
 
 VAE = dict(
