@@ -21,6 +21,9 @@ use crate::weights::hub::HubConfig;
 use crate::weights::random::{random_var_builder, seeded_normal};
 use crate::weights::{ModelRepo, ModelSource};
 
+/// Images up to this many pixels per side are decoded untiled, as diffusers does by default.
+const UNTILED_DECODE_MAX_SIDE: usize = 2048;
+
 /// What the pipeline returns before quantization to 8-bit images.
 #[derive(Debug, Clone)]
 pub struct SanaOutput {
@@ -70,6 +73,16 @@ impl SanaPipeline {
             None => load_checkpoint(spec, plan, dtype, aux_dtype, &device)?,
         };
         let vae = vae.with_tiling(Some(TilingConfig::default()))?;
+        if transformer.config().in_channels != vae.config().latent_channels {
+            return Err(Error::Spec {
+                file: spec.source.display().to_string(),
+                msg: format!(
+                    "the transformer takes {} latent channels but the VAE makes {}",
+                    transformer.config().in_channels,
+                    vae.config().latent_channels
+                ),
+            });
+        }
         Ok(Self {
             name: spec.name.clone(),
             transformer,
@@ -173,7 +186,14 @@ impl SanaPipeline {
         };
 
         report(progress, Stage::Decode, 0, 1)?;
-        let pixels = self.vae.decode_scaled(&latents.to_dtype(self.vae_dtype())?)?;
+        let raw = (latents.to_dtype(self.vae_dtype())? / self.vae.scaling_factor())?;
+        // diffusers decodes in one piece unless tiling is asked for; so do we up to 2K, and tile
+        // beyond, where one piece would need tens of GB (SANA's docs tile 4K decodes too).
+        let pixels = if width.max(height) <= UNTILED_DECODE_MAX_SIDE {
+            self.vae.decode_untiled(&raw)?
+        } else {
+            self.vae.decode(&raw)?
+        };
         report(progress, Stage::Decode, 1, 1)?;
         Ok(SanaOutput { latents, pixels })
     }
