@@ -75,8 +75,13 @@ fn postprocess(pixels: &Tensor) -> Tensor {
 fn check_case(case: &str, spec: PipelineSpec) {
     let golden = Golden::load();
     let pipe = load(spec);
-    let initial = golden.tensor("input.latents").clone();
-    let out = pipe.generate_from_latents(&golden.request(), initial, &mut |_| Flow::Continue).expect("generate");
+    let (initial, request) = if case == "sprint" {
+        let steps = golden.meta("sprint_steps").parse().unwrap();
+        (golden.tensor("input.sprint_latents").clone(), golden.request().steps(steps))
+    } else {
+        (golden.tensor("input.latents").clone(), golden.request())
+    };
+    let out = pipe.generate_from_latents(&request, initial, &mut |_| Flow::Continue).expect("generate");
     let latents = rel_err(&out.latents, golden.tensor(&format!("{case}.latents")));
     let decoded = rel_err(&out.pixels, golden.tensor(&format!("{case}.decoded")));
     let image = rel_err(&postprocess(&out.pixels), golden.tensor(&format!("{case}.image")));
@@ -96,6 +101,13 @@ fn flow_euler_matches_diffusers_from_prompt_to_pixels() {
     let mut spec = spec();
     spec.scheduler.kind = "flow-euler".into();
     check_case("euler", spec);
+}
+
+/// SANA-Sprint: sCM in TrigFlow time with the guidance embedded (no CFG batch), one step.
+#[test]
+fn sprint_scm_matches_diffusers_from_prompt_to_pixels() {
+    let spec = PipelineSpec::load(&goldens().join("sana-tiny-sprint.toml")).expect("spec");
+    check_case("sprint", spec);
 }
 
 #[test]

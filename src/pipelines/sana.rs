@@ -281,7 +281,11 @@ impl SanaPipeline {
         seed: u64,
         progress: &mut dyn FnMut(Progress) -> Flow,
     ) -> Result<Tensor> {
-        let scheduler = ScmScheduler::new(ScmConfig::default(), steps)?;
+        // SANA-Sprint's middle time (1.3) is for 2 steps only; other counts space the times evenly,
+        // as diffusers' SanaSprintPipeline does with `intermediate_timesteps=None` (it refuses otherwise).
+        let defaults = ScmConfig::default();
+        let intermediate_timesteps = if steps == 2 { defaults.intermediate_timesteps } else { None };
+        let scheduler = ScmScheduler::new(ScmConfig { intermediate_timesteps, ..defaults }, steps)?;
         let config = self.transformer.config();
         let b = noise.dim(0)?;
         let guidance = config

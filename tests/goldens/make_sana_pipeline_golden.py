@@ -15,6 +15,8 @@ Cases, saved in tests/goldens/sana_tiny_pipeline.safetensors:
     dpm.decoded               the VAE's raw output for those latents (unclamped: with random weights
                               many pixels clamp, so this is the sharper check)
     euler.*                   the same with FlowMatchEulerDiscreteScheduler(shift=3)
+    input.sprint_latents, sprint.*   SanaSprintPipeline (SCMScheduler, 1 step, guidance 4.5 embedded) on
+                              tests/goldens/sana_tiny_sprint/ (qk norm, guidance embedding, a 4x VAE)
 The prompt, negative prompt, steps, guidance and size are in the file's metadata.
 
 Run: /work/pyenv/bin/python tests/goldens/make_sana_pipeline_golden.py   (reference: diffusers 0.42.1)
@@ -32,13 +34,16 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     SanaPipeline,
+    SanaSprintPipeline,
     SanaTransformer2DModel,
+    SCMScheduler,
 )
 from safetensors.torch import save_file
 from transformers import Gemma2Config, Gemma2Model, PreTrainedTokenizerFast
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FOLDER = os.path.join(HERE, "sana_tiny_pipeline")
+SPRINT_FOLDER = os.path.join(HERE, "sana_tiny_sprint")
 GOLDEN = os.path.join(HERE, "sana_tiny_pipeline.safetensors")
 
 PROMPT = "A red fox sleeping in the snow"
@@ -103,6 +108,22 @@ SANA_SCHEDULER = dict(
 )
 
 
+# SANA-Sprint: qk norm and the guidance embedding; a smaller VAE (ResBlocks only, 4x) keeps the folder small.
+SPRINT_TRANSFORMER = dict(TRANSFORMER, qk_norm="rms_norm_across_heads", guidance_embeds=True)
+SPRINT_VAE = dict(
+    VAE,
+    encoder_block_types="ResBlock",
+    decoder_block_types="ResBlock",
+    encoder_block_out_channels=(8, 8, 16),
+    decoder_block_out_channels=(8, 8, 16),
+    encoder_layers_per_block=(1, 1, 1),
+    decoder_layers_per_block=(1, 1, 1),
+    encoder_qkv_multiscales=((), (), ()),
+    decoder_qkv_multiscales=((), (), ()),
+)
+SPRINT_STEPS = 1  # one step: the fresh noise drawn after the last step never reaches the output
+
+
 def randomize(model: torch.nn.Module, seed: int) -> None:
     """Every parameter random: vectors around 1 (norms) or 0 (biases), matrices ~ 1/sqrt(fan_in)."""
     g = torch.Generator().manual_seed(seed)
@@ -141,22 +162,21 @@ def build_text_encoder(vocab_size: int) -> Gemma2Model:
     return model
 
 
-def build_folder() -> None:
+def build_folder(cls, folder: str, transformer_config: dict, vae_config: dict, scheduler, seed: int) -> None:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(HERE, "gemma_tiny", "tokenizer"))
     text_encoder = build_text_encoder(len(tokenizer))
-    torch.manual_seed(22)
-    transformer = SanaTransformer2DModel(**TRANSFORMER).eval()
-    randomize(transformer, 23)
-    torch.manual_seed(24)
-    vae = AutoencoderDC(**VAE).eval()
-    randomize(vae, 25)
-    scheduler = DPMSolverMultistepScheduler(**SANA_SCHEDULER)
-    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
-    if os.path.isdir(FOLDER):
-        shutil.rmtree(FOLDER)
-    pipe.save_pretrained(FOLDER, safe_serialization=True)
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(**transformer_config).eval()
+    randomize(transformer, seed + 1)
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderDC(**vae_config).eval()
+    randomize(vae, seed + 3)
+    pipe = cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
     for junk in ("special_tokens_map.json", "chat_template.jinja"):
-        p = os.path.join(FOLDER, "tokenizer", junk)
+        p = os.path.join(folder, "tokenizer", junk)
         if os.path.exists(p):
             os.remove(p)
 
@@ -177,8 +197,36 @@ def run(pipe: SanaPipeline, latents: torch.Tensor, output_type: str) -> torch.Te
         )[0]
 
 
+def run_sprint(out: dict) -> None:
+    build_folder(SanaSprintPipeline, SPRINT_FOLDER, SPRINT_TRANSFORMER, SPRINT_VAE, SCMScheduler(), 32)
+    pipe = SanaSprintPipeline.from_pretrained(SPRINT_FOLDER, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(36)
+    latents = torch.randn((1, SPRINT_TRANSFORMER["in_channels"], HEIGHT // 4, WIDTH // 4), generator=g)
+    kwargs = dict(
+        prompt=PROMPT,
+        num_inference_steps=SPRINT_STEPS,
+        intermediate_timesteps=None,
+        guidance_scale=GUIDANCE,
+        height=HEIGHT,
+        width=WIDTH,
+        use_resolution_binning=False,
+        return_dict=False,
+    )
+    with torch.no_grad():
+        final = pipe(latents=latents.clone(), output_type="latent", **kwargs)[0]
+        image = pipe(latents=latents.clone(), output_type="pt", **kwargs)[0]
+        decoded = pipe.vae.decode(final / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    assert torch.allclose(image, (decoded / 2 + 0.5).clamp(0, 1), atol=1e-6)
+    print(f"sprint: |latents| {final.abs().max():.3f}, clamped {(image == 0).sum() + (image == 1).sum()}")
+    out["input.sprint_latents"] = latents
+    out["sprint.latents"] = final
+    out["sprint.image"] = image
+    out["sprint.decoded"] = decoded
+
+
 def main() -> None:
-    build_folder()
+    build_folder(SanaPipeline, FOLDER, TRANSFORMER, VAE, DPMSolverMultistepScheduler(**SANA_SCHEDULER), 22)
     pipe = SanaPipeline.from_pretrained(FOLDER, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(26)
@@ -201,10 +249,12 @@ def main() -> None:
         out[f"{case}.latents"] = final
         out[f"{case}.image"] = image
         out[f"{case}.decoded"] = decoded
+    run_sprint(out)
     meta = {
         "prompt": PROMPT,
         "negative_prompt": NEGATIVE,
         "steps": str(STEPS),
+        "sprint_steps": str(SPRINT_STEPS),
         "guidance": str(GUIDANCE),
         "height": str(HEIGHT),
         "width": str(WIDTH),
@@ -213,8 +263,10 @@ def main() -> None:
         "scheduler": json.dumps(SANA_SCHEDULER),
     }
     save_file({k: v.detach().float().contiguous() for k, v in out.items()}, GOLDEN, metadata=meta)
-    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(FOLDER) for f in fs)
-    print(f"{FOLDER}: {total} bytes; {GOLDEN}: {os.path.getsize(GOLDEN)} bytes")
+    for folder in (FOLDER, SPRINT_FOLDER):
+        total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
+        print(f"{folder}: {total} bytes")
+    print(f"{GOLDEN}: {os.path.getsize(GOLDEN)} bytes")
 
 
 if __name__ == "__main__":
