@@ -14,7 +14,7 @@ pub enum Error {
     Spec { file: String, msg: String },
 
     /// Weights that are missing, truncated or do not match the model.
-    #[error("weights {file}: tensor `{tensor}`: {msg}")]
+    #[error("weights {file}: {}{msg}", tensor_prefix(.tensor))]
     Weights { file: String, tensor: String, msg: String },
 
     /// An attention backend that cannot serve a layer, with the reason.
@@ -32,6 +32,15 @@ pub enum Error {
 
     #[error("{0}")]
     Other(String),
+}
+
+/// "tensor `NAME`: ", or nothing when the fault is the whole file.
+fn tensor_prefix(tensor: &str) -> String {
+    if tensor.is_empty() {
+        String::new()
+    } else {
+        format!("tensor `{tensor}`: ")
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -10,12 +10,28 @@ use crate::attention::plan::AttentionPlan;
 use crate::error::{Error, Result};
 use crate::models::dcae::{AutoencoderDc, DcAeConfig, TilingConfig};
 use crate::models::sana::{SanaConfig, SanaTransformer};
-use crate::models::text::{Gemma2Config, Gemma2Encoder, GemmaTokenizer, PromptEmbeddings, SanaPromptConfig, SanaTextEncoder};
-use crate::schedulers::{FlowDpmSolver, FlowDpmSolverConfig, FlowEuler, FlowEulerConfig, ScmConfig, ScmScheduler, Scheduler};
+use crate::models::text::{
+    Gemma2Config, Gemma2Encoder, GemmaTokenizer, PromptEmbeddings, SanaPromptConfig, SanaTextEncoder,
+};
+use crate::schedulers::{
+    FlowDpmSolver, FlowDpmSolverConfig, FlowEuler, FlowEulerConfig, Scheduler, ScmConfig, ScmScheduler,
+};
 use crate::spec::PipelineSpec;
 use crate::weights::hub::HubConfig;
 use crate::weights::random::{random_var_builder, seeded_normal};
 use crate::weights::{ModelRepo, ModelSource};
+
+/// Images up to this many pixels per side are decoded untiled, as diffusers does by default.
+const UNTILED_DECODE_MAX_SIDE: usize = 2048;
+
+/// What the pipeline returns before quantization to 8-bit images.
+#[derive(Debug, Clone)]
+pub struct SanaOutput {
+    /// The denoised latents `(B, C, h, w)`, f32, before the VAE's scaling.
+    pub latents: Tensor,
+    /// The decoder's output `(B, 3, H, W)`, nominally in [-1, 1], not clamped.
+    pub pixels: Tensor,
+}
 
 /// What a spec's `[scheduler]` table asks for.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +73,16 @@ impl SanaPipeline {
             None => load_checkpoint(spec, plan, dtype, aux_dtype, &device)?,
         };
         let vae = vae.with_tiling(Some(TilingConfig::default()))?;
+        if transformer.config().in_channels != vae.config().latent_channels {
+            return Err(Error::Spec {
+                file: spec.source.display().to_string(),
+                msg: format!(
+                    "the transformer takes {} latent channels but the VAE makes {}",
+                    transformer.config().in_channels,
+                    vae.config().latent_channels
+                ),
+            });
+        }
         Ok(Self {
             name: spec.name.clone(),
             transformer,
@@ -79,14 +105,52 @@ impl SanaPipeline {
         self.vae.config().spatial_compression() * self.transformer.config().patch_size
     }
 
-    pub fn generate(&self, request: &ImageRequest, progress: &mut dyn FnMut(Progress) -> Flow) -> Result<Vec<RgbImage>> {
+    /// Latent `(channels, height, width)` for an image of `width` x `height` pixels.
+    pub fn latent_shape(&self, width: usize, height: usize) -> (usize, usize, usize) {
+        let compression = self.vae.config().spatial_compression();
+        (self.transformer.config().in_channels, height / compression, width / compression)
+    }
+
+    pub fn generate(
+        &self,
+        request: &ImageRequest,
+        progress: &mut dyn FnMut(Progress) -> Flow,
+    ) -> Result<Vec<RgbImage>> {
         request.validate()?;
-        let width = request.width.unwrap_or(self.default_size.0);
-        let height = request.height.unwrap_or(self.default_size.1);
+        let (width, height) = self.image_size(request)?;
+        let (channels, h, w) = self.latent_shape(width, height);
+        let noise = seeded_normal(request.seed, (request.count, channels, h, w), &self.device)?;
+        let output = self.generate_from_latents(request, noise, progress)?;
+        to_images(&output.pixels)
+    }
+
+    /// The whole pipeline from given initial latents `(count, C, h, w)` (diffusers' `latents=`
+    /// argument): the image size is the latents' size; the request's width and height, if set, must
+    /// agree with it. Returns the final latents and the decoder's pixels, before any clamping.
+    pub fn generate_from_latents(
+        &self,
+        request: &ImageRequest,
+        latents: Tensor,
+        progress: &mut dyn FnMut(Progress) -> Flow,
+    ) -> Result<SanaOutput> {
+        request.validate()?;
+        let (batch, channels, h, w) = latents.dims4()?;
+        let compression = self.vae.config().spatial_compression();
+        let (width, height) = (w * compression, h * compression);
+        let expected = self.latent_shape(request.width.unwrap_or(width), request.height.unwrap_or(height));
+        if expected != (channels, h, w) || batch != request.count {
+            return Err(Error::usage(format!(
+                "initial latents {:?} do not fit the request: expected ({}, {}, {}, {})",
+                latents.dims(),
+                request.count,
+                expected.0,
+                expected.1,
+                expected.2
+            )));
+        }
         ImageRequest::check_size(width, height, self.pixels_per_token(), &self.name)?;
         let steps = request.steps.unwrap_or(self.sampling.steps);
         let cfg = request.cfg.unwrap_or(self.sampling.cfg);
-        let batch = request.count;
         let report = |progress: &mut dyn FnMut(Progress) -> Flow, stage, step, total| match progress(Progress {
             stage,
             step,
@@ -100,6 +164,7 @@ impl SanaPipeline {
         let prompts = vec![request.prompt.as_str(); batch];
         let positive = self.text.encode_prompts(&prompts)?;
         let sprint = self.sampling.kind == "scm";
+        // diffusers: `do_classifier_free_guidance = guidance_scale > 1`
         let use_cfg = !sprint && cfg > 1.0;
         let conditioning = if use_cfg {
             let negative_text = request.negative_prompt.as_deref().unwrap_or(&self.default_negative);
@@ -112,22 +177,32 @@ impl SanaPipeline {
         let mask = conditioning.mask.clone();
         report(progress, Stage::Encode, 1, 1)?;
 
-        let compression = self.vae.config().spatial_compression();
-        let channels = self.transformer.config().in_channels;
-        let shape = (batch, channels, height / compression, width / compression);
-        let noise = seeded_normal(request.seed, shape, &self.device)?;
-
+        // Latents stay f32 between steps, as diffusers keeps them.
+        let latents = latents.to_device(&self.device)?.to_dtype(DType::F32)?;
         let latents = if sprint {
-            self.denoise_scm(noise, steps, cfg, &text, &mask, request.seed, progress)?
+            self.denoise_scm(latents, steps, cfg, &text, &mask, request.seed, progress)?
         } else {
-            self.denoise_flow(noise, steps, cfg, use_cfg, &text, &mask, progress)?
+            self.denoise_flow(latents, steps, cfg, use_cfg, &text, &mask, progress)?
         };
 
         report(progress, Stage::Decode, 0, 1)?;
-        let pixels = self.vae.decode_scaled(&latents.to_dtype(self.vae_dtype())?)?;
-        let images = to_images(&pixels)?;
+        let raw = (latents.to_dtype(self.vae_dtype())? / self.vae.scaling_factor())?;
+        // diffusers decodes in one piece unless tiling is asked for; so do we up to 2K, and tile
+        // beyond, where one piece would need tens of GB (SANA's docs tile 4K decodes too).
+        let pixels = if width.max(height) <= UNTILED_DECODE_MAX_SIDE {
+            self.vae.decode_untiled(&raw)?
+        } else {
+            self.vae.decode(&raw)?
+        };
         report(progress, Stage::Decode, 1, 1)?;
-        Ok(images)
+        Ok(SanaOutput { latents, pixels })
+    }
+
+    fn image_size(&self, request: &ImageRequest) -> Result<(usize, usize)> {
+        let width = request.width.unwrap_or(self.default_size.0);
+        let height = request.height.unwrap_or(self.default_size.1);
+        ImageRequest::check_size(width, height, self.pixels_per_token(), &self.name)?;
+        Ok((width, height))
     }
 
     fn vae_dtype(&self) -> DType {
@@ -154,12 +229,19 @@ impl SanaPipeline {
                 FlowDpmSolverConfig { flow_shift: self.sampling.shift, ..FlowDpmSolverConfig::sana() },
                 steps,
             )?),
-            "flow-euler" => Box::new(FlowEuler::new(FlowEulerConfig { shift: self.sampling.shift, ..Default::default() }, steps)?),
+            "flow-euler" => {
+                Box::new(FlowEuler::new(FlowEulerConfig { shift: self.sampling.shift, ..Default::default() }, steps)?)
+            }
             other => return Err(Error::Other(format!("scheduler `{other}` is not a flow scheduler"))),
         };
-        let timestep_scale = self.transformer.config().timestep_scale;
+        let config = self.transformer.config();
+        let timestep_scale = config.timestep_scale;
+        let latent_channels = config.in_channels;
+        let learned_sigma = config.out_channels() / 2 == latent_channels;
         // Latents stay f32 between steps, as diffusers keeps them; the model sees its dtype.
         let mut x = (noise * scheduler.init_noise_sigma())?;
+        // The schedulers give the model's conditioning values as diffusers does (DPM-Solver's are
+        // truncated to integers there); the pipeline only scales them.
         let timesteps = scheduler.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
             if progress(Progress { stage: Stage::Denoise, step: i, total: steps }) == Flow::Cancel {
@@ -167,7 +249,6 @@ impl SanaPipeline {
             }
             let model_in = if use_cfg { Tensor::cat(&[&x, &x], 0)? } else { x.clone() };
             let b = model_in.dim(0)?;
-            let t = if self.sampling.kind == "flow-dpm-solver" { t.trunc() } else { t };
             let timestep = Tensor::full((t * timestep_scale) as f32, b, &self.device)?;
             let v = self.transformer.forward(&model_in.to_dtype(self.dtype)?, &timestep, text, mask, None)?;
             let v = v.to_dtype(DType::F32)?;
@@ -178,6 +259,8 @@ impl SanaPipeline {
             } else {
                 v
             };
+            // A model that also predicts a variance (out = 2 x in channels) keeps the first half.
+            let v = if learned_sigma { v.narrow(1, 0, latent_channels)? } else { v };
             x = scheduler.step(&v, i, &x)?;
         }
         if progress(Progress { stage: Stage::Denoise, step: steps, total: steps }) == Flow::Cancel {
@@ -198,7 +281,11 @@ impl SanaPipeline {
         seed: u64,
         progress: &mut dyn FnMut(Progress) -> Flow,
     ) -> Result<Tensor> {
-        let scheduler = ScmScheduler::new(ScmConfig::default(), steps)?;
+        // SANA-Sprint's middle time (1.3) is for 2 steps only; other counts space the times evenly,
+        // as diffusers' SanaSprintPipeline does with `intermediate_timesteps=None` (it refuses otherwise).
+        let defaults = ScmConfig::default();
+        let intermediate_timesteps = if steps == 2 { defaults.intermediate_timesteps } else { None };
+        let scheduler = ScmScheduler::new(ScmConfig { intermediate_timesteps, ..defaults }, steps)?;
         let config = self.transformer.config();
         let b = noise.dim(0)?;
         let guidance = config
@@ -214,7 +301,8 @@ impl SanaPipeline {
                 return Err(Error::Cancelled);
             }
             let x_in = scheduler.model_input(&x, s)?;
-            let t = ScmScheduler::model_time(s) * config.timestep_scale;
+            // diffusers' SanaSprintPipeline passes the TrigFlow time as is: no `timestep_scale`.
+            let t = ScmScheduler::model_time(s);
             let timestep = Tensor::full(t as f32, b, &self.device)?;
             let v = self.transformer.forward(&x_in.to_dtype(self.dtype)?, &timestep, text, mask, guidance.as_ref())?;
             let f = scheduler.trigflow_output(&x_in, &v.to_dtype(DType::F32)?, s)?;
@@ -253,7 +341,14 @@ pub fn to_images(pixels: &Tensor) -> Result<Vec<RgbImage>> {
 
 type Parts = (SanaTransformer, AutoencoderDc, SanaTextEncoder);
 
-fn load_random(spec: &PipelineSpec, plan: &AttentionPlan, seed: u64, dtype: DType, aux: DType, device: &Device) -> Result<Parts> {
+fn load_random(
+    spec: &PipelineSpec,
+    plan: &AttentionPlan,
+    seed: u64,
+    dtype: DType,
+    aux: DType,
+    device: &Device,
+) -> Result<Parts> {
     let config = SanaConfig::preset(&spec.preset)?;
     let tiny = spec.preset == "tiny";
     let vae_config = if tiny { DcAeConfig::tiny() } else { DcAeConfig::f32c32_sana_1_0() };
@@ -261,16 +356,28 @@ fn load_random(spec: &PipelineSpec, plan: &AttentionPlan, seed: u64, dtype: DTyp
     let transformer = SanaTransformer::new(&config, plan, random_var_builder(seed, dtype, device))?;
     let vae = AutoencoderDc::new_decoder_only(&vae_config, random_var_builder(seed ^ 1, aux, device))?;
     let gemma = Gemma2Encoder::new(&text_config, random_var_builder(seed ^ 2, aux, device))?;
-    let prompt_config = if tiny { SanaPromptConfig { max_sequence_length: 16, ..SanaPromptConfig::image() } } else { SanaPromptConfig::image() };
+    let prompt_config = if tiny {
+        SanaPromptConfig { max_sequence_length: 16, ..SanaPromptConfig::image() }
+    } else {
+        SanaPromptConfig::image()
+    };
     let text = SanaTextEncoder::new(GemmaTokenizer::char_level()?, gemma, prompt_config);
     Ok((transformer, vae, text))
 }
 
-fn load_checkpoint(spec: &PipelineSpec, plan: &AttentionPlan, dtype: DType, aux: DType, device: &Device) -> Result<Parts> {
+fn load_checkpoint(
+    spec: &PipelineSpec,
+    plan: &AttentionPlan,
+    dtype: DType,
+    aux: DType,
+    device: &Device,
+) -> Result<Parts> {
     let source = match (&spec.weights.repo, spec.local_weights()) {
         (Some(repo), _) => ModelSource::Hub { repo_id: repo.clone(), revision: spec.weights.revision.clone() },
         (None, Some(path)) => ModelSource::parse(&path.display().to_string())?,
-        (None, None) => return Err(Error::Spec { file: spec.source.display().to_string(), msg: "no weights source".into() }),
+        (None, None) => {
+            return Err(Error::Spec { file: spec.source.display().to_string(), msg: "no weights source".into() })
+        }
     };
     let repo = ModelRepo::open(&source, &HubConfig::from_env())?;
     let read = |component: &str| -> Result<String> {
@@ -280,9 +387,12 @@ fn load_checkpoint(spec: &PipelineSpec, plan: &AttentionPlan, dtype: DType, aux:
     let config = SanaConfig::from_diffusers_json(&read("transformer")?)?;
     let vae_config = DcAeConfig::from_diffusers_json(&read("vae")?)?;
     let text_config = Gemma2Config::from_json_file(&repo.component_config("text_encoder")?)?;
-    let transformer = repo.open_weights("transformer", None)?.build(dtype, device, |vb| SanaTransformer::new(&config, plan, vb))?;
-    let vae = repo.open_weights("vae", None)?.build(aux, device, |vb| AutoencoderDc::new_decoder_only(&vae_config, vb))?;
-    let gemma = repo.open_weights("text_encoder", None)?.build(aux, device, |vb| Gemma2Encoder::new(&text_config, vb))?;
+    let transformer =
+        repo.open_weights("transformer", None)?.build(dtype, device, |vb| SanaTransformer::new(&config, plan, vb))?;
+    let vae =
+        repo.open_weights("vae", None)?.build(aux, device, |vb| AutoencoderDc::new_decoder_only(&vae_config, vb))?;
+    let gemma =
+        repo.open_weights("text_encoder", None)?.build(aux, device, |vb| Gemma2Encoder::new(&text_config, vb))?;
     let tokenizer = GemmaTokenizer::from_file(&repo.tokenizer_json("tokenizer")?)?;
     Ok((transformer, vae, SanaTextEncoder::new(tokenizer, gemma, SanaPromptConfig::image())))
 }
