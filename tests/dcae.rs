@@ -1,6 +1,8 @@
 //! DC-AE parity with diffusers 0.42.1 (`AutoencoderDC`) on a tiny config with the real block types
 //! (ResBlock, EfficientViT with multi-scale linear attention), encode and decode, plus tiled decode.
 
+mod common;
+use common::KeyRecorder;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -156,24 +158,6 @@ fn presets_and_errors() {
     let full = AutoencoderDc::new(&g.config, weights(&g, None)).unwrap();
     let odd = Tensor::zeros((1, 3, 30, 48), DType::F32, &Device::Cpu).unwrap();
     assert!(matches!(full.encode(&odd), Err(visgen::Error::Usage(_))));
-}
-
-/// A weight source that hands out broadcast zeros of the requested shape and records every request,
-/// so the full-size autoencoder can be built without memory and its keys compared with diffusers'.
-#[derive(Clone, Default)]
-struct KeyRecorder(std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<usize>>>>);
-
-impl candle_nn::var_builder::SimpleBackend for KeyRecorder {
-    fn get(&self, s: candle_core::Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.0.lock().unwrap().insert(name.to_string(), s.dims().to_vec());
-        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
-    }
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("unchecked get of {name}")
-    }
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
 }
 
 #[test]

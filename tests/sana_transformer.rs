@@ -1,6 +1,8 @@
 //! SANA transformer parity with diffusers 0.42.1 on tiny random configs (goldens from
 //! tests/goldens/make_sana_goldens.py), in f32 on the CPU.
 
+mod common;
+use common::KeyRecorder;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -207,24 +209,6 @@ fn presets() {
         "num_cross_attention_heads": 16, "cross_attention_head_dim": 72, "cross_attention_dim": 1152,
         "interpolation_scale": null, "qk_norm": null, "sample_size": 32}"#;
     assert_eq!(SanaConfig::from_diffusers_json(json).unwrap(), SanaConfig::sana_600m_1024());
-}
-
-/// A weight source that hands out broadcast zeros of the requested shape and records every request,
-/// so a full-size model can be built without memory and its key layout compared with diffusers'.
-#[derive(Clone, Default)]
-struct KeyRecorder(std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<usize>>>>);
-
-impl candle_nn::var_builder::SimpleBackend for KeyRecorder {
-    fn get(&self, s: candle_core::Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.0.lock().unwrap().insert(name.to_string(), s.dims().to_vec());
-        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
-    }
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("unchecked get of {name}")
-    }
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
 }
 
 #[test]

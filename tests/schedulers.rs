@@ -1,6 +1,8 @@
 //! Flow schedulers against diffusers 0.42.1 goldens (tests/goldens/make_scheduler_goldens.py):
 //! schedules (timesteps, sigmas) and every intermediate sample of a replayed trajectory.
 
+mod common;
+use common::max_rel_err;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
@@ -21,26 +23,6 @@ fn values_f64(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()
 }
 
-/// max |a - b| / max |b|: relative to the scale of the reference tensor.
-fn max_rel_err(actual: &Tensor, expected: &Tensor) -> f64 {
-    assert_eq!(actual.dims(), expected.dims());
-    let a = actual
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let b = expected
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
-    a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
-}
 
 fn assert_close_list(name: &str, actual: &[f64], expected: &[f64], tol: f64) {
     assert_eq!(actual.len(), expected.len(), "{name}: length");

@@ -1,6 +1,8 @@
 //! Gemma-2 text encoder and SANA prompt handling against diffusers' SanaPipeline.encode_prompt run
 //! with a tiny random Gemma2Model and a tiny tokenizer (tests/goldens/make_gemma_goldens.py).
 
+mod common;
+use common::max_rel_err;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -45,25 +47,6 @@ fn encoder(config: SanaPromptConfig) -> SanaTextEncoder {
     SanaTextEncoder::new(tokenizer, model, config)
 }
 
-fn max_rel_err(actual: &Tensor, expected: &Tensor) -> f64 {
-    assert_eq!(actual.dims(), expected.dims());
-    let a = actual
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let b = expected
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
-    a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
-}
 
 fn as_i64_rows(t: &Tensor) -> Vec<Vec<i64>> {
     t.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap()
