@@ -1,1 +1,4 @@
 //! See ../../shared/DESIGN.md for what lives here.
+
+pub mod dcae;
+pub mod sana;

@@ -1,0 +1,28 @@
+//! AdaLN-single modulation: a per-block learned table plus the shared timestep vector.
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result};
+
+/// `(table[None] + temb.reshape(B, n, C))` split into `n` tensors of shape `(B, 1, C)`.
+/// `table`: `(n, C)`; `temb`: `(B, n·C)` (the 6C vector of a block) or `(B, C)` broadcast over the
+/// rows when `n` rows share one vector (the final layer, where `temb` is `(B, C)`).
+pub fn modulation_chunks(table: &Tensor, temb: &Tensor, n: usize) -> Result<Vec<Tensor>> {
+    let (rows, c) = table.dims2()?;
+    if rows != n {
+        return Err(Error::Other(format!("modulation table has {rows} rows, expected {n}")));
+    }
+    let b = temb.dim(0)?;
+    let temb = match temb.dims() {
+        [_, w] if *w == n * c => temb.reshape((b, n, c))?,
+        [_, w] if *w == c => temb.reshape((b, 1, c))?,
+        d => return Err(Error::Other(format!("timestep embedding {d:?} does not match a ({n}, {c}) modulation table"))),
+    };
+    let summed = table.unsqueeze(0)?.to_dtype(temb.dtype())?.broadcast_add(&temb)?;
+    Ok((0..n).map(|i| summed.narrow(1, i, 1)).collect::<candle_core::Result<Vec<_>>>()?)
+}
+
+/// `x * (1 + scale) + shift`, with `shift`, `scale` broadcast over tokens.
+pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    Ok(x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?)
+}

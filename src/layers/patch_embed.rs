@@ -1,0 +1,83 @@
+//! Patch embedding (diffusers `PatchEmbed` without LayerNorm): a stride-p convolution to tokens in
+//! row-major order, plus, when an interpolation scale is set, a fixed 2-D sin-cos embedding.
+
+use candle_core::{Device, Module, Tensor};
+use candle_nn::{Conv2d, VarBuilder};
+
+use super::conv::conv2d;
+use crate::error::{Error, Result};
+
+/// The 2-D sin-cos positional embedding `(H·W, dim)` of diffusers' `get_2d_sincos_pos_embed` for a
+/// `grid = (h, w)` of patches: positions `i / (n / base_size) / interpolation_scale` per axis; the
+/// first `dim/2` channels encode the column, the last `dim/2` the row; each half is
+/// `[sin(pos·ω), cos(pos·ω)]` with `ω_i = 10000^(-i / (dim/4))`. Positions in f32, the rest in f64
+/// (as diffusers), the result in f32. Token `n = row·w + col`.
+pub fn sincos_2d(dim: usize, grid: (usize, usize), base_size: usize, interpolation_scale: f64, device: &Device) -> Result<Tensor> {
+    if dim % 4 != 0 {
+        return Err(Error::Other(format!("sin-cos embedding width {dim} must be divisible by 4")));
+    }
+    let (h, w) = grid;
+    let axis = |n: usize| -> Vec<f32> {
+        (0..n).map(|i| (i as f32) / (n as f32 / base_size as f32) / interpolation_scale as f32).collect()
+    };
+    let (rows, cols) = (axis(h), axis(w));
+    let quarter = dim / 4;
+    let omega: Vec<f64> = (0..quarter).map(|i| 1.0 / 10000f64.powf(i as f64 / quarter as f64)).collect();
+    let mut data = Vec::with_capacity(h * w * dim);
+    for r in 0..h {
+        for c in 0..w {
+            for pos in [cols[c] as f64, rows[r] as f64] {
+                data.extend(omega.iter().map(|o| (pos * o).sin() as f32));
+                data.extend(omega.iter().map(|o| (pos * o).cos() as f32));
+            }
+        }
+    }
+    Ok(Tensor::from_vec(data, (h * w, dim), device)?)
+}
+
+#[derive(Debug, Clone)]
+pub struct PatchEmbed {
+    proj: Conv2d,
+    patch_size: usize,
+    embed_dim: usize,
+    /// `(base_size, interpolation_scale)` when the sin-cos embedding is used.
+    pos_embed: Option<(usize, f64)>,
+}
+
+impl PatchEmbed {
+    /// Keys: `proj.{weight (dim, in, p, p), bias}`. `sample_size` is the latent size the model was
+    /// trained at; with `interpolation_scale = Some(s)` the sin-cos embedding is added, with
+    /// `base_size = sample_size / p`.
+    pub fn new(
+        in_channels: usize,
+        embed_dim: usize,
+        patch_size: usize,
+        sample_size: usize,
+        interpolation_scale: Option<f64>,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self {
+            proj: conv2d(in_channels, embed_dim, patch_size, 0, patch_size, true, vb.pp("proj"))?,
+            patch_size,
+            embed_dim,
+            pos_embed: interpolation_scale.map(|s| (sample_size / patch_size, s)),
+        })
+    }
+
+    /// `x`: `(B, C, H, W)` with H, W divisible by p -> `(B, (H/p)·(W/p), dim)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let p = self.patch_size;
+        if h % p != 0 || w % p != 0 {
+            return Err(Error::Usage(format!("latent {h}x{w} is not divisible by the patch size {p}")));
+        }
+        let tokens = self.proj.forward(x)?.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
+        match self.pos_embed {
+            None => Ok(tokens),
+            Some((base, scale)) => {
+                let pe = sincos_2d(self.embed_dim, (h / p, w / p), base, scale, x.device())?;
+                Ok(tokens.broadcast_add(&pe.to_dtype(tokens.dtype())?.unsqueeze(0)?)?)
+            }
+        }
+    }
+}

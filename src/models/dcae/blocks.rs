@@ -1,0 +1,245 @@
+//! DC-AE building blocks (diffusers `autoencoder_dc.py` and `SanaMultiscaleLinearAttention`).
+
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{linear_no_bias, Conv2d, Linear, VarBuilder};
+
+use crate::attention::{attend, AttentionInput, Backend, LayerShape, LinearParams, Role};
+use crate::error::{Error, Result};
+use crate::layers::conv::{
+    conv2d, mean_channel_groups, pixel_shuffle, pixel_unshuffle, repeat_interleave_channels, DepthwiseConv2d,
+    GroupedPointwiseConv2d,
+};
+use crate::layers::{GluMbConv, RmsNorm};
+
+/// eps of every RMSNorm in DC-AE.
+const NORM_EPS: f64 = 1e-5;
+/// Denominator eps of DC-AE's linear attention (diffusers and the original: 1e-15).
+const LINEAR_ATTENTION_EPS: f64 = 1e-15;
+
+/// `conv1 (3×3) -> SiLU -> conv2 (3×3, no bias) -> RMSNorm over channels -> + x`.
+#[derive(Debug, Clone)]
+pub struct ResBlock {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    norm: RmsNorm,
+}
+
+impl ResBlock {
+    /// Keys: `conv1.{weight, bias}`, `conv2.weight`, `norm.{weight, bias}`.
+    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            conv1: conv2d(channels, channels, 3, 1, 1, true, vb.pp("conv1"))?,
+            conv2: conv2d(channels, channels, 3, 1, 1, false, vb.pp("conv2"))?,
+            norm: RmsNorm::new(channels, NORM_EPS, true, true, vb.pp("norm"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = candle_nn::ops::silu(&self.conv1.forward(x)?)?;
+        let h = self.norm.forward_channels_first(&self.conv2.forward(&h)?)?;
+        Ok((h + x)?)
+    }
+}
+
+/// One multi-scale branch: a depth-wise k×k convolution over q, k, v, then a 1×1 convolution
+/// grouped per head (`3 · heads` groups). Keys: `proj_in.weight`, `proj_out.weight`.
+#[derive(Debug, Clone)]
+struct MultiscaleProjection {
+    proj_in: DepthwiseConv2d,
+    proj_out: GroupedPointwiseConv2d,
+}
+
+/// Multi-scale ReLU linear attention ("LiteMLA"; diffusers `SanaMultiscaleLinearAttention`).
+///
+/// The channels of `cat(to_q(x), to_k(x), to_v(x))` and of each multi-scale branch are regrouped as
+/// `(heads', 3·d)`: head i's "q" is channels `[3d·i, 3d·i + d)` of the concatenation, so the names
+/// to_q / to_k / to_v are not semantic (they are thirds of the original fused qkv weight). Every
+/// group attends over all H·W tokens with linear attention through [`attend`]. diffusers switches
+/// to a "quadratic" evaluation order when `H·W <= d`; it computes the same quantity
+/// `Σ_m v_m φ(k_m)·φ(q_n) / (Σ_m φ(k_m)·φ(q_n) + ε)`, so one path serves both.
+#[derive(Debug, Clone)]
+pub struct MultiscaleLinearAttention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    multiscale: Vec<MultiscaleProjection>,
+    to_out: Linear,
+    norm_out: RmsNorm,
+    head_dim: usize,
+    backend: Backend,
+}
+
+impl MultiscaleLinearAttention {
+    /// Keys: `to_{q,k,v}.weight (C, C)`, `to_qkv_multiscale.{i}.proj_in.weight (3C, 1, k, k)`
+    /// (depth-wise), `to_qkv_multiscale.{i}.proj_out.weight (3C, d, 1, 1)` (3·heads groups),
+    /// `to_out.weight (C, C·(1 + scales))`, `norm_out.{weight, bias}`.
+    pub fn new(channels: usize, head_dim: usize, kernel_sizes: &[usize], vb: VarBuilder) -> Result<Self> {
+        if head_dim == 0 || channels % head_dim != 0 {
+            return Err(Error::Other(format!("{channels} channels are not divisible by the head dim {head_dim}")));
+        }
+        let heads = channels / head_dim;
+        let multiscale = kernel_sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| {
+                let vb = vb.pp("to_qkv_multiscale").pp(i);
+                Ok(MultiscaleProjection {
+                    proj_in: DepthwiseConv2d::new(3 * channels, k, false, vb.pp("proj_in"))?,
+                    proj_out: GroupedPointwiseConv2d::new(3 * channels, 3 * channels, 3 * heads, vb.pp("proj_out"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let backend = Backend::Linear(LinearParams { eps: LINEAR_ATTENTION_EPS, chunk_frames: None });
+        let shape = LayerShape {
+            role: Role::SelfAttention,
+            head_dim,
+            grid: None,
+            key_mask: false,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        };
+        backend.check(&shape).map_err(|reason| Error::Attention {
+            layer: "DC-AE multi-scale attention".into(),
+            backend: backend.name().into(),
+            reason,
+        })?;
+        Ok(Self {
+            to_q: linear_no_bias(channels, channels, vb.pp("to_q"))?,
+            to_k: linear_no_bias(channels, channels, vb.pp("to_k"))?,
+            to_v: linear_no_bias(channels, channels, vb.pp("to_v"))?,
+            to_out: linear_no_bias(channels * (1 + kernel_sizes.len()), channels, vb.pp("to_out"))?,
+            norm_out: RmsNorm::new(channels, NORM_EPS, true, true, vb.pp("norm_out"))?,
+            multiscale,
+            head_dim,
+            backend,
+        })
+    }
+
+    /// `x`: `(B, C, H, W)` -> `(B, C, H, W)` (with the residual).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, _c, h, w) = x.dims4()?;
+        let d = self.head_dim;
+        let channels_last = x.permute((0, 2, 3, 1))?.contiguous()?;
+        let qkv = Tensor::cat(
+            &[self.to_q.forward(&channels_last)?, self.to_k.forward(&channels_last)?, self.to_v.forward(&channels_last)?],
+            3,
+        )?
+        .permute((0, 3, 1, 2))?
+        .contiguous()?;
+        let mut scales = vec![qkv.clone()];
+        for branch in &self.multiscale {
+            scales.push(branch.proj_out.forward(&branch.proj_in.forward(&qkv)?)?);
+        }
+        let all = Tensor::cat(&scales, 1)?;
+        let groups = all.dim(1)? / (3 * d);
+        // (B, groups, 3d, HW) -> q, k, v (B, groups, HW, d), the layout of `attend`.
+        let grouped = all.to_dtype(DType::F32)?.reshape((b, groups, 3 * d, h * w))?;
+        let part = |i: usize| -> Result<Tensor> { Ok(grouped.narrow(2, i * d, d)?.transpose(2, 3)?.contiguous()?) };
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let o = attend(&self.backend, &AttentionInput::new(&q, &k, &v).grid(Some(&[h, w])))?;
+        let o = o.transpose(2, 3)?.reshape((b, groups * d, h, w))?.to_dtype(x.dtype())?;
+        let o = self.to_out.forward(&o.permute((0, 2, 3, 1))?.contiguous()?)?;
+        let o = self.norm_out.forward(&o)?.permute((0, 3, 1, 2))?;
+        Ok((o + x)?)
+    }
+}
+
+/// `attn` (multi-scale linear attention, residual) then `conv_out` (GLUMBConv ×4, RMSNorm, residual).
+#[derive(Debug, Clone)]
+pub struct EfficientViTBlock {
+    attn: MultiscaleLinearAttention,
+    conv_out: GluMbConv,
+}
+
+impl EfficientViTBlock {
+    pub fn new(channels: usize, head_dim: usize, kernel_sizes: &[usize], vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            attn: MultiscaleLinearAttention::new(channels, head_dim, kernel_sizes, vb.pp("attn"))?,
+            conv_out: GluMbConv::new(channels, channels, 4.0, true, true, vb.pp("conv_out"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.conv_out.forward(&self.attn.forward(x)?)
+    }
+}
+
+/// A stage layer: ResBlock or EfficientViT block.
+#[derive(Debug, Clone)]
+pub enum StageBlock {
+    Res(ResBlock),
+    EfficientViT(EfficientViTBlock),
+}
+
+impl StageBlock {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            StageBlock::Res(b) => b.forward(x),
+            StageBlock::EfficientViT(b) => b.forward(x),
+        }
+    }
+}
+
+/// ×2 down-sampling with an averaging shortcut (diffusers `DCDownBlock2d`, shortcut on).
+/// `pixel_unshuffle = false`: a stride-2 3×3 conv to `out`; `true`: a 3×3 conv to `out/4` then
+/// pixel-unshuffle. Shortcut: pixel-unshuffle of the input, averaged over groups of channels.
+#[derive(Debug, Clone)]
+pub struct DownBlock {
+    conv: Conv2d,
+    pixel_unshuffle: bool,
+    group_size: usize,
+}
+
+impl DownBlock {
+    /// Key: `conv.{weight, bias}`.
+    pub fn new(in_channels: usize, out_channels: usize, pixel_unshuffle: bool, vb: VarBuilder) -> Result<Self> {
+        let (conv_out, stride) = if pixel_unshuffle { (out_channels / 4, 1) } else { (out_channels, 2) };
+        Ok(Self {
+            conv: conv2d(in_channels, conv_out, 3, 1, stride, true, vb.pp("conv"))?,
+            pixel_unshuffle,
+            group_size: in_channels * 4 / out_channels,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = self.conv.forward(x)?;
+        if self.pixel_unshuffle {
+            y = pixel_unshuffle(&y, 2)?;
+        }
+        let shortcut = mean_channel_groups(&pixel_unshuffle(x, 2)?, self.group_size)?;
+        Ok((y + shortcut)?)
+    }
+}
+
+/// ×2 up-sampling with a repeating shortcut (diffusers `DCUpBlock2d`, shortcut on).
+/// `interpolate`: nearest ×2 then a 3×3 conv; otherwise a 3×3 conv to `4·out` then pixel-shuffle.
+/// Shortcut: every channel repeated `4·out/in` times, then pixel-shuffle.
+#[derive(Debug, Clone)]
+pub struct UpBlock {
+    conv: Conv2d,
+    interpolate: bool,
+    repeats: usize,
+}
+
+impl UpBlock {
+    /// Key: `conv.{weight, bias}`.
+    pub fn new(in_channels: usize, out_channels: usize, interpolate: bool, vb: VarBuilder) -> Result<Self> {
+        let conv_out = if interpolate { out_channels } else { 4 * out_channels };
+        Ok(Self {
+            conv: conv2d(in_channels, conv_out, 3, 1, 1, true, vb.pp("conv"))?,
+            interpolate,
+            repeats: out_channels * 4 / in_channels,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let y = if self.interpolate {
+            self.conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?
+        } else {
+            pixel_shuffle(&self.conv.forward(x)?, 2)?
+        };
+        let shortcut = pixel_shuffle(&repeat_interleave_channels(x, self.repeats)?, 2)?;
+        Ok((y + shortcut)?)
+    }
+}

@@ -1,0 +1,165 @@
+//! `SanaTransformer2DModel` (spec sana.md §1.2): patch embed, AdaLN-single timestep embedding,
+//! caption projection + RMSNorm, N blocks, modulated final norm, projection and unpatchify.
+
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{linear, Linear, VarBuilder};
+
+use super::block::SanaBlock;
+use super::config::SanaConfig;
+use crate::attention::plan::AttentionPlan;
+use crate::error::{Error, Result};
+use crate::layers::{
+    layer_norm_no_affine, modulate, modulation_chunks, AdaLayerNormSingle, CaptionProjection, PatchEmbed, RmsNorm,
+    TimestepGuidanceEmbedding,
+};
+
+/// eps of the final LayerNorm (diffusers `SanaModulatedNorm(eps=1e-6)`, fixed).
+const NORM_OUT_EPS: f64 = 1e-6;
+/// eps of the caption RMSNorm (fixed in diffusers).
+const CAPTION_NORM_EPS: f64 = 1e-5;
+
+/// The timestep embedding: plain AdaLN-single or Sprint's timestep + guidance sum.
+#[derive(Debug, Clone)]
+enum TimeEmbed {
+    Timestep(AdaLayerNormSingle),
+    TimestepGuidance(TimestepGuidanceEmbedding),
+}
+
+#[derive(Debug, Clone)]
+pub struct SanaTransformer {
+    cfg: SanaConfig,
+    patch_embed: PatchEmbed,
+    time_embed: TimeEmbed,
+    caption_projection: CaptionProjection,
+    caption_norm: RmsNorm,
+    blocks: Vec<SanaBlock>,
+    scale_shift_table: Tensor,
+    proj_out: Linear,
+    dtype: DType,
+}
+
+impl SanaTransformer {
+    /// Builds the model from diffusers-named weights (`vb` at the checkpoint root). Each attention
+    /// layer's backend is resolved once here through `plan`, with the token grid of the config's
+    /// sample size. A missing or mis-shaped tensor is an error naming it.
+    pub fn new(cfg: &SanaConfig, plan: &AttentionPlan, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let c = cfg.inner_dim();
+        let dtype = vb.dtype();
+        let grid_side = (cfg.sample_size / cfg.patch_size).max(1);
+        let grid = [grid_side, grid_side];
+        let patch_embed = PatchEmbed::new(
+            cfg.in_channels,
+            c,
+            cfg.patch_size,
+            cfg.sample_size,
+            cfg.interpolation_scale,
+            vb.pp("patch_embed"),
+        )?;
+        let time_embed = if cfg.guidance_embeds {
+            TimeEmbed::TimestepGuidance(TimestepGuidanceEmbedding::new(c, vb.pp("time_embed"))?)
+        } else {
+            TimeEmbed::Timestep(AdaLayerNormSingle::new(c, vb.pp("time_embed"))?)
+        };
+        let blocks = (0..cfg.num_layers)
+            .map(|i| SanaBlock::new(cfg, i, plan, grid, dtype, vb.pp("transformer_blocks").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            patch_embed,
+            time_embed,
+            caption_projection: CaptionProjection::new(cfg.caption_channels, c, vb.pp("caption_projection"))?,
+            caption_norm: RmsNorm::new(c, CAPTION_NORM_EPS, true, false, vb.pp("caption_norm"))?,
+            blocks,
+            scale_shift_table: vb.get((2, c), "scale_shift_table")?,
+            proj_out: linear(c, cfg.patch_size * cfg.patch_size * cfg.out_channels(), vb.pp("proj_out"))?,
+            dtype,
+        })
+    }
+
+    pub fn config(&self) -> &SanaConfig {
+        &self.cfg
+    }
+
+    pub fn blocks(&self) -> &[SanaBlock] {
+        &self.blocks
+    }
+
+    /// Predicts the flow velocity.
+    /// - `latents`: `(B, in_channels, H, W)`, H and W divisible by the patch size;
+    /// - `timestep`: `(B,)` (already multiplied by `timestep_scale`, as diffusers' pipeline does);
+    /// - `text`: `(B, L, caption_channels)`; `text_mask`: `(B, L)`, nonzero = real token;
+    /// - `guidance`: `(B,)`, required exactly when the config has `guidance_embeds` (Sprint; already
+    ///   multiplied by `guidance_embeds_scale`).
+    ///
+    /// Returns `(B, out_channels, H, W)` in the weights' dtype.
+    pub fn forward(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+        text: &Tensor,
+        text_mask: &Tensor,
+        guidance: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, cin, h, w) = latents
+            .dims4()
+            .map_err(|_| Error::Usage(format!("latents must be (B, C, H, W), got {:?}", latents.dims())))?;
+        let p = self.cfg.patch_size;
+        if cin != self.cfg.in_channels {
+            return Err(Error::Usage(format!("latents have {cin} channels, the model expects {}", self.cfg.in_channels)));
+        }
+        if h % p != 0 || w % p != 0 {
+            return Err(Error::Usage(format!("latent size {h}x{w} is not divisible by the patch size {p}")));
+        }
+        if timestep.dims() != [b] {
+            return Err(Error::Usage(format!("timestep must be ({b},), got {:?}", timestep.dims())));
+        }
+        let (tb, l, tc) = text.dims3().map_err(|_| Error::Usage(format!("text must be (B, L, C), got {:?}", text.dims())))?;
+        if tb != b || tc != self.cfg.caption_channels {
+            return Err(Error::Usage(format!(
+                "text {:?} must be ({b}, L, {}) to match the latents",
+                text.dims(),
+                self.cfg.caption_channels
+            )));
+        }
+        if text_mask.dims() != [b, l] {
+            return Err(Error::Usage(format!("text mask must be ({b}, {l}), got {:?}", text_mask.dims())));
+        }
+        let grid = [h / p, w / p];
+
+        let x = self.patch_embed.forward(&latents.to_dtype(self.dtype)?)?;
+        let (temb, embedded) = match (&self.time_embed, guidance) {
+            (TimeEmbed::Timestep(te), None) => te.forward(timestep, self.dtype)?,
+            (TimeEmbed::TimestepGuidance(te), Some(g)) => {
+                if g.dims() != [b] {
+                    return Err(Error::Usage(format!("guidance must be ({b},), got {:?}", g.dims())));
+                }
+                te.forward(timestep, g, self.dtype)?
+            }
+            (TimeEmbed::Timestep(_), Some(_)) => {
+                return Err(Error::Usage("this model has no guidance embedding; pass no guidance".into()))
+            }
+            (TimeEmbed::TimestepGuidance(_), None) => {
+                return Err(Error::Usage("this model (guidance_embeds) needs a guidance value".into()))
+            }
+        };
+        let text = self.caption_norm.forward(&self.caption_projection.forward(&text.to_dtype(self.dtype)?.contiguous()?)?)?;
+        let mask = text_mask.to_dtype(DType::F32)?;
+
+        let mut x = x;
+        for block in &self.blocks {
+            x = block.forward(&x, &temb, &text, Some(&mask), grid)?;
+        }
+
+        // Final layer: shift first, then scale, from the embedded timestep (not the 6C vector).
+        let m = modulation_chunks(&self.scale_shift_table, &embedded, 2)?;
+        let x = modulate(&layer_norm_no_affine(&x, NORM_OUT_EPS)?, &m[0], &m[1])?;
+        let x = self.proj_out.forward(&x)?;
+
+        // Unpatchify: proj_out channels are (ph, pw, c) with c fastest.
+        let cout = self.cfg.out_channels();
+        let (gh, gw) = (grid[0], grid[1]);
+        let x = x.reshape((b, gh, gw, p, p, cout))?.permute((0, 5, 1, 3, 2, 4))?;
+        Ok(x.reshape((b, cout, h, w))?)
+    }
+}
