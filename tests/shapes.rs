@@ -325,6 +325,31 @@ fn scorer_accepts_ground_truth_renders() {
     }
 }
 
+/// Blurs with a Gaussian of `sigma` pixels and adds uniform noise of +-`noise` per channel.
+fn degrade(image: &RgbImage, sigma: f32, noise: f32, seed: u64) -> RgbImage {
+    let blurred = image::imageops::blur(image, sigma);
+    let mut rng = StdRng::seed_from_u64(seed);
+    RgbImage::from_fn(image.width(), image.height(), |x, y| {
+        let p = blurred.get_pixel(x, y).0;
+        Rgb(p.map(|v| (v as f32 + rng.random_range(-noise..noise)).round().clamp(0.0, 255.0) as u8))
+    })
+}
+
+#[test]
+fn scorer_tolerates_blur_and_noise() {
+    // A trained model's pictures are softer and noisier than the renders; the scorer must not
+    // blame the model for that.
+    let scenes = benchmark_scenes(14, 200);
+    let prompts: Vec<Prompt> = scenes.iter().map(|s| s.prompt()).collect();
+    for size in [64u32, 128] {
+        let sigma = 0.7 * size as f32 / 64.0;
+        let report = score_scenes(&scenes, &prompts, |i, s| degrade(&render(s, size), sigma, 25.0, i as u64));
+        for category in Category::ALL {
+            assert!(accuracy(&report, category) >= 0.95, "{category} at {size}px:\n{report}");
+        }
+    }
+}
+
 #[test]
 fn scorer_rejects_wrong_pictures() {
     let scenes = benchmark_scenes(12, 200);
@@ -414,6 +439,19 @@ fn scorer_rejects_wrong_pictures() {
         let count = report.check("count").unwrap();
         assert_eq!(count.total, counting.len());
         assert!(count.accuracy <= 0.02, "recolor {recolor}:\n{report}");
+    }
+
+    // Wrong count the other way: true pictures against one more and one fewer in the prompt.
+    for delta in [1i64, -1] {
+        let miscounted: Vec<Prompt> = prompts
+            .iter()
+            .map(|p| match p {
+                Prompt::Count { count, spec } => Prompt::Count { count: (*count as i64 + delta) as usize, spec: *spec },
+                other => other.clone(),
+            })
+            .collect();
+        let report = score_scenes(&scenes, &miscounted, |_, s| render(s, size));
+        assert!(check_accuracy(&report, "count") <= 0.02, "count {delta:+}:\n{report}");
     }
 
     // Wrong size: every object of a scene whose caption names sizes drawn at the other size.
