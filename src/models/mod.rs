@@ -2,3 +2,4 @@
 
 pub mod dcae;
 pub mod sana;
+pub mod tiny_shapes;
