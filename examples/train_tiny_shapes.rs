@@ -45,6 +45,7 @@ struct Args {
     save_every_secs: f64,
     heads: Option<usize>,
     layers: Option<usize>,
+    init: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -63,6 +64,7 @@ fn parse_args() -> Result<Args> {
         save_every_secs: 90.0,
         heads: None,
         layers: None,
+        init: None,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -84,6 +86,7 @@ fn parse_args() -> Result<Args> {
             "--save-every-secs" => a.save_every_secs = value.parse()?,
             "--heads" => a.heads = Some(value.parse()?),
             "--layers" => a.layers = Some(value.parse()?),
+            "--init" => a.init = Some(PathBuf::from(value)),
             other => bail!("unknown option {other}"),
         }
         i += 2;
@@ -221,6 +224,16 @@ fn main() -> Result<()> {
     let plan = AttentionPlan::uniform(Backend::Linear(LinearParams::default()), Backend::Dense(DenseParams::default()));
     let model = TinyShapesModel::new(&cfg, &plan, vb)?;
     init_weights(&varmap, &cfg)?;
+    if let Some(dir) = &args.init {
+        // Resume from a saved checkpoint (f16 file, f32 training); optimizer state starts afresh.
+        let saved = candle_core::safetensors::load(dir.join("model.safetensors"), &device)?;
+        let data = varmap.data().lock().map_err(|_| anyhow::anyhow!("varmap lock"))?;
+        for (name, var) in data.iter() {
+            let t = saved.get(name).with_context(|| format!("{name} missing from {}", dir.display()))?;
+            var.set(&t.to_dtype(DType::F32)?)?;
+        }
+        println!("initialized from {}", dir.display());
+    }
 
     let mut named: Vec<(String, Var)> = varmap.data().lock().map_err(|_| anyhow::anyhow!("lock"))?.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
