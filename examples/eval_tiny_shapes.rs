@@ -21,6 +21,7 @@ fn main() -> Result<()> {
     let mut sampling = Sampling::default();
     let mut png: Option<PathBuf> = None;
     let mut prompt = "a red circle above a blue square".to_string();
+    let mut singles = 0usize;
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
         let value = pair.get(1).with_context(|| format!("{} needs a value", pair[0]))?;
@@ -34,11 +35,29 @@ fn main() -> Result<()> {
             "--time" => time_runs = value.parse()?,
             "--png" => png = Some(PathBuf::from(value)),
             "--prompt" => prompt = value.clone(),
+            "--singles" => singles = value.parse()?,
             other => bail!("unknown option {other}"),
         }
     }
     let plan = AttentionPlan::uniform(Backend::Linear(LinearParams::default()), Backend::Dense(DenseParams::default()));
     let pipeline = TinyShapesPipeline::from_dir(&weights, &plan, &Device::Cpu, sampling)?;
+    if singles > 0 {
+        // All 18 color x shape single-object prompts, `singles` seeds each.
+        let mut passed = 0;
+        let mut total = 0;
+        for color in visgen::data::shapes::Color::ALL {
+            for shape in visgen::data::shapes::Shape::ALL {
+                let text = format!("a {} {}", color.word(), shape.word());
+                let parsed = visgen::data::shapes::parse_prompt(&text)?;
+                for s in 0..singles {
+                    let image = pipeline.generate_one(&text, "", seed + s as u64, sampling, &mut |_| Flow::Continue)?;
+                    passed += visgen::eval::shapes::check_image(&image, &parsed).passed as usize;
+                    total += 1;
+                }
+            }
+        }
+        println!("single objects {sampling:?}: {passed}/{total} passed");
+    }
     if time_runs > 0 {
         let mut times = Vec::new();
         for i in 0..time_runs {
