@@ -212,6 +212,5 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     if args.iters == 0 {
         return Err(Error::usage("--iters must be at least 1"));
     }
-    let _ = (args.case, args.device);
-    Err(Error::usage("benchmarks are not available yet"))
+    visgen::bench::run(&visgen::bench::BenchOptions { device: args.device, case: args.case, iters: args.iters })
 }

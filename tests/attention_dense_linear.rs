@@ -634,3 +634,42 @@ fn linear_check_refusals() {
     assert!(reason(&chunked, layer(Role::SelfAttention, 112, None, false)).contains("grid"));
     assert!(reason(&zero, layer(Role::SelfAttention, 112, grid, false)).contains("0"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Goldens from the upstream code (tests/goldens/make_attention_dense_linear_goldens.py):
+// diffusers' SANA linear-attention processors and torch's scaled_dot_product_attention.
+// ---------------------------------------------------------------------------------------------
+
+fn goldens() -> anyhow::Result<std::collections::HashMap<String, Tensor>> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/goldens/attention_dense_linear.safetensors");
+    Ok(candle_core::safetensors::load(path, &Device::Cpu)?)
+}
+
+fn golden<'a>(g: &'a std::collections::HashMap<String, Tensor>, name: &str) -> anyhow::Result<&'a Tensor> {
+    g.get(name).ok_or_else(|| anyhow::anyhow!("golden tensor {name} missing"))
+}
+
+#[test]
+fn linear_matches_diffusers_processors() -> R {
+    let g = goldens()?;
+    let (q, k, v) = (golden(&g, "linear_plain_q")?, golden(&g, "linear_plain_k")?, golden(&g, "linear_plain_v")?);
+    let out = linear::forward(&LinearParams::default(), &AttentionInput::new(q, k, v))?;
+    assert_close(&flat(&out)?, &flat(golden(&g, "linear_plain_out")?)?, 1e-4, "SanaLinearAttnProcessor2_0");
+
+    let (q, k, v) = (golden(&g, "linear_rope_q")?, golden(&g, "linear_rope_k")?, golden(&g, "linear_rope_v")?);
+    let rope = Rope { cos: golden(&g, "linear_rope_cos")?.clone(), sin: golden(&g, "linear_rope_sin")?.clone() };
+    let out = linear::forward(&LinearParams::default(), &AttentionInput::new(q, k, v).rope(Some(&rope)))?;
+    assert_close(&flat(&out)?, &flat(golden(&g, "linear_rope_out")?)?, 1e-4, "SanaLinearAttnProcessor3_0");
+    Ok(())
+}
+
+#[test]
+fn dense_matches_torch_sdpa() -> R {
+    let g = goldens()?;
+    let (q, k, v) = (golden(&g, "dense_q")?, golden(&g, "dense_k")?, golden(&g, "dense_v")?);
+    let mask = golden(&g, "dense_mask")?;
+    let (out, lse) = dense::forward(&DenseParams::default(), &AttentionInput::new(q, k, v).key_mask(Some(mask)))?;
+    assert_close(&flat(&out)?, &flat(golden(&g, "dense_out")?)?, 1e-5, "sdpa out");
+    assert_close(&flat(&lse)?, &flat(golden(&g, "dense_lse")?)?, 1e-5, "sdpa lse");
+    Ok(())
+}

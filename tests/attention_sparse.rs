@@ -37,7 +37,7 @@ fn values(t: &Tensor) -> Vec<f32> {
 }
 
 /// One head's rows: `data` is `(B, H, N, D)` flattened; returns token `t` of head `(b, h)`.
-fn token<'a>(data: &'a [f32], heads: usize, n: usize, d: usize, b: usize, h: usize, t: usize) -> &'a [f32] {
+fn token(data: &[f32], heads: usize, n: usize, d: usize, b: usize, h: usize, t: usize) -> &[f32] {
     let start = ((b * heads + h) * n + t) * d;
     &data[start..start + d]
 }
@@ -282,7 +282,7 @@ fn gna_stride_equal_kernel_is_blocked_attention() {
                     let keys: Vec<Vec<f64>> = members.iter().map(|&t| as_f64(token(&kd, heads, n, d, b, h, t))).collect();
                     let vals: Vec<Vec<f64>> = members.iter().map(|&t| as_f64(token(&vd, heads, n, d, b, h, t))).collect();
                     for &t in &members {
-                        let (o, _) = naive_attend(token(&qd, heads, n, d, b, h, t), &keys, &vals, &vec![0.0; 12], 1.0 / 8f64.sqrt());
+                        let (o, _) = naive_attend(token(&qd, heads, n, d, b, h, t), &keys, &vals, &[0.0; 12], 1.0 / 8f64.sqrt());
                         let start = ((b * heads + h) * n + t) * d;
                         want[start..start + d].copy_from_slice(&o);
                     }
@@ -445,7 +445,7 @@ fn naive_psa(q: &Tensor, k: &Tensor, v: &Tensor, mask: &LevelMask, bq: usize, bk
     let (qd, kd, vd) = (values(q), values(k), values(v));
     let meanpool = |rows: Vec<Vec<f64>>, p: usize| -> Vec<Vec<f64>> {
         let mut rows = rows;
-        while rows.len() % p != 0 {
+        while !rows.len().is_multiple_of(p) {
             rows.push(rows.last().unwrap().clone());
         }
         rows.chunks(p).map(|g| (0..d).map(|c| g.iter().map(|r| r[c]).sum::<f64>() / p as f64).collect()).collect()
@@ -463,7 +463,7 @@ fn naive_psa(q: &Tensor, k: &Tensor, v: &Tensor, mask: &LevelMask, bq: usize, bk
                     let range = j * bk..((j + 1) * bk).min(n);
                     let kj = meanpool(range.clone().map(|t| as_f64(token(&kd, h, n, d, bi, hi, t))).collect(), p);
                     let vj = meanpool(range.map(|t| as_f64(token(&vd, h, n, d, bi, hi, t))).collect(), p);
-                    bias.extend(std::iter::repeat((p as f64).ln()).take(kj.len()));
+                    bias.extend(std::iter::repeat_n((p as f64).ln(), kj.len()));
                     keys.extend(kj);
                     vals.extend(vj);
                 }
@@ -555,7 +555,7 @@ fn psa_skipped_blocks_equal_dense_over_kept_keys() {
     let params = psa_params(8, 8, 8);
     let dims = (1, 2, 30, 8); // 4 KV blocks, the last with 6 keys
     let (q, k, v) = (random_tensor(dims, 91), random_tensor(dims, 92), random_tensor(dims, 93));
-    let keep = |h: usize, i: usize, j: usize| (i * 3 + j * 5 + h) % 3 != 0 || j == i % 4;
+    let keep = |h: usize, i: usize, j: usize| !(i * 3 + j * 5 + h).is_multiple_of(3) || j == i % 4;
     let mask = LevelMask::from_fn(1, 2, 4, 4, |_, h, i, j| usize::from(keep(h, i, j)));
     let out = reference_with_levels(&q, &k, &v, &mask, &params).unwrap();
     let want = naive_dense(&q, &k, &v, |t, j, head| keep(head, t / 8, j / 8));

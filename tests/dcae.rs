@@ -157,3 +157,39 @@ fn presets_and_errors() {
     let odd = Tensor::zeros((1, 3, 30, 48), DType::F32, &Device::Cpu).unwrap();
     assert!(matches!(full.encode(&odd), Err(visgen::Error::Usage(_))));
 }
+
+/// A weight source that hands out broadcast zeros of the requested shape and records every request,
+/// so the full-size autoencoder can be built without memory and its keys compared with diffusers'.
+#[derive(Clone, Default)]
+struct KeyRecorder(std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<usize>>>>);
+
+impl candle_nn::var_builder::SimpleBackend for KeyRecorder {
+    fn get(&self, s: candle_core::Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.lock().unwrap().insert(name.to_string(), s.dims().to_vec());
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("unchecked get of {name}")
+    }
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+#[test]
+fn f32c32_preset_requests_exactly_the_diffusers_keys() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/goldens/sana_full_size_keys.json");
+    let manifest: std::collections::BTreeMap<String, std::collections::BTreeMap<String, Vec<usize>>> =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let expected = &manifest["dc-ae-f32c32-sana-1.0"];
+    let recorder = KeyRecorder::default();
+    let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
+    AutoencoderDc::new(&DcAeConfig::f32c32_sana_1_0(), vb).unwrap();
+    let requested = recorder.0.lock().unwrap().clone();
+    let missing: Vec<_> = expected.keys().filter(|k| !requested.contains_key(*k)).collect();
+    let extra: Vec<_> = requested.keys().filter(|k| !expected.contains_key(*k)).collect();
+    assert!(missing.is_empty() && extra.is_empty(), "not loaded {missing:?}; not in diffusers {extra:?}");
+    for (k, shape) in expected {
+        assert_eq!(&requested[k], shape, "shape of {k}");
+    }
+}

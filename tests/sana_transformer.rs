@@ -81,6 +81,13 @@ fn matches_diffusers_qk_norm_patch2_sincos() {
     assert_eq!(g.config.qk_norm, Some(QkNorm::RmsNormAcrossHeads));
     assert_eq!((g.config.patch_size, g.config.interpolation_scale), (2, Some(1.0)));
     assert_close(&run(&g, None), &g.tensors["output.sample"], "qknorm_pe");
+    // The positional embedding is cached per grid: another size, then the first one again.
+    let model = SanaTransformer::new(&g.config, &plan(), weights(&g)).unwrap();
+    let t = &g.tensors;
+    let call = |latents: &Tensor| model.forward(latents, &t["input.timestep"], &t["input.text"], &t["input.text_mask"], None).unwrap();
+    let other = call(&t["input.latents"].narrow(3, 0, 8).unwrap());
+    assert_eq!(other.dims(), &[2, 4, 8, 8]);
+    assert_close(&call(&t["input.latents"]), &t["output.sample"], "qknorm_pe after a cache change");
 }
 
 #[test]
@@ -186,9 +193,56 @@ fn presets() {
         SanaConfig::preset(name).unwrap().validate().unwrap();
     }
     assert!(SanaConfig::preset("sana-9000m").is_err());
+    // The names used by pipelines/*.toml.
+    for (name, expected) in [
+        ("600m-1024", SanaConfig::sana_600m_1024()),
+        ("1600m-1024", SanaConfig::sana_1600m_1024()),
+        ("1.5-1600m-1024", SanaConfig::sana_1_5_1600m_1024()),
+        ("sprint-1600m-1024", SanaConfig::sana_sprint_1600m_1024()),
+    ] {
+        assert_eq!(SanaConfig::preset(name).unwrap(), expected, "{name}");
+    }
     // A diffusers config.json with extra fields parses.
     let json = r#"{"_class_name": "SanaTransformer2DModel", "num_layers": 28, "num_attention_heads": 36,
         "num_cross_attention_heads": 16, "cross_attention_head_dim": 72, "cross_attention_dim": 1152,
         "interpolation_scale": null, "qk_norm": null, "sample_size": 32}"#;
     assert_eq!(SanaConfig::from_diffusers_json(json).unwrap(), SanaConfig::sana_600m_1024());
+}
+
+/// A weight source that hands out broadcast zeros of the requested shape and records every request,
+/// so a full-size model can be built without memory and its key layout compared with diffusers'.
+#[derive(Clone, Default)]
+struct KeyRecorder(std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<usize>>>>);
+
+impl candle_nn::var_builder::SimpleBackend for KeyRecorder {
+    fn get(&self, s: candle_core::Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.lock().unwrap().insert(name.to_string(), s.dims().to_vec());
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("unchecked get of {name}")
+    }
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+#[test]
+fn full_size_presets_request_exactly_the_diffusers_keys() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/goldens/sana_full_size_keys.json");
+    let manifest: std::collections::BTreeMap<String, std::collections::BTreeMap<String, Vec<usize>>> =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for preset in ["sana-600m", "sana-1600m", "sana-sprint-1600m"] {
+        let recorder = KeyRecorder::default();
+        let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
+        SanaTransformer::new(&SanaConfig::preset(preset).unwrap(), &plan(), vb).unwrap();
+        let requested = recorder.0.lock().unwrap().clone();
+        let expected = &manifest[preset];
+        let missing: Vec<_> = expected.keys().filter(|k| !requested.contains_key(*k)).collect();
+        let extra: Vec<_> = requested.keys().filter(|k| !expected.contains_key(*k)).collect();
+        assert!(missing.is_empty() && extra.is_empty(), "{preset}: not loaded {missing:?}; not in diffusers {extra:?}");
+        for (k, shape) in expected {
+            assert_eq!(&requested[k], shape, "{preset}: shape of {k}");
+        }
+    }
 }

@@ -5,9 +5,9 @@ use image::{Rgb, RgbImage};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use visgen::data::shapes::{
-    benchmark_scenes, caption, dataset, parse_prompt, prompt_set, render, render_with, sample_scene,
-    sample_scene_of, scene_at, scenes, token_ids, Category, Color, GenConfig, Layout, ObjectSpec, Prompt,
-    Relation, Scene, SceneObject, Shape, Size, LARGE_RADIUS, SMALL_RADIUS, VOCABULARY,
+    benchmark_scenes, caption, dataset, parse_prompt, prompt_set, render, render_with, sample_scene, sample_scene_of,
+    scene_at, scenes, token_ids, Category, Color, GenConfig, Layout, ObjectSpec, Prompt, Relation, Scene, SceneObject,
+    Shape, Size, LARGE_RADIUS, SMALL_RADIUS, VOCABULARY,
 };
 use visgen::eval::shapes::{check_image, evaluate_images, find_blobs, score, Report};
 use visgen::Error;
@@ -104,10 +104,7 @@ fn hand_written_prompts_parse() {
             object: spec(Shape::Triangle, Some(Color::Yellow), None),
         }
     );
-    assert_eq!(
-        parse_prompt("a red circle below a green square").unwrap().category(),
-        Category::Relation
-    );
+    assert_eq!(parse_prompt("a red circle below a green square").unwrap().category(), Category::Relation);
     assert_eq!(
         parse_prompt("two green circles").unwrap(),
         Prompt::Count { count: 2, spec: spec(Shape::Circle, Some(Color::Green), None) }
@@ -135,7 +132,8 @@ fn hand_written_prompts_parse() {
 
 #[test]
 fn out_of_vocabulary_and_ungrammatical_prompts_are_usage_errors() {
-    for (text, needle) in [("a red hexagon", "hexagon"), ("four red circles", "four"), ("a crimson circle", "crimson")] {
+    for (text, needle) in [("a red hexagon", "hexagon"), ("four red circles", "four"), ("a crimson circle", "crimson")]
+    {
         match parse_prompt(text) {
             Err(Error::Usage(msg)) => {
                 assert!(msg.contains(needle), "{msg}");
@@ -172,9 +170,8 @@ fn generated_captions_parse_back_to_their_scene() {
         let text = caption(&scene);
         let prompt = parse_prompt(&text).unwrap_or_else(|e| panic!("`{text}`: {e}"));
         let size_of = |o: &SceneObject| if scene.size_words { Some(o.size) } else { None };
-        let described = |s: &ObjectSpec, o: &SceneObject| {
-            s.shape == o.shape && s.color == Some(o.color) && s.size == size_of(o)
-        };
+        let described =
+            |s: &ObjectSpec, o: &SceneObject| s.shape == o.shape && s.color == Some(o.color) && s.size == size_of(o);
         match (&prompt, scene.layout) {
             (Prompt::Objects(specs), Layout::List) => {
                 assert_eq!(specs.len(), scene.objects.len(), "{text}");
@@ -214,7 +211,9 @@ fn scenes_respect_their_layout_rules() {
         // Bounding circles of radius `radius` (which contain every shape) are apart: no overlap.
         for i in 0..objs.len() {
             for j in 0..i {
-                let d = ((objs[i].center[0] - objs[j].center[0]).powi(2) + (objs[i].center[1] - objs[j].center[1]).powi(2)).sqrt();
+                let d = ((objs[i].center[0] - objs[j].center[0]).powi(2)
+                    + (objs[i].center[1] - objs[j].center[1]).powi(2))
+                .sqrt();
                 assert!(d > objs[i].radius + objs[j].radius, "objects {i} and {j} overlap");
             }
         }
@@ -223,7 +222,10 @@ fn scenes_respect_their_layout_rules() {
             Layout::List if objs.len() > 1 => {
                 for i in 0..objs.len() {
                     for j in 0..i {
-                        assert!(kinds[i].0 != kinds[j].0 && kinds[i].1 != kinds[j].1, "binding pair shares an attribute");
+                        assert!(
+                            kinds[i].0 != kinds[j].0 && kinds[i].1 != kinds[j].1,
+                            "binding pair shares an attribute"
+                        );
                     }
                 }
             }
@@ -416,7 +418,8 @@ fn scorer_rejects_wrong_pictures() {
         .filter(|&i| matches!(scenes[i].layout, Layout::Relation(Relation::LeftOf | Relation::RightOf)))
         .collect();
     assert!(horizontal.len() >= 10);
-    let mirrored: Vec<RgbImage> = horizontal.iter().map(|&i| image::imageops::flip_horizontal(&render(&scenes[i], size))).collect();
+    let mirrored: Vec<RgbImage> =
+        horizontal.iter().map(|&i| image::imageops::flip_horizontal(&render(&scenes[i], size))).collect();
     let report = score(mirrored.iter().zip(horizontal.iter().map(|&i| &prompts[i])));
     assert!(check_accuracy(&report, "relation") <= 0.02, "{report}");
 
@@ -493,10 +496,15 @@ fn shape_color_and_size_classification_on_clean_renders() {
             wrong_color += usize::from(blob.color != truth.color);
             wrong_size += usize::from(blob.size != truth.size);
             total += 1;
-            let off = ((blob.centroid[0] - truth.center[0]).powi(2) + (blob.centroid[1] - truth.center[1]).powi(2)).sqrt();
+            let off =
+                ((blob.centroid[0] - truth.center[0]).powi(2) + (blob.centroid[1] - truth.center[1]).powi(2)).sqrt();
             assert!(off < truth.radius * 0.5, "centroid {:?} far from {:?}", blob.centroid, truth.center);
         }
-        let confused: usize = (0..3).flat_map(|a| (0..3).map(move |b| (a, b))).filter(|(a, b)| a != b).map(|(a, b)| confusion[a][b]).sum();
+        let confused: usize = (0..3)
+            .flat_map(|a| (0..3).map(move |b| (a, b)))
+            .filter(|(a, b)| a != b)
+            .map(|(a, b)| confusion[a][b])
+            .sum();
         println!("{size}px confusion (rows truth circle/square/triangle): {confusion:?}");
         assert!(confused as f64 <= 0.01 * total as f64, "{size}px: {confusion:?}");
         assert_eq!(wrong_color, 0, "{size}px");

@@ -67,15 +67,15 @@ pub fn reference(
     let mut k = k.to_dtype(DType::F32)?;
     let mut v = v.to_dtype(DType::F32)?;
 
-    // (B, Nk) attend flags for the main keys, all-true when there is no mask.
+    // (B, Nk) attend flags for the main keys; `None` = every key is attended (no masking work).
     let mut attend = match key_mask {
         Some(mask) => {
             if mask.dims() != [b, nk] {
                 return Err(bad(format!("key_mask must be (B, Nk) = ({b}, {nk}), got {:?}", mask.dims())));
             }
-            mask.to_dtype(DType::F32)?.ne(0f64)?
+            Some(mask.to_dtype(DType::F32)?.ne(0f64)?)
         }
-        None => Tensor::ones((b, nk), DType::U8, q.device())?,
+        None => None,
     };
 
     if let Some((ek, ev)) = extra_kv {
@@ -91,16 +91,20 @@ pub fn reference(
         k = Tensor::cat(&[&k, &ek.to_dtype(DType::F32)?], 2)?;
         v = Tensor::cat(&[&v, &ev.to_dtype(DType::F32)?], 2)?;
         // Extra tokens are attended by every query.
-        attend = Tensor::cat(&[&attend, &Tensor::ones((b, ne), DType::U8, q.device())?], 1)?;
+        if let Some(main) = attend {
+            attend = Some(Tensor::cat(&[&main, &Tensor::ones((b, ne), DType::U8, q.device())?], 1)?);
+        }
     }
     let n_keys = k.dim(2)?;
 
     // Scaled logits (B, H, Nq, Nk'), with masked keys set to -inf.
-    let logits = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    let logit_shape = (b, h, nq, n_keys);
-    let attend = attend.reshape((b, 1, 1, n_keys))?.broadcast_as(logit_shape)?.contiguous()?;
-    let neg_inf = Tensor::full(f32::NEG_INFINITY, logit_shape, q.device())?;
-    let logits = attend.where_cond(&logits, &neg_inf)?;
+    let mut logits = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    if let Some(attend) = attend {
+        let logit_shape = (b, h, nq, n_keys);
+        let attend = attend.reshape((b, 1, 1, n_keys))?.broadcast_as(logit_shape)?.contiguous()?;
+        let neg_inf = Tensor::full(f32::NEG_INFINITY, logit_shape, q.device())?;
+        logits = attend.where_cond(&logits, &neg_inf)?;
+    }
 
     // Softmax with the row max subtracted. A fully masked row has max -inf: shift by 0 instead,
     // so exp(-inf - 0) = 0 and the row sum is 0 (not NaN).
@@ -125,11 +129,10 @@ pub fn forward(p: &DenseParams, input: &AttentionInput) -> Result<(Tensor, Tenso
     }
     let scale = p.scale_for(d);
 
-    // ---- CUDA DISPATCH POINT ------------------------------------------------------------------
-    // When the tensors are on the GPU, the dense CUDA kernel is called here (added by the CUDA
-    // work, behind `#[cfg(feature = "cuda")]` and `input.q.device().is_cuda()`); it must return
-    // the same (out, lse) as `reference`. Until then the reference below runs on any device.
-    // --------------------------------------------------------------------------------------------
+    #[cfg(feature = "cuda")]
+    if input.q.device().is_cuda() && super::cuda::dense::supports(input.q.dtype(), d) && !super::reference_only() {
+        return super::cuda::dense::forward(input.q, input.k, input.v, input.key_mask, input.extra_kv, scale);
+    }
 
     let (out, lse) = reference(input.q, input.k, input.v, input.key_mask, input.extra_kv, scale)?;
     Ok((out.to_dtype(input.q.dtype())?, lse))

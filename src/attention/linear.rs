@@ -228,15 +228,9 @@ pub fn forward(p: &LinearParams, input: &AttentionInput) -> Result<Tensor> {
         check_rope(rope, nq, d)?;
     }
 
-    // ---- CUDA DISPATCH POINT ------------------------------------------------------------------
-    // When the tensors are on the GPU, the linear-attention CUDA kernel (bidirectional and
-    // block-causal, RoPE numerator) is called here (added by the CUDA work, behind
-    // `#[cfg(feature = "cuda")]` and `input.q.device().is_cuda()`); it must match the reference
-    // path below. Until then the reference runs on any device.
-    // --------------------------------------------------------------------------------------------
-
-    let out = match p.chunk_frames {
-        None => reference(input.q, input.k, input.v, input.rope, p.eps)?,
+    // Block-causal chunks as token boundaries `[0, b1, ..., N]` (the first chunk absorbs the remainder).
+    let bounds = match p.chunk_frames {
+        None => None,
         Some(chunk_frames) => {
             let grid = input
                 .grid
@@ -248,12 +242,27 @@ pub fn forward(p: &LinearParams, input: &AttentionInput) -> Result<Tensor> {
                 )));
             }
             let tokens_per_frame = tokens / grid[0].max(1);
-            let bounds = chunk_boundaries(grid[0], chunk_frames)?;
+            let frames = chunk_boundaries(grid[0], chunk_frames)?;
+            Some(frames.iter().map(|f| f * tokens_per_frame).collect::<Vec<_>>())
+        }
+    };
+
+    #[cfg(feature = "cuda")]
+    if input.q.device().is_cuda() && super::cuda::linear::supports(input.q.dtype(), d) && nq == nk && !super::reference_only() {
+        use super::cuda::linear as kernel;
+        return match &bounds {
+            None => kernel::forward(input.q, input.k, input.v, input.rope, p.eps),
+            Some(bounds) => Ok(kernel::forward_chunked(input.q, input.k, input.v, input.rope, bounds, p.eps)?.0),
+        };
+    }
+
+    let out = match bounds {
+        None => reference(input.q, input.k, input.v, input.rope, p.eps)?,
+        Some(bounds) => {
             let mut state = LinearState::zeros(b, h, d, input.q.device())?;
             let mut outputs = Vec::with_capacity(bounds.len() - 1);
             for w in bounds.windows(2) {
-                let start = w[0] * tokens_per_frame;
-                let len = (w[1] - w[0]) * tokens_per_frame;
+                let (start, len) = (w[0], w[1] - w[0]);
                 let rope = input.rope.map(|r| rope_rows(r, start, len)).transpose()?;
                 let (o, next) = forward_chunk(
                     p,

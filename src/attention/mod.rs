@@ -7,6 +7,8 @@
 //! Tensor layout everywhere: `(batch, heads, tokens, head_dim)`. Tokens of a grid (an image or a
 //! video) are flattened row-major: for a grid `[T, H, W]`, token `n = (t * H + h) * W + w`.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dense;
 pub mod linear;
 pub mod masked;
@@ -164,6 +166,25 @@ impl<'a> AttentionInput<'a> {
         self.rope = rope;
         self
     }
+}
+
+thread_local! {
+    static REFERENCE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every attention call on this thread taking the f32 reference path, even on the
+/// GPU: our CUDA kernels are forward-only, so training (which needs gradients through candle ops)
+/// runs inside this.
+pub fn with_reference_only<T>(f: impl FnOnce() -> T) -> T {
+    let before = REFERENCE_ONLY.with(|r| r.replace(true));
+    let out = f();
+    REFERENCE_ONLY.with(|r| r.set(before));
+    out
+}
+
+/// Whether [`with_reference_only`] is in force on this thread.
+pub fn reference_only() -> bool {
+    REFERENCE_ONLY.with(|r| r.get())
 }
 
 /// Runs one attention call: the CUDA kernel when the tensors are on the GPU, the f32 reference

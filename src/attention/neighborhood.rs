@@ -63,8 +63,8 @@ impl NeighborhoodParams {
         if grid.len() != rank {
             return Err(format!("the token grid {grid:?} has rank {} but the kernel has rank {rank}", grid.len()));
         }
-        for axis in 0..rank {
-            let (k, s, d, len) = (self.kernel[axis], self.stride[axis], self.dilation[axis], grid[axis]);
+        for (axis, &len) in grid.iter().enumerate() {
+            let (k, s, d) = (self.kernel[axis], self.stride[axis], self.dilation[axis]);
             if k < 2 {
                 return Err(format!("axis {axis}: kernel size must be at least 2, got {k}"));
             }

@@ -103,13 +103,13 @@ impl PyramidParams {
 
     /// Checks the parameters on their own; `Err` carries the reason.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.block_q == 0 || self.block_q % 8 != 0 {
+        if self.block_q == 0 || !self.block_q.is_multiple_of(8) {
             return Err(format!("block_q must be a positive multiple of 8, got {}", self.block_q));
         }
-        if self.block_k == 0 || self.block_k % 8 != 0 {
+        if self.block_k == 0 || !self.block_k.is_multiple_of(8) {
             return Err(format!("block_k must be a positive multiple of 8 (pool 8 must tile a block), got {}", self.block_k));
         }
-        if self.tile_k == 0 || self.block_k % self.tile_k != 0 {
+        if self.tile_k == 0 || !self.block_k.is_multiple_of(self.tile_k) {
             return Err(format!("tile_k must divide block_k, got tile_k {} and block_k {}", self.tile_k, self.block_k));
         }
         let (sample_q, sample_k) = (self.sample_q_count(), self.sample_k_count());
@@ -237,7 +237,7 @@ impl LevelMask {
 /// Returns `(B, H, ceil(N / block_k) * block_k / pool, D)` in f32.
 pub fn pool_mean(x: &Tensor, pool: usize, block_k: usize) -> Result<Tensor> {
     let (b, h, n, d) = x.dims4()?;
-    if pool == 0 || block_k == 0 || block_k % pool != 0 || n == 0 {
+    if pool == 0 || block_k == 0 || !block_k.is_multiple_of(pool) || n == 0 {
         return Err(Error::Other(format!(
             "pool_mean: pool {pool} must divide block_k {block_k}, and the sequence must not be empty (N = {n})"
         )));
@@ -528,7 +528,7 @@ pub fn reference_with_levels(q: &Tensor, k: &Tensor, v: &Tensor, mask: &LevelMas
                     let index = Tensor::from_vec(selected.clone(), selected.len(), q.device())?;
                     keys.push(pooled[level].0.i((bi, hi))?.index_select(&index, 0)?);
                     values.push(pooled[level].1.i((bi, hi))?.index_select(&index, 0)?);
-                    bias.extend(std::iter::repeat((p as f32).ln()).take(selected.len()));
+                    bias.extend(std::iter::repeat_n((p as f32).ln(), selected.len()));
                 }
                 if keys.is_empty() {
                     blocks_out.push(Tensor::zeros((rows, d), DType::F32, q.device())?);

@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 
 /// Every word a caption may contain, in a fixed order: the word-level tokenizer of the text encoder
 /// numbers words by their index here, so append new words at the end and never reorder.
+#[rustfmt::skip]
 pub const VOCABULARY: &[&str] = &[
     "a", "two", "three", "small", "large", "red", "green", "blue", "yellow", "purple", "white", "circle",
     "square", "triangle", "circles", "squares", "triangles", "and", "above", "below", "on", "the", "left",
@@ -265,17 +266,12 @@ pub fn words(text: &str) -> Vec<String> {
 pub fn token_ids(text: &str) -> Result<Vec<u32>> {
     words(text)
         .iter()
-        .map(|w| {
-            VOCABULARY.iter().position(|v| v == w).map(|i| i as u32).ok_or_else(|| unknown_word(w))
-        })
+        .map(|w| VOCABULARY.iter().position(|v| v == w).map(|i| i as u32).ok_or_else(|| unknown_word(w)))
         .collect()
 }
 
 fn unknown_word(word: &str) -> Error {
-    Error::usage(format!(
-        "unknown word `{word}` in a shapes prompt; the vocabulary is: {}",
-        VOCABULARY.join(", ")
-    ))
+    Error::usage(format!("unknown word `{word}` in a shapes prompt; the vocabulary is: {}", VOCABULARY.join(", ")))
 }
 
 fn grammar_error(text: &str, msg: &str) -> Error {
@@ -336,9 +332,7 @@ impl Words<'_> {
     }
 
     fn shape(&mut self, plural: bool) -> Result<Shape> {
-        let found = Shape::ALL
-            .into_iter()
-            .find(|s| self.peek() == Some(if plural { s.plural() } else { s.word() }));
+        let found = Shape::ALL.into_iter().find(|s| self.peek() == Some(if plural { s.plural() } else { s.word() }));
         match found {
             Some(shape) => {
                 self.at += 1;

@@ -16,8 +16,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 pub use crate::data::prompt::{
-    parse_prompt, token_ids, vocabulary, words, Category, Color, ObjectSpec, Prompt, Relation, Shape, Size,
-    VOCABULARY,
+    parse_prompt, token_ids, vocabulary, words, Category, Color, ObjectSpec, Prompt, Relation, Shape, Size, VOCABULARY,
 };
 
 /// Radius ranges (fraction of the image side) of the two sizes. The gap between them (largest small
@@ -342,7 +341,12 @@ pub fn scenes(seed: u64, n: usize, config: GenConfig) -> impl Iterator<Item = Sc
 
 /// `n` rendered training pairs (image, caption) at `size` x `size`, with the default mix of scenes.
 pub fn dataset(seed: u64, n: usize, size: u32) -> impl Iterator<Item = (RgbImage, String)> {
-    scenes(seed, n, GenConfig::default()).map(move |scene| (render(&scene, size), caption(&scene)))
+    dataset_with(seed, n, size, GenConfig::default())
+}
+
+/// `n` rendered training pairs (image, caption) at `size` x `size`, with the given mix of scenes.
+pub fn dataset_with(seed: u64, n: usize, size: u32, config: GenConfig) -> impl Iterator<Item = (RgbImage, String)> {
+    scenes(seed, n, config).map(move |scene| (render(&scene, size), caption(&scene)))
 }
 
 /// Keeps benchmark prompts apart from the training stream of the same seed.

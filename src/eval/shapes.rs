@@ -374,10 +374,8 @@ fn describe(blobs: &[Blob]) -> String {
     if blobs.is_empty() {
         return "found nothing".into();
     }
-    let names: Vec<String> = blobs
-        .iter()
-        .map(|b| format!("{} {} {}", b.size.word(), b.color.word(), b.shape.word()))
-        .collect();
+    let names: Vec<String> =
+        blobs.iter().map(|b| format!("{} {} {}", b.size.word(), b.color.word(), b.shape.word())).collect();
     format!("found {}", names.join(", "))
 }
 
@@ -398,8 +396,7 @@ pub fn check_image(image: &RgbImage, prompt: &Prompt) -> Verdict {
             vec![result("object", all_present(&wants, &blobs), found)]
         }
         Prompt::Objects(specs) => {
-            let colors: Vec<Want> =
-                specs.iter().map(|s| Want { shape: None, color: s.color, size: None }).collect();
+            let colors: Vec<Want> = specs.iter().map(|s| Want { shape: None, color: s.color, size: None }).collect();
             let shapes: Vec<Want> =
                 specs.iter().map(|s| Want { shape: Some(s.shape), color: None, size: None }).collect();
             let full: Vec<Want> = specs.iter().map(Want::full).collect();

@@ -130,14 +130,7 @@ impl fmt::Display for Report {
         for t in &self.categories {
             row(f, t)?;
         }
-        writeln!(
-            f,
-            "{:<10} {:>7} {:>7} {:>9.1}%",
-            "overall",
-            self.images,
-            self.images_passed,
-            100.0 * self.overall
-        )?;
+        writeln!(f, "{:<10} {:>7} {:>7} {:>9.1}%", "overall", self.images, self.images_passed, 100.0 * self.overall)?;
         writeln!(f)?;
         writeln!(f, "{:<10} {:>7} {:>7} {:>10}", "check", "images", "passed", "accuracy")?;
         for t in &self.checks {

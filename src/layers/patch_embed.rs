@@ -24,9 +24,9 @@ pub fn sincos_2d(dim: usize, grid: (usize, usize), base_size: usize, interpolati
     let quarter = dim / 4;
     let omega: Vec<f64> = (0..quarter).map(|i| 1.0 / 10000f64.powf(i as f64 / quarter as f64)).collect();
     let mut data = Vec::with_capacity(h * w * dim);
-    for r in 0..h {
-        for c in 0..w {
-            for pos in [cols[c] as f64, rows[r] as f64] {
+    for &row in &rows {
+        for &col in &cols {
+            for pos in [col as f64, row as f64] {
                 data.extend(omega.iter().map(|o| (pos * o).sin() as f32));
                 data.extend(omega.iter().map(|o| (pos * o).cos() as f32));
             }
@@ -35,13 +35,27 @@ pub fn sincos_2d(dim: usize, grid: (usize, usize), base_size: usize, interpolati
     Ok(Tensor::from_vec(data, (h * w, dim), device)?)
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PatchEmbed {
     proj: Conv2d,
     patch_size: usize,
     embed_dim: usize,
     /// `(base_size, interpolation_scale)` when the sin-cos embedding is used.
     pos_embed: Option<(usize, f64)>,
+    /// The embedding of the last grid seen (a 4K grid takes ~36M sin/cos to build).
+    cache: std::sync::Mutex<Option<((usize, usize), Tensor)>>,
+}
+
+impl Clone for PatchEmbed {
+    fn clone(&self) -> Self {
+        Self {
+            proj: self.proj.clone(),
+            patch_size: self.patch_size,
+            embed_dim: self.embed_dim,
+            pos_embed: self.pos_embed,
+            cache: std::sync::Mutex::new(None),
+        }
+    }
 }
 
 impl PatchEmbed {
@@ -61,6 +75,7 @@ impl PatchEmbed {
             patch_size,
             embed_dim,
             pos_embed: interpolation_scale.map(|s| (sample_size / patch_size, s)),
+            cache: std::sync::Mutex::new(None),
         })
     }
 
@@ -75,8 +90,17 @@ impl PatchEmbed {
         match self.pos_embed {
             None => Ok(tokens),
             Some((base, scale)) => {
-                let pe = sincos_2d(self.embed_dim, (h / p, w / p), base, scale, x.device())?;
-                Ok(tokens.broadcast_add(&pe.to_dtype(tokens.dtype())?.unsqueeze(0)?)?)
+                let grid = (h / p, w / p);
+                let mut cache = self.cache.lock().map_err(|_| Error::Other("patch embed cache poisoned".into()))?;
+                let pe = match cache.as_ref() {
+                    Some((g, pe)) if *g == grid && pe.device().same_device(x.device()) && pe.dtype() == tokens.dtype() => pe.clone(),
+                    _ => {
+                        let pe = sincos_2d(self.embed_dim, grid, base, scale, x.device())?.to_dtype(tokens.dtype())?.unsqueeze(0)?;
+                        *cache = Some((grid, pe.clone()));
+                        pe
+                    }
+                };
+                Ok(tokens.broadcast_add(&pe)?)
             }
         }
     }

@@ -2,4 +2,5 @@
 
 pub mod dcae;
 pub mod sana;
+pub mod text;
 pub mod tiny_shapes;

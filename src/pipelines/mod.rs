@@ -4,6 +4,7 @@
 //! The request types are shared by the CLI and library users.
 
 pub mod request;
+pub mod sana;
 pub mod tiny_shapes;
 
 pub use request::{DeviceChoice, ImageRequest, LoadOptions, Progress};
@@ -14,7 +15,9 @@ use crate::spec::PipelineSpec;
 pub use request::{Flow, Stage};
 
 /// A loaded pipeline: a closed set of families, dispatched by an exhaustive `match`.
-pub enum Pipeline {}
+pub enum Pipeline {
+    Sana(Box<sana::SanaPipeline>),
+}
 
 impl Pipeline {
     /// Loads a pipeline from a spec name (`pipelines/NAME.toml`) or a spec file path.
@@ -24,17 +27,25 @@ impl Pipeline {
     }
 
     pub fn from_spec(spec: PipelineSpec, options: &LoadOptions) -> Result<Self> {
-        let _plan = attention_plan(&spec, options)?;
-        Err(Error::usage(format!("model family `{}` of `{}` is not available yet", spec.family, spec.name)))
+        let plan = attention_plan(&spec, options)?;
+        match spec.family.as_str() {
+            "sana" => Ok(Pipeline::Sana(Box::new(sana::SanaPipeline::load(&spec, &plan, options)?))),
+            other => Err(Error::Spec {
+                file: spec.source.display().to_string(),
+                msg: format!("unknown model family `{other}`; expected sana"),
+            }),
+        }
     }
 
     /// Runs a text-to-image request; `progress` is called at every step and may cancel.
     pub fn generate(
         &self,
-        _request: &ImageRequest,
-        _progress: &mut dyn FnMut(Progress) -> Flow,
+        request: &ImageRequest,
+        progress: &mut dyn FnMut(Progress) -> Flow,
     ) -> Result<Vec<image::RgbImage>> {
-        match *self {}
+        match self {
+            Pipeline::Sana(p) => p.generate(request, progress),
+        }
     }
 }
 

@@ -122,7 +122,13 @@ impl DeviceChoice {
                         "this binary was built without CUDA: rebuild with `cargo build --release --features cuda`",
                     ));
                 }
-                Device::new_cuda(n).map_err(|e| Error::usage(format!("cannot open CUDA device {n}: {e}")))
+                let device = Device::new_cuda(n).map_err(|e| Error::usage(format!("cannot open CUDA device {n}: {e}")))?;
+                #[cfg(feature = "cuda")]
+                if let Device::Cuda(dev) = &device {
+                    // Sampler steps allocate per call; keep freed memory pooled (see kernels.rs).
+                    crate::kernels::keep_freed_memory(dev)?;
+                }
+                Ok(device)
             }
         }
     }

@@ -210,9 +210,47 @@ def make_dcae_local(seed: int) -> None:
     save(os.path.join(OUT, "sana_dcae_local.safetensors"), decoder_only, tensors, DCAE_LOCAL_CONFIG)
 
 
+# Full-size configs (the Rust presets): every state-dict key with its shape, built on the meta device
+# (no memory, no download), so the Rust loaders can be checked against the real checkpoint layout.
+FULL_SANA = {
+    "sana-600m": dict(num_attention_heads=36, num_layers=28, num_cross_attention_heads=16, cross_attention_head_dim=72, cross_attention_dim=1152),
+    "sana-1600m": dict(),
+    "sana-sprint-1600m": dict(qk_norm="rms_norm_across_heads", guidance_embeds=True),
+}
+FULL_SANA_BASE = dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+                      num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
+                      caption_channels=2304, mlp_ratio=2.5, attention_bias=False, sample_size=32, patch_size=1)
+FULL_DCAE = dict(
+    in_channels=3, latent_channels=32, attention_head_dim=32,
+    encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+    decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+    encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+    decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+    encoder_layers_per_block=(2, 2, 2, 3, 3, 3), decoder_layers_per_block=(3, 3, 3, 3, 3, 3),
+    encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)), decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+    upsample_block_type="interpolate", downsample_block_type="conv", decoder_norm_types="rms_norm",
+    decoder_act_fns="silu", scaling_factor=0.41407,
+)
+
+
+def make_key_manifest() -> None:
+    manifest = {}
+    with torch.device("meta"):
+        for name, cfg in FULL_SANA.items():
+            model = SanaTransformer2DModel(**dict(FULL_SANA_BASE, **cfg))
+            manifest[name] = {k: list(v.shape) for k, v in model.state_dict().items()}
+        model = AutoencoderDC(**FULL_DCAE)
+        manifest["dc-ae-f32c32-sana-1.0"] = {k: list(v.shape) for k, v in model.state_dict().items()}
+    path = os.path.join(OUT, "sana_full_size_keys.json")
+    with open(path, "w") as f:
+        json.dump(manifest, f, separators=(",", ":"), sort_keys=True)
+    print(f"{os.path.basename(path)}: {os.path.getsize(path)} bytes, " + ", ".join(f"{k}: {len(v)} keys" for k, v in manifest.items()))
+
+
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
     for i, (name, case) in enumerate(SANA_CASES.items()):
         make_sana(name, case, seed=100 + 10 * i)
     make_dcae(seed=7)
     make_dcae_local(seed=11)
+    make_key_manifest()

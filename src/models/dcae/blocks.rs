@@ -59,9 +59,8 @@ struct MultiscaleProjection {
 /// `Σ_m v_m φ(k_m)·φ(q_n) / (Σ_m φ(k_m)·φ(q_n) + ε)`, so one path serves both.
 #[derive(Debug, Clone)]
 pub struct MultiscaleLinearAttention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
+    /// `to_q`, `to_k`, `to_v` stacked into one `(3C, C)` projection (they are concatenated anyway).
+    to_qkv: Linear,
     multiscale: Vec<MultiscaleProjection>,
     to_out: Linear,
     norm_out: RmsNorm,
@@ -103,10 +102,16 @@ impl MultiscaleLinearAttention {
             backend: backend.name().into(),
             reason,
         })?;
+        let qkv_weight = Tensor::cat(
+            &[
+                vb.get((channels, channels), "to_q.weight")?,
+                vb.get((channels, channels), "to_k.weight")?,
+                vb.get((channels, channels), "to_v.weight")?,
+            ],
+            0,
+        )?;
         Ok(Self {
-            to_q: linear_no_bias(channels, channels, vb.pp("to_q"))?,
-            to_k: linear_no_bias(channels, channels, vb.pp("to_k"))?,
-            to_v: linear_no_bias(channels, channels, vb.pp("to_v"))?,
+            to_qkv: Linear::new(qkv_weight, None),
             to_out: linear_no_bias(channels * (1 + kernel_sizes.len()), channels, vb.pp("to_out"))?,
             norm_out: RmsNorm::new(channels, NORM_EPS, true, true, vb.pp("norm_out"))?,
             multiscale,
@@ -120,12 +125,7 @@ impl MultiscaleLinearAttention {
         let (b, _c, h, w) = x.dims4()?;
         let d = self.head_dim;
         let channels_last = x.permute((0, 2, 3, 1))?.contiguous()?;
-        let qkv = Tensor::cat(
-            &[self.to_q.forward(&channels_last)?, self.to_k.forward(&channels_last)?, self.to_v.forward(&channels_last)?],
-            3,
-        )?
-        .permute((0, 3, 1, 2))?
-        .contiguous()?;
+        let qkv = self.to_qkv.forward(&channels_last)?.permute((0, 3, 1, 2))?.contiguous()?;
         let mut scales = vec![qkv.clone()];
         for branch in &self.multiscale {
             scales.push(branch.proj_out.forward(&branch.proj_in.forward(&qkv)?)?);

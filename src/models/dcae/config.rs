@@ -114,6 +114,27 @@ impl DcAeConfig {
         Self::f32c32_sana_1_0()
     }
 
+    /// A tiny configuration (the one of tests/goldens/make_sana_goldens.py): 8x compression, 4
+    /// latent channels; for random-weight smoke tests.
+    pub fn tiny() -> Self {
+        use BlockType::*;
+        let types = vec![ResBlock, ResBlock, EfficientViTBlock, EfficientViTBlock];
+        let scales = vec![vec![], vec![], vec![5], vec![5]];
+        Self {
+            latent_channels: 4,
+            attention_head_dim: 8,
+            encoder_block_types: types.clone(),
+            decoder_block_types: types,
+            encoder_block_out_channels: vec![8, 16, 16, 32],
+            decoder_block_out_channels: vec![8, 16, 16, 32],
+            encoder_layers_per_block: vec![1, 1, 1, 2],
+            decoder_layers_per_block: vec![1, 1, 2, 1],
+            encoder_qkv_multiscales: scales.clone(),
+            decoder_qkv_multiscales: scales,
+            ..Self::f32c32_sana_1_0()
+        }
+    }
+
     /// A preset by name: `dc-ae-f32c32-sana-1.0`, `dc-ae-f32c32-sana-1.1`.
     pub fn preset(name: &str) -> Result<Self> {
         match name {

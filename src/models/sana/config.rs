@@ -140,20 +140,24 @@ impl SanaConfig {
         }
     }
 
-    /// A preset by name: `sana-600m`, `sana-1600m`, `sana-1600m-2k`, `sana-1600m-4k`, `sana-1.5-1600m`, `sana-1.5-4800m`,
-    /// `sana-sprint-600m`, `sana-sprint-1600m` (1024² unless named), `tiny`.
+    /// A preset by name, as in `pipelines/*.toml` (`preset = "600m-1024"`), with or without a
+    /// `sana-` prefix: `600m-1024`, `1600m-1024`, `1600m-2k`, `1600m-4k`, `1.5-1600m-1024`,
+    /// `1.5-4800m-1024`, `sprint-600m-1024`, `sprint-1600m-1024`, `tiny`. The `-1024` suffix may be
+    /// left out.
     pub fn preset(name: &str) -> Result<Self> {
-        Ok(match name {
-            "sana-600m" | "sana-600m-1024" => Self::sana_600m_1024(),
-            "sana-1600m" | "sana-1600m-1024" => Self::sana_1600m_1024(),
-            "sana-1600m-2k" => Self::sana_1600m_2k(),
-            "sana-1600m-4k" => Self::sana_1600m_4k(),
-            "sana-1.5-1600m" | "sana-1.5-1600m-1024" => Self::sana_1_5_1600m_1024(),
-            "sana-1.5-4800m" | "sana-1.5-4800m-1024" => Self::sana_1_5_4800m_1024(),
-            "sana-sprint-600m" | "sana-sprint-600m-1024" => Self::sana_sprint_600m_1024(),
-            "sana-sprint-1600m" | "sana-sprint-1600m-1024" => Self::sana_sprint_1600m_1024(),
+        let short = name.strip_prefix("sana-").unwrap_or(name);
+        let short = short.strip_suffix("-1024").unwrap_or(short);
+        Ok(match short {
+            "600m" => Self::sana_600m_1024(),
+            "1600m" => Self::sana_1600m_1024(),
+            "1600m-2k" => Self::sana_1600m_2k(),
+            "1600m-4k" => Self::sana_1600m_4k(),
+            "1.5-1600m" => Self::sana_1_5_1600m_1024(),
+            "1.5-4800m" => Self::sana_1_5_4800m_1024(),
+            "sprint-600m" => Self::sana_sprint_600m_1024(),
+            "sprint-1600m" => Self::sana_sprint_1600m_1024(),
             "tiny" => Self::tiny(),
-            other => return Err(Error::Usage(format!("unknown SANA preset `{other}`"))),
+            _ => return Err(Error::Usage(format!("unknown SANA preset `{name}`"))),
         })
     }
 

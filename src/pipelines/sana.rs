@@ -1,0 +1,288 @@
+//! SANA text-to-image: encode the prompt with Gemma-2, denoise with a flow scheduler (or SANA-Sprint's
+//! sCM sampler), decode with DC-AE.
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+
+use super::request::{Flow, Progress, Stage};
+use super::{ImageRequest, LoadOptions};
+use crate::attention::plan::AttentionPlan;
+use crate::error::{Error, Result};
+use crate::models::dcae::{AutoencoderDc, DcAeConfig, TilingConfig};
+use crate::models::sana::{SanaConfig, SanaTransformer};
+use crate::models::text::{Gemma2Config, Gemma2Encoder, GemmaTokenizer, PromptEmbeddings, SanaPromptConfig, SanaTextEncoder};
+use crate::schedulers::{FlowDpmSolver, FlowDpmSolverConfig, FlowEuler, FlowEulerConfig, ScmConfig, ScmScheduler, Scheduler};
+use crate::spec::PipelineSpec;
+use crate::weights::hub::HubConfig;
+use crate::weights::random::{random_var_builder, seeded_normal};
+use crate::weights::{ModelRepo, ModelSource};
+
+/// What a spec's `[scheduler]` table asks for.
+#[derive(Debug, Clone, PartialEq)]
+struct Sampling {
+    kind: String,
+    steps: usize,
+    cfg: f64,
+    shift: f64,
+}
+
+pub struct SanaPipeline {
+    name: String,
+    transformer: SanaTransformer,
+    vae: AutoencoderDc,
+    text: SanaTextEncoder,
+    sampling: Sampling,
+    default_size: (usize, usize),
+    default_negative: String,
+    device: Device,
+    dtype: DType,
+}
+
+impl SanaPipeline {
+    pub fn load(spec: &PipelineSpec, plan: &AttentionPlan, options: &LoadOptions) -> Result<Self> {
+        let device = options.device.open()?;
+        // On the CPU everything runs in f32 unless asked otherwise: candle's CPU kernels are f32.
+        let spec_dtype = super::request::parse_dtype(&spec.dtype)?;
+        let dtype = options.dtype.unwrap_or(if device.is_cpu() { DType::F32 } else { spec_dtype });
+        // The VAE and text encoder stay in bf16 or f32 (f16 overflows in both; sana.md §1.6).
+        let aux_dtype = if dtype == DType::F16 { DType::BF16 } else { dtype };
+        let sampling = Sampling {
+            kind: spec.scheduler.kind.clone(),
+            steps: spec.scheduler.steps,
+            cfg: spec.scheduler.cfg,
+            shift: spec.scheduler.shift,
+        };
+        let (transformer, vae, text) = match spec.weights.random {
+            Some(seed) => load_random(spec, plan, seed, dtype, aux_dtype, &device)?,
+            None => load_checkpoint(spec, plan, dtype, aux_dtype, &device)?,
+        };
+        let vae = vae.with_tiling(Some(TilingConfig::default()))?;
+        Ok(Self {
+            name: spec.name.clone(),
+            transformer,
+            vae,
+            text,
+            sampling,
+            default_size: (spec.defaults.width.unwrap_or(1024), spec.defaults.height.unwrap_or(1024)),
+            default_negative: spec.defaults.negative_prompt.clone().unwrap_or_default(),
+            device,
+            dtype,
+        })
+    }
+
+    pub fn transformer(&self) -> &SanaTransformer {
+        &self.transformer
+    }
+
+    /// Pixels per latent token: the VAE's compression times the transformer's patch.
+    pub fn pixels_per_token(&self) -> usize {
+        self.vae.config().spatial_compression() * self.transformer.config().patch_size
+    }
+
+    pub fn generate(&self, request: &ImageRequest, progress: &mut dyn FnMut(Progress) -> Flow) -> Result<Vec<RgbImage>> {
+        request.validate()?;
+        let width = request.width.unwrap_or(self.default_size.0);
+        let height = request.height.unwrap_or(self.default_size.1);
+        ImageRequest::check_size(width, height, self.pixels_per_token(), &self.name)?;
+        let steps = request.steps.unwrap_or(self.sampling.steps);
+        let cfg = request.cfg.unwrap_or(self.sampling.cfg);
+        let batch = request.count;
+        let report = |progress: &mut dyn FnMut(Progress) -> Flow, stage, step, total| match progress(Progress {
+            stage,
+            step,
+            total,
+        }) {
+            Flow::Continue => Ok(()),
+            Flow::Cancel => Err(Error::Cancelled),
+        };
+
+        report(progress, Stage::Encode, 0, 1)?;
+        let prompts = vec![request.prompt.as_str(); batch];
+        let positive = self.text.encode_prompts(&prompts)?;
+        let sprint = self.sampling.kind == "scm";
+        let use_cfg = !sprint && cfg > 1.0;
+        let conditioning = if use_cfg {
+            let negative_text = request.negative_prompt.as_deref().unwrap_or(&self.default_negative);
+            let negative = self.text.encode_negative(&vec![negative_text; batch])?;
+            PromptEmbeddings::cfg_batch(&negative, &positive)?
+        } else {
+            positive
+        };
+        let text = conditioning.embeds.to_dtype(self.dtype)?;
+        let mask = conditioning.mask.clone();
+        report(progress, Stage::Encode, 1, 1)?;
+
+        let compression = self.vae.config().spatial_compression();
+        let channels = self.transformer.config().in_channels;
+        let shape = (batch, channels, height / compression, width / compression);
+        let noise = seeded_normal(request.seed, shape, &self.device)?;
+
+        let latents = if sprint {
+            self.denoise_scm(noise, steps, cfg, &text, &mask, request.seed, progress)?
+        } else {
+            self.denoise_flow(noise, steps, cfg, use_cfg, &text, &mask, progress)?
+        };
+
+        report(progress, Stage::Decode, 0, 1)?;
+        let pixels = self.vae.decode_scaled(&latents.to_dtype(self.vae_dtype())?)?;
+        let images = to_images(&pixels)?;
+        report(progress, Stage::Decode, 1, 1)?;
+        Ok(images)
+    }
+
+    fn vae_dtype(&self) -> DType {
+        if self.dtype == DType::F16 {
+            DType::BF16
+        } else {
+            self.dtype
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn denoise_flow(
+        &self,
+        noise: Tensor,
+        steps: usize,
+        cfg: f64,
+        use_cfg: bool,
+        text: &Tensor,
+        mask: &Tensor,
+        progress: &mut dyn FnMut(Progress) -> Flow,
+    ) -> Result<Tensor> {
+        let mut scheduler: Box<dyn Scheduler> = match self.sampling.kind.as_str() {
+            "flow-dpm-solver" => Box::new(FlowDpmSolver::new(
+                FlowDpmSolverConfig { flow_shift: self.sampling.shift, ..FlowDpmSolverConfig::sana() },
+                steps,
+            )?),
+            "flow-euler" => Box::new(FlowEuler::new(FlowEulerConfig { shift: self.sampling.shift, ..Default::default() }, steps)?),
+            other => return Err(Error::Other(format!("scheduler `{other}` is not a flow scheduler"))),
+        };
+        let timestep_scale = self.transformer.config().timestep_scale;
+        // Latents stay f32 between steps, as diffusers keeps them; the model sees its dtype.
+        let mut x = (noise * scheduler.init_noise_sigma())?;
+        let timesteps = scheduler.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate() {
+            if progress(Progress { stage: Stage::Denoise, step: i, total: steps }) == Flow::Cancel {
+                return Err(Error::Cancelled);
+            }
+            let model_in = if use_cfg { Tensor::cat(&[&x, &x], 0)? } else { x.clone() };
+            let b = model_in.dim(0)?;
+            let t = if self.sampling.kind == "flow-dpm-solver" { t.trunc() } else { t };
+            let timestep = Tensor::full((t * timestep_scale) as f32, b, &self.device)?;
+            let v = self.transformer.forward(&model_in.to_dtype(self.dtype)?, &timestep, text, mask, None)?;
+            let v = v.to_dtype(DType::F32)?;
+            let v = if use_cfg {
+                let half = b / 2;
+                let (v_neg, v_pos) = (v.narrow(0, 0, half)?, v.narrow(0, half, half)?);
+                (&v_neg + ((v_pos - &v_neg)? * cfg)?)?
+            } else {
+                v
+            };
+            x = scheduler.step(&v, i, &x)?;
+        }
+        if progress(Progress { stage: Stage::Denoise, step: steps, total: steps }) == Flow::Cancel {
+            return Err(Error::Cancelled);
+        }
+        Ok(x)
+    }
+
+    /// SANA-Sprint: sCM in TrigFlow time, guidance embedded in the model (no CFG batch).
+    #[allow(clippy::too_many_arguments)]
+    fn denoise_scm(
+        &self,
+        noise: Tensor,
+        steps: usize,
+        cfg: f64,
+        text: &Tensor,
+        mask: &Tensor,
+        seed: u64,
+        progress: &mut dyn FnMut(Progress) -> Flow,
+    ) -> Result<Tensor> {
+        let scheduler = ScmScheduler::new(ScmConfig::default(), steps)?;
+        let config = self.transformer.config();
+        let b = noise.dim(0)?;
+        let guidance = config
+            .guidance_embeds
+            .then(|| Tensor::full((cfg * config.guidance_embeds_scale) as f32, b, &self.device))
+            .transpose()?
+            .map(|g| g.to_dtype(self.dtype))
+            .transpose()?;
+        let mut x = (noise * scheduler.init_noise_sigma())?;
+        let mut denoised = x.clone();
+        for (i, &s) in scheduler.timesteps().to_vec().iter().enumerate() {
+            if progress(Progress { stage: Stage::Denoise, step: i, total: steps }) == Flow::Cancel {
+                return Err(Error::Cancelled);
+            }
+            let x_in = scheduler.model_input(&x, s)?;
+            let t = ScmScheduler::model_time(s) * config.timestep_scale;
+            let timestep = Tensor::full(t as f32, b, &self.device)?;
+            let v = self.transformer.forward(&x_in.to_dtype(self.dtype)?, &timestep, text, mask, guidance.as_ref())?;
+            let f = scheduler.trigflow_output(&x_in, &v.to_dtype(DType::F32)?, s)?;
+            let fresh = seeded_normal(seed.wrapping_add(1 + i as u64), x.shape().clone(), &self.device)?;
+            let step = scheduler.step(&f, i, &x, &fresh)?;
+            x = step.prev_sample;
+            denoised = step.denoised;
+        }
+        if progress(Progress { stage: Stage::Denoise, step: steps, total: steps }) == Flow::Cancel {
+            return Err(Error::Cancelled);
+        }
+        Ok((denoised / scheduler.init_noise_sigma())?)
+    }
+}
+
+/// `(B, 3, H, W)` in [-1, 1] to 8-bit RGB images.
+pub fn to_images(pixels: &Tensor) -> Result<Vec<RgbImage>> {
+    let (b, c, h, w) = pixels.dims4()?;
+    if c != 3 {
+        return Err(Error::Other(format!("decoder returned {c} channels, expected 3")));
+    }
+    let bytes = ((pixels.to_dtype(DType::F32)?.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
+        .round()?
+        .permute((0, 2, 3, 1))?
+        .to_dtype(DType::U8)?
+        .flatten_all()?
+        .to_vec1::<u8>()?;
+    let per_image = h * w * 3;
+    (0..b)
+        .map(|i| {
+            RgbImage::from_raw(w as u32, h as u32, bytes[i * per_image..(i + 1) * per_image].to_vec())
+                .ok_or_else(|| Error::Other("image buffer has the wrong size".into()))
+        })
+        .collect()
+}
+
+type Parts = (SanaTransformer, AutoencoderDc, SanaTextEncoder);
+
+fn load_random(spec: &PipelineSpec, plan: &AttentionPlan, seed: u64, dtype: DType, aux: DType, device: &Device) -> Result<Parts> {
+    let config = SanaConfig::preset(&spec.preset)?;
+    let tiny = spec.preset == "tiny";
+    let vae_config = if tiny { DcAeConfig::tiny() } else { DcAeConfig::f32c32_sana_1_0() };
+    let text_config = if tiny { Gemma2Config::tiny(config.caption_channels) } else { Gemma2Config::gemma2_2b() };
+    let transformer = SanaTransformer::new(&config, plan, random_var_builder(seed, dtype, device))?;
+    let vae = AutoencoderDc::new_decoder_only(&vae_config, random_var_builder(seed ^ 1, aux, device))?;
+    let gemma = Gemma2Encoder::new(&text_config, random_var_builder(seed ^ 2, aux, device))?;
+    let prompt_config = if tiny { SanaPromptConfig { max_sequence_length: 16, ..SanaPromptConfig::image() } } else { SanaPromptConfig::image() };
+    let text = SanaTextEncoder::new(GemmaTokenizer::char_level()?, gemma, prompt_config);
+    Ok((transformer, vae, text))
+}
+
+fn load_checkpoint(spec: &PipelineSpec, plan: &AttentionPlan, dtype: DType, aux: DType, device: &Device) -> Result<Parts> {
+    let source = match (&spec.weights.repo, spec.local_weights()) {
+        (Some(repo), _) => ModelSource::Hub { repo_id: repo.clone(), revision: spec.weights.revision.clone() },
+        (None, Some(path)) => ModelSource::parse(&path.display().to_string())?,
+        (None, None) => return Err(Error::Spec { file: spec.source.display().to_string(), msg: "no weights source".into() }),
+    };
+    let repo = ModelRepo::open(&source, &HubConfig::from_env())?;
+    let read = |component: &str| -> Result<String> {
+        let path = repo.component_config(component)?;
+        std::fs::read_to_string(&path).map_err(|e| Error::io(path, e))
+    };
+    let config = SanaConfig::from_diffusers_json(&read("transformer")?)?;
+    let vae_config = DcAeConfig::from_diffusers_json(&read("vae")?)?;
+    let text_config = Gemma2Config::from_json_file(&repo.component_config("text_encoder")?)?;
+    let transformer = repo.open_weights("transformer", None)?.build(dtype, device, |vb| SanaTransformer::new(&config, plan, vb))?;
+    let vae = repo.open_weights("vae", None)?.build(aux, device, |vb| AutoencoderDc::new_decoder_only(&vae_config, vb))?;
+    let gemma = repo.open_weights("text_encoder", None)?.build(aux, device, |vb| Gemma2Encoder::new(&text_config, vb))?;
+    let tokenizer = GemmaTokenizer::from_file(&repo.tokenizer_json("tokenizer")?)?;
+    Ok((transformer, vae, SanaTextEncoder::new(tokenizer, gemma, SanaPromptConfig::image())))
+}
