@@ -3,3 +3,4 @@
 pub mod dcae;
 pub mod sana;
 pub mod text;
+pub mod tiny_shapes;

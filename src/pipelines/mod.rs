@@ -5,6 +5,7 @@
 
 pub mod request;
 pub mod sana;
+pub mod tiny_shapes;
 
 pub use request::{DeviceChoice, ImageRequest, LoadOptions, Progress};
 

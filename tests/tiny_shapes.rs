@@ -1,0 +1,146 @@
+//! tiny-shapes, the embedded default model: the shipped weights load through the pipeline spec, a
+//! seed fixes the picture, the tokenizer refuses words outside the shapes vocabulary, and the
+//! model draws single objects that the independent shapes scorer (`eval::shapes`) accepts.
+
+use std::sync::OnceLock;
+
+use visgen::data::shapes::{parse_prompt, token_ids, Prompt, VOCABULARY};
+use visgen::eval::shapes::check_image;
+use visgen::models::tiny_shapes::tokenizer::{tokenizer_json, SPECIAL_TOKENS};
+use visgen::models::tiny_shapes::ShapesTokenizer;
+use visgen::pipelines::request::{Flow, ImageRequest, LoadOptions};
+use visgen::pipelines::tiny_shapes::{time_grid, Sampling, TinyShapesPipeline};
+use visgen::Error;
+
+fn pipeline() -> &'static TinyShapesPipeline {
+    static PIPELINE: OnceLock<TinyShapesPipeline> = OnceLock::new();
+    PIPELINE.get_or_init(|| {
+        let spec = visgen::spec::find_spec("tiny-shapes").expect("pipelines/tiny-shapes.toml parses");
+        assert_eq!(spec.family, "tiny-shapes");
+        TinyShapesPipeline::load(&spec, &LoadOptions::default()).expect("the shipped weights load")
+    })
+}
+
+#[test]
+fn shipped_weights_load_and_a_seed_fixes_the_picture() {
+    let p = pipeline();
+    let request = ImageRequest::new("a red circle above a blue square").seed(7).steps(6);
+    let a = p.generate(&request, &mut |_| Flow::Continue).unwrap();
+    let b = p.generate(&request, &mut |_| Flow::Continue).unwrap();
+    assert_eq!(a.len(), 1);
+    assert_eq!((a[0].width(), a[0].height()), (64, 64));
+    assert_eq!(a[0].as_raw(), b[0].as_raw(), "same seed, same bytes");
+
+    let c = p.generate(&request.clone().seed(8), &mut |_| Flow::Continue).unwrap();
+    let differing = a[0].as_raw().iter().zip(c[0].as_raw()).filter(|(x, y)| x != y).count();
+    assert!(differing > 100, "another seed must give another picture ({differing} bytes differ)");
+
+    // Not a flat or saturated picture: the background is dark and something bright is drawn.
+    let bright = a[0].pixels().filter(|p| p.0.iter().any(|&v| v > 128)).count();
+    let dark = a[0].pixels().filter(|p| p.0.iter().all(|&v| v < 60)).count();
+    assert!(bright > 20 && dark > 64 * 64 / 2, "bright {bright}, dark {dark}");
+}
+
+#[test]
+fn cancelling_from_the_progress_callback_stops_generation() {
+    let request = ImageRequest::new("a red circle").steps(4);
+    let mut calls = 0;
+    let result = pipeline().generate(&request, &mut |_| {
+        calls += 1;
+        if calls == 3 { Flow::Cancel } else { Flow::Continue }
+    });
+    assert!(matches!(result, Err(Error::Cancelled)));
+}
+
+#[test]
+fn tokenizer_rejects_unknown_words_listing_the_vocabulary() {
+    let tokenizer = pipeline().tokenizer();
+    let err = tokenizer.encode("a red elephant").unwrap_err();
+    assert_eq!(err.exit_code(), 2, "a usage error");
+    let text = err.to_string();
+    assert!(text.contains("elephant"), "{text}");
+    for word in VOCABULARY {
+        assert!(text.contains(word), "the message lists `{word}`: {text}");
+    }
+    // The special tokens are not words a user may type.
+    assert!(tokenizer.encode("a [bos] circle").is_err());
+    assert!(tokenizer.encode("a [unk]").is_err());
+    // The whole CLI path refuses it too.
+    let request = ImageRequest::new("a red elephant");
+    assert_eq!(pipeline().generate(&request, &mut |_| Flow::Continue).unwrap_err().exit_code(), 2);
+}
+
+#[test]
+fn tokenizer_numbers_words_as_the_vocabulary_does() {
+    // The shipped tokenizer.json is the one built from the vocabulary, and its ids are the caption
+    // grammar's word indices shifted past the special tokens, after a leading [bos].
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/tiny-shapes/tokenizer.json")).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&shipped).unwrap();
+    let built: serde_json::Value = serde_json::from_str(&tokenizer_json()).unwrap();
+    assert_eq!(parsed["model"]["vocab"], built["model"]["vocab"]);
+
+    let tokenizer = ShapesTokenizer::from_vocabulary(20).unwrap();
+    let text = "A small Red square on the left of a large blue circle.";
+    let ids = tokenizer.encode(text).unwrap();
+    let mut expected = vec![2u32];
+    expected.extend(token_ids(text).unwrap().iter().map(|i| i + SPECIAL_TOKENS.len() as u32));
+    assert_eq!(ids, expected);
+    assert_eq!(tokenizer.encode("").unwrap(), vec![2], "the empty caption is [bos] alone");
+
+    let batch = tokenizer.encode_batch(&["a red circle", ""]).unwrap();
+    assert_eq!((batch.batch, batch.len), (2, 20));
+    assert_eq!(&batch.mask[..4], &[1.0, 1.0, 1.0, 1.0]);
+    assert_eq!(batch.mask[4], 0.0);
+    assert_eq!(&batch.mask[20..22], &[1.0, 0.0]);
+
+    let too_long = vec!["red"; 20].join(" ");
+    assert!(tokenizer.encode(&too_long).is_err());
+}
+
+#[test]
+fn time_grid_runs_from_noise_to_the_picture() {
+    let close = |a: &[f64], b: &[f64]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-12);
+    assert!(close(&time_grid(4, 1.0), &[1.0, 0.75, 0.5, 0.25, 0.0]));
+    // shift 3 at t = 0.5: 1.5 / 2 = 0.75; at t = 0.25: 0.75 / 1.5 = 0.5; at 0.75: 2.25 / 3 = 0.75... by hand:
+    assert!(close(&time_grid(4, 3.0), &[1.0, 2.25 / 2.5, 1.5 / 2.0, 0.75 / 1.5, 0.0]));
+}
+
+/// Single-object prompts with fixed seeds, scored by the independent shapes scorer. The shipped
+/// model is weak (two short training runs): when measured it drew a blob of the asked color for
+/// 3 of 8 prompts and passed the full check (a blob of the asked color, shape and size)
+/// for 2 of 8. The bars sit below that; untrained or broken weights score 0 on both.
+#[test]
+fn model_draws_single_objects_the_scorer_accepts() {
+    let prompts = [
+        "a red circle",
+        "a blue square",
+        "a green triangle",
+        "a yellow circle",
+        "a purple square",
+        "a white triangle",
+        "a large red square",
+        "a small blue circle",
+    ];
+    let p = pipeline();
+    let (mut passed, mut colored) = (0, 0);
+    let mut report = Vec::new();
+    for (i, text) in prompts.iter().enumerate() {
+        let image = p.generate_one(text, "", 1000 + i as u64, Sampling::default(), &mut |_| Flow::Continue).unwrap();
+        let prompt = parse_prompt(text).unwrap();
+        let wanted = match &prompt {
+            Prompt::Objects(specs) => specs[0].color,
+            _ => unreachable!("single-object prompts"),
+        };
+        let verdict = check_image(&image, &prompt);
+        let has_color = verdict.blobs.iter().any(|b| Some(b.color) == wanted);
+        passed += verdict.passed as usize;
+        colored += has_color as usize;
+        report.push(format!("{text}: passed {} color {has_color} ({})", verdict.passed, verdict.checks[0].detail));
+    }
+    println!("{report:#?}");
+    assert!(colored >= COLOR_BAR, "{colored}/8 pictures hold the asked color: {report:#?}");
+    assert!(passed >= FULL_BAR, "{passed}/8 single objects passed: {report:#?}");
+}
+
+const COLOR_BAR: usize = 2;
+const FULL_BAR: usize = 1;
