@@ -56,6 +56,7 @@ fn spec() -> PipelineSpec {
 fn load(spec: PipelineSpec) -> Box<SanaPipeline> {
     match Pipeline::from_spec(spec, &LoadOptions::default()).expect("load the tiny diffusers folder") {
         Pipeline::Sana(p) => p,
+        Pipeline::TinyShapes(_) => panic!("the spec names the sana family"),
     }
 }
 

@@ -17,6 +17,7 @@ pub use request::{Flow, Stage};
 /// A loaded pipeline: a closed set of families, dispatched by an exhaustive `match`.
 pub enum Pipeline {
     Sana(Box<sana::SanaPipeline>),
+    TinyShapes(Box<tiny_shapes::TinyShapesPipeline>),
 }
 
 impl Pipeline {
@@ -30,9 +31,10 @@ impl Pipeline {
         let plan = attention_plan(&spec, options)?;
         match spec.family.as_str() {
             "sana" => Ok(Pipeline::Sana(Box::new(sana::SanaPipeline::load(&spec, &plan, options)?))),
+            "tiny-shapes" => Ok(Pipeline::TinyShapes(Box::new(tiny_shapes::TinyShapesPipeline::load(&spec, options)?))),
             other => Err(Error::Spec {
                 file: spec.source.display().to_string(),
-                msg: format!("unknown model family `{other}`; expected sana"),
+                msg: format!("unknown model family `{other}`; expected sana or tiny-shapes"),
             }),
         }
     }
@@ -45,6 +47,7 @@ impl Pipeline {
     ) -> Result<Vec<image::RgbImage>> {
         match self {
             Pipeline::Sana(p) => p.generate(request, progress),
+            Pipeline::TinyShapes(p) => p.generate(request, progress),
         }
     }
 }
