@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One device call that checks and times our CUDA kernels on the H200. Build here, run there:
+#
+#   bash kernels/gpu_check.sh pack        # here: builds with --features cuda and puts the stripped,
+#                                         # xz-compressed binaries and the baseline scripts in .gpu/check/
+#   bash .gpu/check/gpu_check.sh run      # there (device tool, carry [".gpu/check"]): GPU name,
+#                                         # parity tests, our timings, the PyTorch baselines, same call
+#
+# Everything the run prints also goes to $OUT/gpu_check.log.
+set -uo pipefail
+mode="${1:-}"
+
+pack() {
+    set -e
+    local root; root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    cd "$root"
+    bash kernels/setup_cuda.sh >/dev/null
+    eval "$(bash kernels/setup_cuda.sh --print-env)"
+    local out="$root/.gpu/check"
+    rm -rf "$out" && mkdir -p "$out"
+    cargo build --release --features cuda --bin gen --example bench_dense
+    cargo test --release --features cuda --no-run --test cuda_dense --test cuda_linear --message-format=json \
+        | python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["executable"])' >"$out/tests.txt"
+    local target="${CARGO_TARGET_DIR:-$root/target}/release"
+    for bin in "$target/gen" "$target/examples/bench_dense" $(cat "$out/tests.txt"); do
+        local name; name="$(basename "$bin" | sed 's/-[0-9a-f]\{16\}$//')"
+        strip -o "$out/$name" "$bin" && xz -T2 -6 "$out/$name"
+    done
+    cp tests/bench/dense_baseline.py tests/bench/linear_baseline.py kernels/gpu_check.sh "$out/"
+    du -sh "$out"
+}
+
+run() {
+    local here; here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+    local log="${OUT:-/tmp}/gpu_check.log"
+    # The CUDA libraries are not on the default search path there (shared/GPU.md).
+    local libdirs
+    libdirs=$(find / -xdev \( -name 'libcublas.so.13' -o -name 'libcudart.so.13' -o -name 'libcurand.so.10' \
+        -o -name 'libnvrtc.so.13' \) 2>/dev/null | xargs -r -n1 dirname | sort -u | tr '\n' ':')
+    export LD_LIBRARY_PATH="${libdirs}/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
+    {
+        nvidia-smi --query-gpu=name,memory.total,clocks.sm,temperature.gpu --format=csv,noheader
+        for f in "$here"/*.xz; do
+            python3 -c 'import lzma,sys; open(sys.argv[2],"wb").write(lzma.open(sys.argv[1]).read())' "$f" "/tmp/$(basename "${f%.xz}")"
+            chmod +x "/tmp/$(basename "${f%.xz}")"
+        done
+        echo "=== gen bench (device, one candle op, linear attention)"
+        /tmp/gen bench --device cuda --iters 30
+        for t in cuda_dense cuda_linear; do
+            echo "=== $t parity"
+            timeout 300 "/tmp/$t" --test-threads=1 2>&1 | grep -vE '^test .* \.\.\. ok$'
+        done
+        echo "=== dense: cuDNN SDPA baseline, then ours"
+        PYTHONUNBUFFERED=1 python3 "$here/dense_baseline.py" cudnn | tee /tmp/dense_baseline.log
+        timeout 120 /tmp/bench_dense /tmp/dense_baseline.log
+        echo "=== linear: eager PyTorch baseline"
+        PYTHONUNBUFFERED=1 python3 "$here/linear_baseline.py" --iters 30
+    } 2>&1 | tee "$log"
+}
+
+case "$mode" in
+    pack) pack ;;
+    run) run ;;
+    *) echo "usage: $0 pack|run" >&2; exit 2 ;;
+esac
