@@ -278,7 +278,8 @@ fn main() -> Result<()> {
         let target = (&noise - &x0)?;
 
         let text = model.encode_text(&ids, &mask)?;
-        let v = model.velocity(&x_t, &t, &text, &mask)?;
+        // Our CUDA attention kernels are forward-only: train through the candle-op references.
+        let v = visgen::attention::with_reference_only(|| model.velocity(&x_t, &t, &text, &mask))?;
         let loss = (v - target)?.sqr()?.mean_all()?;
         let grads = loss.backward()?;
         if step == 0 {
