@@ -2,7 +2,7 @@
 //! (ResBlock, EfficientViT with multi-scale linear attention), encode and decode, plus tiled decode.
 
 mod common;
-use common::KeyRecorder;
+use common::{assert_close, compare, KeyRecorder};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -16,42 +16,14 @@ struct Golden {
 }
 
 fn golden(name: &str) -> Golden {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/goldens").join(format!("sana_dcae_{name}.safetensors"));
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let json = meta.metadata().as_ref().and_then(|m| m.get("config")).expect("config metadata").clone();
-    let config = DcAeConfig::from_diffusers_json(&json).unwrap();
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
-    Golden { tensors, config }
+    let file = common::golden_file(&format!("sana_dcae_{name}.safetensors"));
+    Golden { config: DcAeConfig::from_diffusers_json(&file.config_json).unwrap(), tensors: file.tensors }
 }
 
 fn weights(g: &Golden, skip: Option<&str>) -> VarBuilder<'static> {
-    let w: HashMap<String, Tensor> = g
-        .tensors
-        .iter()
-        .filter(|(k, _)| !k.starts_with("input.") && !k.starts_with("output.") && Some(k.as_str()) != skip)
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    VarBuilder::from_tensors(w, DType::F32, &Device::Cpu)
+    common::model_weights(&g.tensors, skip)
 }
 
-/// max|a - b| / max|b|, and the worst elementwise excess over `|a - b| <= 1e-5·max|b| + 1e-3·|b|`.
-fn compare(actual: &Tensor, expected: &Tensor) -> (f32, f32) {
-    assert_eq!(actual.dims(), expected.dims());
-    let a: Vec<f32> = actual.flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = expected.flatten_all().unwrap().to_vec1().unwrap();
-    let max_b = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let max_diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    let excess = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs() - (1e-5 * max_b + 1e-3 * y.abs())));
-    (max_diff / max_b, excess)
-}
-
-fn assert_close(actual: &Tensor, expected: &Tensor, what: &str) {
-    let (rel, excess) = compare(actual, expected);
-    println!("{what}: max rel err {rel:.3e}, elementwise excess {excess:.3e}");
-    assert!(rel <= 1e-4, "{what}: max relative error {rel:e} > 1e-4");
-    assert!(excess <= 0.0, "{what}: an element exceeds |a-b| <= 1e-5·max|b| + 1e-3·|b| by {excess:e}");
-}
 
 fn golden_tiling() -> TilingConfig {
     // The script's enable_tiling(32, 32, 24, 24): 4-latent tiles every 3 latents, 8 px cross-fade.

@@ -2,7 +2,7 @@
 //! tests/goldens/make_sana_goldens.py), in f32 on the CPU.
 
 mod common;
-use common::KeyRecorder;
+use common::{assert_close, compare, KeyRecorder};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -18,13 +18,8 @@ struct Golden {
 }
 
 fn golden(name: &str) -> Golden {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/goldens").join(format!("sana_{name}.safetensors"));
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let json = meta.metadata().as_ref().and_then(|m| m.get("config")).expect("config metadata").clone();
-    let config = SanaConfig::from_diffusers_json(&json).unwrap();
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
-    Golden { tensors, config }
+    let file = common::golden_file(&format!("sana_{name}.safetensors"));
+    Golden { config: SanaConfig::from_diffusers_json(&file.config_json).unwrap(), tensors: file.tensors }
 }
 
 fn plan() -> AttentionPlan {
@@ -32,29 +27,9 @@ fn plan() -> AttentionPlan {
 }
 
 fn weights(g: &Golden) -> VarBuilder<'static> {
-    let w: HashMap<String, Tensor> =
-        g.tensors.iter().filter(|(k, _)| !k.starts_with("input.") && !k.starts_with("output.")).map(|(k, v)| (k.clone(), v.clone())).collect();
-    VarBuilder::from_tensors(w, DType::F32, &Device::Cpu)
+    common::model_weights(&g.tensors, None)
 }
 
-/// max|a - b| / max|b|, and the worst elementwise excess over `|a - b| <= atol + rtol·|b|`.
-fn compare(actual: &Tensor, expected: &Tensor) -> (f32, f32) {
-    assert_eq!(actual.dims(), expected.dims());
-    let a: Vec<f32> = actual.flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = expected.flatten_all().unwrap().to_vec1().unwrap();
-    let max_b = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let max_diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    // Elementwise: within 1e-5 of the output scale plus 1e-3 of the element itself.
-    let excess = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs() - (1e-5 * max_b + 1e-3 * y.abs())));
-    (max_diff / max_b, excess)
-}
-
-fn assert_close(actual: &Tensor, expected: &Tensor, what: &str) {
-    let (rel, excess) = compare(actual, expected);
-    println!("{what}: max rel err {rel:.3e}, elementwise excess {excess:.3e}");
-    assert!(rel <= 1e-4, "{what}: max relative error {rel:e} > 1e-4");
-    assert!(excess <= 0.0, "{what}: an element exceeds |a-b| <= 1e-5·max|b| + 1e-3·|b| by {excess:e}");
-}
 
 fn run(g: &Golden, text: Option<&Tensor>) -> Tensor {
     let model = SanaTransformer::new(&g.config, &plan(), weights(g)).unwrap();

@@ -32,3 +32,51 @@ impl candle_nn::var_builder::SimpleBackend for KeyRecorder {
         true
     }
 }
+
+/// A golden file of tests/goldens: its tensors (weights, `input.*`, `output.*`) and the model
+/// config stored as JSON in its metadata under `config`.
+pub struct GoldenFile {
+    pub tensors: std::collections::HashMap<String, Tensor>,
+    pub config_json: String,
+}
+
+pub fn golden_file(file_name: &str) -> GoldenFile {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/goldens").join(file_name);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let config_json = meta.metadata().as_ref().and_then(|m| m.get("config")).expect("config metadata").clone();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
+    GoldenFile { tensors, config_json }
+}
+
+/// The model weights of a golden file (everything but `input.*` and `output.*`), less `skip`.
+pub fn model_weights(
+    tensors: &std::collections::HashMap<String, Tensor>,
+    skip: Option<&str>,
+) -> candle_nn::VarBuilder<'static> {
+    let weights: std::collections::HashMap<String, Tensor> = tensors
+        .iter()
+        .filter(|(k, _)| !k.starts_with("input.") && !k.starts_with("output.") && Some(k.as_str()) != skip)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    candle_nn::VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu)
+}
+
+/// max|a - b| / max|b|, and the worst elementwise excess over `|a - b| <= 1e-5·max|b| + 1e-3·|b|`.
+pub fn compare(actual: &Tensor, expected: &Tensor) -> (f32, f32) {
+    assert_eq!(actual.dims(), expected.dims());
+    let a: Vec<f32> = actual.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = expected.flatten_all().unwrap().to_vec1().unwrap();
+    let max_b = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let max_diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    let excess = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs() - (1e-5 * max_b + 1e-3 * y.abs())));
+    (max_diff / max_b, excess)
+}
+
+/// Asserts max relative error <= 1e-4 and the elementwise bound of [`compare`].
+pub fn assert_close(actual: &Tensor, expected: &Tensor, what: &str) {
+    let (rel, excess) = compare(actual, expected);
+    println!("{what}: max rel err {rel:.3e}, elementwise excess {excess:.3e}");
+    assert!(rel <= 1e-4, "{what}: max relative error {rel:e} > 1e-4");
+    assert!(excess <= 0.0, "{what}: an element exceeds |a-b| <= 1e-5·max|b| + 1e-3·|b| by {excess:e}");
+}
