@@ -38,7 +38,11 @@ struct Inputs {
 }
 
 fn random_inputs(c: &Case, dev: &Device) -> Inputs {
-    let rnd = |n: usize| Tensor::randn(0f32, 1.0, (c.b, c.h, n, c.d), dev).unwrap().to_dtype(c.dtype).unwrap();
+    // curand refuses to fill zero elements: an empty key sequence is made with zeros.
+    let rnd = |n: usize| match n {
+        0 => Tensor::zeros((c.b, c.h, 0, c.d), c.dtype, dev).unwrap(),
+        _ => Tensor::randn(0f32, 1.0, (c.b, c.h, n, c.d), dev).unwrap().to_dtype(c.dtype).unwrap(),
+    };
     let extra = (c.ne > 0).then(|| (rnd(c.ne), rnd(c.ne)));
     let mask = c.mask.then(|| {
         // Keep each key with probability ~0.7; key 0 is always kept so no row is fully masked.

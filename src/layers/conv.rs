@@ -27,6 +27,19 @@ impl DepthwiseConv2d {
         Ok(Self { weight, bias, kernel })
     }
 
+    pub fn kernel(&self) -> usize {
+        self.kernel
+    }
+
+    /// `(C, 1, k, k)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// `x`: `(B, C, H, W)` -> `(B, C, H, W)`: a sum of k² shifted copies of the zero-padded input,
     /// each scaled per channel.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

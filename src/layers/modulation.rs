@@ -22,6 +22,22 @@ pub fn modulation_chunks(table: &Tensor, temb: &Tensor, n: usize) -> Result<Vec<
     Ok((0..n).map(|i| summed.narrow(1, i, 1)).collect::<candle_core::Result<Vec<_>>>()?)
 }
 
+/// `LayerNorm(x) * (1 + scale) + shift` (no-affine LayerNorm): SANA's norm + modulation. On the GPU
+/// one fused kernel (layers/cuda), rounding once; elsewhere, and while gradients are recorded, the
+/// tensor ops of [`norm_modulate_reference`].
+pub fn norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda::fused_kernels_apply(x) && x.dim(candle_core::D::Minus1)? <= super::cuda::NORM_MAX_CHANNELS {
+        return super::cuda::layer_norm_modulate(x, shift, scale, eps);
+    }
+    norm_modulate_reference(x, shift, scale, eps)
+}
+
+/// [`norm_modulate`] as tensor ops: the LayerNorm in f32, the modulation in `x`'s dtype.
+pub fn norm_modulate_reference(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    modulate(&super::norm::layer_norm_no_affine(x, eps)?, shift, scale)
+}
+
 /// `x * (1 + scale) + shift`, with `shift`, `scale` broadcast over tokens.
 pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     Ok(x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?)

@@ -14,7 +14,7 @@ use super::attention::{SanaCrossAttention, SanaSelfAttention};
 use super::config::SanaConfig;
 use crate::attention::plan::AttentionPlan;
 use crate::error::Result;
-use crate::layers::{layer_norm_no_affine, modulate, modulation_chunks, GluMbConv};
+use crate::layers::{modulation_chunks, norm_modulate, GluMbConv};
 
 #[derive(Debug, Clone)]
 pub struct SanaBlock {
@@ -45,13 +45,13 @@ impl SanaBlock {
         let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
         let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
 
-        let h = modulate(&layer_norm_no_affine(x, self.norm_eps)?, shift_msa, scale_msa)?.to_dtype(x.dtype())?;
+        let h = norm_modulate(x, shift_msa, scale_msa, self.norm_eps)?.to_dtype(x.dtype())?;
         let attn = self.attn1.forward(&h, grid)?;
         let x = (x + attn.broadcast_mul(gate_msa)?)?;
 
         let x = (&x + self.attn2.forward(&x, text, text_mask)?)?;
 
-        let h = modulate(&layer_norm_no_affine(&x, self.norm_eps)?, shift_mlp, scale_mlp)?;
+        let h = norm_modulate(&x, shift_mlp, scale_mlp, self.norm_eps)?;
         let (b, n, c) = h.dims3()?;
         let image = h.transpose(1, 2)?.reshape((b, c, grid[0], grid[1]))?;
         let ff = self.ff.forward(&image)?.reshape((b, c, n))?.transpose(1, 2)?;

@@ -9,7 +9,7 @@ use super::config::SanaConfig;
 use crate::attention::plan::AttentionPlan;
 use crate::error::{Error, Result};
 use crate::layers::{
-    layer_norm_no_affine, modulate, modulation_chunks, AdaLayerNormSingle, CaptionProjection, PatchEmbed, RmsNorm,
+    modulation_chunks, norm_modulate, AdaLayerNormSingle, CaptionProjection, PatchEmbed, RmsNorm,
     TimestepGuidanceEmbedding,
 };
 
@@ -153,7 +153,7 @@ impl SanaTransformer {
 
         // Final layer: shift first, then scale, from the embedded timestep (not the 6C vector).
         let m = modulation_chunks(&self.scale_shift_table, &embedded, 2)?;
-        let x = modulate(&layer_norm_no_affine(&x, NORM_OUT_EPS)?, &m[0], &m[1])?;
+        let x = norm_modulate(&x, &m[0], &m[1], NORM_OUT_EPS)?;
         let x = self.proj_out.forward(&x)?;
 
         // Unpatchify: proj_out channels are (ph, pw, c) with c fastest.
