@@ -15,8 +15,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use visgen::attention::with_reference_only;
-use visgen::layers::modulation::norm_modulate_reference;
-use visgen::layers::{norm_modulate, GluMbConv};
+use visgen::layers::modulation::{gated_residual_reference, norm_modulate_reference};
+use visgen::layers::{gated_residual, norm_modulate, GluMbConv};
 
 fn gpu() -> Device {
     Device::new_cuda(0).expect("a CUDA device")
@@ -92,6 +92,56 @@ fn mix_ffn_fused_matches_reference() {
 }
 
 #[test]
+fn mix_ffn_on_tokens_matches_reference() {
+    // Channels-last tokens (SANA's blocks): the token kernel, rows of 4 with ragged last groups.
+    let dev = gpu();
+    for &(b, c, h, w) in &[(2, 64, 32, 32), (1, 40, 9, 13), (2, 16, 1, 1), (1, 24, 5, 1), (1, 130, 6, 7)] {
+        let hidden = c * 5 / 2;
+        let weights = glu_weights(c, hidden, c);
+        let x = randn(&[b, h * w, c], 1.0);
+        let cpu = GluMbConv::new(c, c, 2.5, false, false, VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu)).unwrap();
+        let reference = cpu.forward_tokens(&x, [h, w]).unwrap();
+        let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            let ff = GluMbConv::new(c, c, 2.5, false, false, VarBuilder::from_tensors(weights.clone(), dtype, &dev)).unwrap();
+            let xd = x.to_device(&dev).unwrap().to_dtype(dtype).unwrap();
+            let ours = ff.forward_tokens(&xd, [h, w]).unwrap();
+            let naive = with_reference_only(|| ff.forward_tokens(&xd, [h, w])).unwrap();
+            assert_eq!(ours.dims(), &[b, h * w, c]);
+            check(&format!("mix-ffn tokens B{b} C{c} {h}x{w} {dtype:?}"), dtype, errors(&ours, &reference), errors(&naive, &reference), scale);
+        }
+    }
+}
+
+#[test]
+fn gated_residual_matches_reference() {
+    let dev = gpu();
+    for &(b, n, c) in &[(2, 1024, 2240), (1, 7, 33), (3, 5, 1)] {
+        let x = randn(&[b, n, c], 1.0);
+        let y = randn(&[b, n, c], 1.0);
+        let bias = randn(&[c], 0.5);
+        // The gate as a view into a (B, 6, C) table, as the block passes it.
+        let table = randn(&[b, 6, c], 0.5);
+        let gate = table.narrow(1, 2, 1).unwrap();
+        for (use_bias, use_gate) in [(true, true), (false, true), (true, false)] {
+            let (bias_ref, gate_ref) = (use_bias.then_some(&bias), use_gate.then_some(&gate));
+            let reference = gated_residual_reference(&x, &y, bias_ref, gate_ref).unwrap();
+            let bound = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+            for dtype in [DType::BF16, DType::F32] {
+                let on = |t: &Tensor| t.to_device(&dev).unwrap().to_dtype(dtype).unwrap();
+                let (xd, yd, bd) = (on(&x), on(&y), on(&bias));
+                let gd = on(&table).narrow(1, 2, 1).unwrap();
+                let (bo, go) = (use_bias.then_some(&bd), use_gate.then_some(&gd));
+                let ours = gated_residual(&xd, &yd, bo, go).unwrap();
+                let naive = with_reference_only(|| gated_residual(&xd, &yd, bo, go)).unwrap();
+                let what = format!("gated residual B{b} N{n} C{c} bias {use_bias} gate {use_gate} {dtype:?}");
+                check(&what, dtype, errors(&ours, &reference), errors(&naive, &reference), bound);
+            }
+        }
+    }
+}
+
+#[test]
 fn norm_modulate_fused_matches_reference() {
     let dev = gpu();
     // (batch, tokens, channels): SANA-1600M's width, SANA-600M's, a small odd one, a wide one
@@ -105,10 +155,16 @@ fn norm_modulate_fused_matches_reference() {
         let bound = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64;
         for dtype in [DType::BF16, DType::F16, DType::F32] {
             let on = |t: &Tensor| t.to_device(&dev).unwrap().to_dtype(dtype).unwrap();
-            let (xd, sd, cd) = (on(&x), on(&shift), on(&scale));
             // The block passes narrowed (B, 1, C) views of the 6-row modulation table.
+            let table = Tensor::cat(&[&shift, &scale, &shift, &scale, &shift, &scale], 1).unwrap();
+            let table = on(&table);
+            let (sd, cd) = (table.narrow(1, 2, 1).unwrap(), table.narrow(1, 3, 1).unwrap());
+            let xd = on(&x);
             let ours = norm_modulate(&xd, &sd, &cd, 1e-6).unwrap();
             let naive = with_reference_only(|| norm_modulate(&xd, &sd, &cd, 1e-6)).unwrap();
+            // Contiguous rows give the same bits as the views.
+            let flat = norm_modulate(&xd, &on(&shift), &on(&scale), 1e-6).unwrap();
+            assert_eq!(errors(&flat, &ours.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap()).0, 0.0);
             assert_eq!(ours.dims(), &[b, n, c]);
             let what = format!("norm+modulate B{b} N{n} C{c} offset {offset} {dtype:?}");
             check(&what, dtype, errors(&ours, &reference), errors(&naive, &reference), bound);

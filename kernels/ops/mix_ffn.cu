@@ -95,6 +95,70 @@ __device__ void glu_depthwise3x3(const T* __restrict__ u, const float* __restric
     }
 }
 
+// The same function on channels-last tokens: u (B, H·W, 2C) -> out (B, H·W, C), so that the 1x1
+// convolutions around it are plain GEMMs on SANA's (B, N, C) tokens with no transposes.
+// Threads run along the channels (coalesced rows of C elements); each computes ROWS vertically
+// adjacent outputs of one column, so each activated input is loaded (ROWS + 2)·3 / ROWS times.
+constexpr int TOKEN_THREADS = 128, ROWS = 4;
+
+struct TokenLayout {
+    int batch, channels, height, width;
+    int row_groups;  // ceil(height / ROWS)
+};
+
+template <typename T>
+__device__ void glu_depthwise3x3_tokens(const T* __restrict__ u, const float* __restrict__ b_in,
+                                        const float* __restrict__ w_dw, const float* __restrict__ b_dw,
+                                        T* __restrict__ out, TokenLayout L) {
+    const int c = blockIdx.x * TOKEN_THREADS + threadIdx.x;
+    if (c >= L.channels) return;
+    const int x = blockIdx.y;
+    const int b = blockIdx.z / L.row_groups, y0 = (blockIdx.z % L.row_groups) * ROWS;
+    const int C = L.channels;
+    const size_t in_pixel = 2 * (size_t)C;
+    const T* ub = u + (size_t)b * L.height * L.width * in_pixel;
+    const float bias_v = b_in ? b_in[c] : 0.f, bias_g = b_in ? b_in[c + C] : 0.f;
+
+    // load: the activated (ROWS + 2) x 3 neighbourhood of value and gate; zero outside the image
+    float tv[ROWS + 2][3], tg[ROWS + 2][3];
+#pragma unroll
+    for (int r = 0; r < ROWS + 2; ++r) {
+        const int y = y0 + r - 1;
+#pragma unroll
+        for (int j = 0; j < 3; ++j) {
+            const int xx = x + j - 1;
+            const bool inside = y >= 0 && y < L.height && xx >= 0 && xx < L.width;
+            const T* p = ub + ((size_t)y * L.width + xx) * in_pixel;
+            tv[r][j] = inside ? silu(to_f32(p[c]) + bias_v) : 0.f;
+            tg[r][j] = inside ? silu(to_f32(p[c + C]) + bias_g) : 0.f;
+        }
+    }
+    float wv[9], wg[9];
+#pragma unroll
+    for (int k = 0; k < 9; ++k) {
+        wv[k] = w_dw[(size_t)c * 9 + k];
+        wg[k] = w_dw[(size_t)(c + C) * 9 + k];
+    }
+    const float bv = b_dw ? b_dw[c] : 0.f, bg = b_dw ? b_dw[c + C] : 0.f;
+
+    // compute + store: out = conv(value) · silu(conv(gate)) for each of the ROWS outputs
+    T* ob = out + (size_t)b * L.height * L.width * C;
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) {
+        const int y = y0 + i;
+        if (y >= L.height) break;
+        float value = bv, gate = bg;
+#pragma unroll
+        for (int r = 0; r < 3; ++r)
+#pragma unroll
+            for (int j = 0; j < 3; ++j) {
+                value = fmaf(wv[r * 3 + j], tv[i + r][j], value);
+                gate = fmaf(wg[r * 3 + j], tg[i + r][j], gate);
+            }
+        ob[((size_t)y * L.width + x) * C + c] = from_f32<T>(value * silu(gate));
+    }
+}
+
 }  // namespace mix_ffn
 
 #define MIX_FFN_KERNEL(NAME, T)                                                                           \
@@ -106,3 +170,13 @@ __device__ void glu_depthwise3x3(const T* __restrict__ u, const float* __restric
 MIX_FFN_KERNEL(glu_depthwise3x3_bf16, __nv_bfloat16)
 MIX_FFN_KERNEL(glu_depthwise3x3_f16, __half)
 MIX_FFN_KERNEL(glu_depthwise3x3_f32, float)
+
+#define MIX_FFN_TOKENS_KERNEL(NAME, T)                                                                        \
+    extern "C" __global__ void __launch_bounds__(mix_ffn::TOKEN_THREADS)                                      \
+        NAME(const T* u, const float* b_in, const float* w_dw, const float* b_dw, T* out, mix_ffn::TokenLayout L) { \
+        mix_ffn::glu_depthwise3x3_tokens<T>(u, b_in, w_dw, b_dw, out, L);                                     \
+    }
+
+MIX_FFN_TOKENS_KERNEL(glu_depthwise3x3_tokens_bf16, __nv_bfloat16)
+MIX_FFN_TOKENS_KERNEL(glu_depthwise3x3_tokens_f16, __half)
+MIX_FFN_TOKENS_KERNEL(glu_depthwise3x3_tokens_f32, float)

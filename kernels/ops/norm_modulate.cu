@@ -3,7 +3,8 @@
 //
 //   y[r, :] = (x[r, :] - mean) / sqrt(var + eps) · (1 + scale[b, :]) + shift[b, :],   b = r / rows_per_batch
 //
-// x, y: (rows, C) in T (bf16 / f16 / f32); shift, scale: (B, C) in T; statistics in f32, two-pass
+// x, y: (rows, C) in T (bf16 / f16 / f32); shift, scale: (B, C) rows in T, `mod_stride` elements
+// apart (views into the (B, 6, C) modulation table need no copy); statistics in f32, two-pass
 // (mean, then the mean of squared deviations from registers: no cancellation). One block per row;
 // each thread keeps its C / THREADS elements in registers between the passes.
 
@@ -29,6 +30,7 @@ constexpr int PER_THREAD = 32;
 struct Layout {
     int rows, channels, rows_per_batch;
     float eps;
+    long long mod_stride;  // elements between the shift (and scale) rows of consecutive batches
 };
 
 // Sum over the block; every thread gets the result.
@@ -75,8 +77,8 @@ __device__ void layer_norm_modulate(const T* __restrict__ x, const T* __restrict
 
     // store: (x - mean) · rstd · (1 + scale) + shift
     T* out = y + (size_t)r * L.channels;
-    const T* sh = shift + (size_t)b * L.channels;
-    const T* sc = scale + (size_t)b * L.channels;
+    const T* sh = shift + (size_t)b * L.mod_stride;
+    const T* sc = scale + (size_t)b * L.mod_stride;
 #pragma unroll
     for (int k = 0; k < PER_THREAD; ++k) {
         const int c = threadIdx.x + k * THREADS;

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use super::gpu::time_ms;
 use crate::attention::{attend, AttentionInput};
 use crate::error::{Error, Result};
-use crate::layers::{norm_modulate, GluMbConv};
+use crate::layers::{gated_residual, norm_modulate, project, GluMbConv};
 use crate::models::sana::SanaConfig;
 use crate::pipelines::sana::SanaPipeline;
 use crate::pipelines::{attention_plan, DeviceChoice, Flow, ImageRequest, LoadOptions, Progress, Stage};
@@ -62,11 +62,33 @@ pub fn run(device: &Device, dev: &CudaDevice, ordinal: usize, iters: usize, base
     let timestep = Tensor::full(500f32, BATCH, device)?;
     let text = Tensor::randn(0f32, 1.0, (BATCH, TEXT_TOKENS, cfg.caption_channels), device)?.to_dtype(DType::BF16)?;
     let mask = text_mask(device)?;
+    let context = transformer.text_context(&text, &mask)?;
+    let ms = time_ms(dev, 3, iters, || {
+        transformer.forward_with_text(&latents, &timestep, &context, None)?;
+        Ok(())
+    })?;
+    row("transformer step (as the sampler calls it)", ms, baselines, "step");
+    // Host time to enqueue one step: when it is close to the step's GPU time, the step is bound by
+    // launches, not by the GPU.
+    device.synchronize()?;
+    let mut host = Vec::new();
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        transformer.forward_with_text(&latents, &timestep, &context, None)?;
+        host.push(t0.elapsed().as_secs_f64() * 1e3);
+        device.synchronize()?;
+    }
+    row("  host time to enqueue one step", super::median(host), baselines, "-");
     let ms = time_ms(dev, 3, iters, || {
         transformer.forward(&latents, &timestep, &text, &mask, None)?;
         Ok(())
     })?;
-    row("transformer step", ms, baselines, "step");
+    row("transformer step + text projections (per call)", ms, baselines, "step");
+    let ms = time_ms(dev, 3, iters, || {
+        transformer.text_context(&text, &mask)?;
+        Ok(())
+    })?;
+    row("  text context (once per image)", ms, baselines, "-");
 
     block_parts(device, dev, iters, &pipeline, &cfg, baselines)?;
     whole_image(device, &pipeline, baselines)
@@ -99,9 +121,10 @@ fn block_parts(
     let temb = bf16(Tensor::randn(0f32, 0.1, (BATCH, 6 * c), device)?)?;
     let text = bf16(Tensor::randn(0f32, 1.0, (BATCH, TEXT_TOKENS, c), device)?)?;
     let mask = text_mask(device)?;
+    let kv = block.cross_attention().text_kv(&text)?;
 
     let ms = time_ms(dev, 3, iters, || {
-        block.forward(&x, &temb, &text, Some(&mask), grid)?;
+        block.forward_cached(&x, &temb, &kv, Some(&mask), grid)?;
         Ok(())
     })?;
     row(&format!("one block (x{} per step)", cfg.num_layers), ms, baselines, "block");
@@ -131,18 +154,61 @@ fn block_parts(
     row(&format!("    linear attention alone (H{heads} D{d})"), ms, baselines, "linear_attention");
 
     let ms = time_ms(dev, 3, iters, || {
-        block.cross_attention().forward(&x, &text, Some(&mask))?;
+        block.cross_attention().forward_cached(&x, &kv, Some(&mask), true)?;
         Ok(())
     })?;
-    row("  cross-attention with projections", ms, baselines, "attn2");
+    row("  cross-attention (text keys/values cached)", ms, baselines, "attn2");
+    let ms = time_ms(dev, 3, iters, || {
+        gated_residual(&x, &x, None, Some(&shift))?;
+        Ok(())
+    })?;
+    row("  gated residual (x3 per block)", ms, baselines, "-");
+
+    // The pieces, to see what the parts above are made of.
+    let weight = |rows: usize, cols: usize| -> Result<Tensor> { bf16((Tensor::randn(0f32, 1.0, (rows, cols), device)? * 0.02)?) };
+    let w_c = weight(c, c)?;
+    let ms = time_ms(dev, 3, iters, || {
+        project(&x, &w_c)?;
+        Ok(())
+    })?;
+    row(&format!("    GEMM {}x{c}x{c}", BATCH * n), ms, baselines, "-");
+    let ch = cfg.num_cross_attention_heads;
+    let cd = cfg.cross_attention_head_dim;
+    let cq = bf16(Tensor::randn(0f32, 1.0, (BATCH, ch, n, cd), device)?)?;
+    let ck = bf16(Tensor::randn(0f32, 1.0, (BATCH, ch, TEXT_TOKENS, cd), device)?)?;
+    let ms = time_ms(dev, 3, iters, || {
+        attend(block.cross_attention().backend(), &AttentionInput::new(&cq, &ck, &ck).key_mask(Some(&mask)))?;
+        Ok(())
+    })?;
+    row(&format!("    dense attention alone (H{ch} D{cd}, {TEXT_TOKENS} keys)"), ms, baselines, "-");
+    let ms = time_ms(dev, 3, iters, || {
+        cq.transpose(1, 2)?.contiguous()?;
+        Ok(())
+    })?;
+    row("    merge heads (one copy of the token tensor)", ms, baselines, "-");
+    let hidden = (cfg.mlp_ratio * c as f64) as usize;
+    let (w_in, w_point) = (weight(2 * hidden, c)?, weight(c, hidden)?);
+    let u = project(&x, &w_in)?;
+    let gated = bf16(Tensor::randn(0f32, 1.0, (BATCH, n, hidden), device)?)?;
+    let ms = time_ms(dev, 3, iters, || {
+        project(&x, &w_in)?;
+        project(&gated, &w_point)?;
+        Ok(())
+    })?;
+    row(&format!("    Mix-FFN GEMMs alone ({c}->{}->{c})", 2 * hidden), ms, baselines, "-");
+    let w_dw = Tensor::randn(0f32, 0.3, (2 * hidden, 9), device)?;
+    let ms = time_ms(dev, 3, iters, || {
+        crate::layers::cuda::glu_depthwise3x3_tokens(&u, grid, None, &w_dw, None)?;
+        Ok(())
+    })?;
+    row("    depth-wise 3x3 + GLU kernel alone", ms, baselines, "-");
 
     let ff = GluMbConv::new(c, c, cfg.mlp_ratio, false, false, random_var_builder(7, DType::BF16, device))?;
-    let image = bf16(Tensor::randn(0f32, 1.0, (BATCH, c, side, side), device)?)?;
     let ms = time_ms(dev, 3, iters, || {
-        ff.forward(&image)?;
+        ff.forward_tokens(&x, grid)?;
         Ok(())
     })?;
-    row("  Mix-FFN (GLUMBConv)", ms, baselines, "ff");
+    row("  Mix-FFN (GLUMBConv) on tokens", ms, baselines, "ff");
     Ok(())
 }
 

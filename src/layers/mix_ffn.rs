@@ -84,6 +84,27 @@ impl GluMbConv {
         })
     }
 
+    /// [`Self::forward`] on channels-last tokens: `x` `(B, H·W, C_in)` of a `grid = [H, W]` ->
+    /// `(B, H·W, C_out)` (SANA's blocks hold tokens). On the GPU the two 1×1 convolutions are GEMMs
+    /// on the tokens around the fused depth-wise GLU kernel, with no layout changes.
+    pub fn forward_tokens(&self, x: &Tensor, grid: [usize; 2]) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        #[cfg(feature = "cuda")]
+        if let (Some(f), true, None, false) = (&self.fused, super::cuda::fused_kernels_apply(x), &self.norm, self.residual) {
+            let weight = |conv: &Conv2d| -> Result<Tensor> {
+                let w = conv.weight();
+                Ok(w.reshape((w.dim(0)?, w.dim(1)?))?)
+            };
+            let u = super::project(x, &weight(&self.conv_inverted)?)?;
+            let gated = super::cuda::glu_depthwise3x3_tokens(&u, grid, f.inverted_bias.as_ref(), &f.depth_weight, f.depth_bias.as_ref())?;
+            return super::project(&gated, &weight(&self.conv_point)?);
+        }
+        let image = x.transpose(1, 2)?.reshape((b, c, grid[0], grid[1]))?;
+        let y = self.forward(&image)?;
+        let c_out = y.dim(1)?;
+        Ok(y.reshape((b, c_out, n))?.transpose(1, 2)?)
+    }
+
     /// The expanded, activated, depth-wise convolved and gated tensor `(B, hidden, H, W)`.
     fn gated(&self, x: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]

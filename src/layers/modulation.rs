@@ -38,6 +38,30 @@ pub fn norm_modulate_reference(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: 
     modulate(&super::norm::layer_norm_no_affine(x, eps)?, shift, scale)
 }
 
+/// `x + (y + bias) * gate`: a DiT block's gated residual with the bias of the projection that made
+/// `y` folded in. `x`, `y`: `(B, N, C)`; `bias`: `(C,)`; `gate`: `(B, 1, C)`. On the GPU one fused
+/// kernel (rounding once); elsewhere, and while gradients are recorded, tensor ops.
+pub fn gated_residual(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, gate: Option<&Tensor>) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda::fused_kernels_apply(x) {
+        return super::cuda::gated_residual(x, y, bias, gate);
+    }
+    gated_residual_reference(x, y, bias, gate)
+}
+
+/// [`gated_residual`] as tensor ops.
+pub fn gated_residual_reference(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, gate: Option<&Tensor>) -> Result<Tensor> {
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y.clone(),
+    };
+    let y = match gate {
+        Some(g) => y.broadcast_mul(g)?,
+        None => y,
+    };
+    Ok((x + y)?)
+}
+
 /// `x * (1 + scale) + shift`, with `shift`, `scale` broadcast over tokens.
 pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     Ok(x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?)
