@@ -61,12 +61,14 @@ run() {
             echo "=== $t parity"
             timeout 300 "/tmp/$t" --test-threads=1 2>&1 | grep -vE '^test .* \.\.\. ok$'
         done
+        if [ "${SKIP_KERNEL_BENCH:-0}" != 1 ]; then
         echo "=== dense: cuDNN SDPA baseline, then ours"
         PYTHONUNBUFFERED=1 python3 "$here/dense_baseline.py" cudnn | tee /tmp/dense_baseline.log
         /tmp/gen bench --device cuda --iters 30 dense --baseline /tmp/dense_baseline.log
         echo "=== linear: eager PyTorch baseline, then ours"
         PYTHONUNBUFFERED=1 python3 "$here/linear_baseline.py" --iters 30 | tee /tmp/linear_baseline.log
         /tmp/gen bench --device cuda --iters 30 linear --baseline /tmp/linear_baseline.log
+        fi
         if [ "${SKIP_SANA:-0}" != 1 ]; then
             echo "=== SANA-1600M: diffusers eager baseline, then ours"
             python3 -m pip install -q --no-index --no-deps --target /tmp/site "$here"/whl/*.whl

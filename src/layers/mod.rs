@@ -8,6 +8,7 @@ pub mod caption;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod conv;
+pub mod heads;
 pub mod mix_ffn;
 pub mod modulation;
 pub mod norm;
@@ -18,6 +19,7 @@ pub mod timestep;
 pub use caption::CaptionProjection;
 pub use mix_ffn::GluMbConv;
 pub use modulation::{gated_residual, modulate, modulation_chunks, norm_modulate};
+pub use heads::{merge_heads, split_heads};
 pub use project::project;
 pub use norm::{layer_norm_no_affine, RmsNorm};
 pub use patch_embed::{sincos_2d, PatchEmbed};

@@ -3,7 +3,8 @@
 //! and no gradient is being recorded (see [`fused_kernels_apply`]); otherwise they run the same math
 //! as tensor ops, which is the reference the tests compare with.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{DType, Storage, StorageRef, Tensor};
 
@@ -306,12 +307,15 @@ struct TokenGluLayout {
     channels: i32,
     height: i32,
     width: i32,
-    row_groups: i32,
+    tiles_x: i32,
+    tiles_y: i32,
 }
 unsafe impl DeviceRepr for TokenGluLayout {}
 
-const TOKEN_THREADS: usize = 128;
-const TOKEN_ROWS: usize = 4;
+/// mix_ffn.cu's token kernel: 256 threads, 32 channels x an 8x8 pixel tile per block.
+const TOKEN_THREADS: usize = 256;
+const TOKEN_CH: usize = 32;
+const TOKEN_TILE: usize = 8;
 
 /// [`glu_depthwise3x3`] on channels-last tokens: `u` `(B, H·W, 2C)` of a `grid = [H, W]` ->
 /// `(B, H·W, C)`.
@@ -350,8 +354,15 @@ fn glu_tokens_typed<T: CudaDType + DeviceRepr>(
     let dev: CudaDevice = cuda_device(u, what)?;
     let kernel = crate::kernels::load(&dev, "ops/mix_ffn", &format!("glu_depthwise3x3_tokens_{}", suffix(u.dtype(), what)?))?;
     let u = u.contiguous()?;
-    let row_groups = h.div_ceil(TOKEN_ROWS);
-    let layout = TokenGluLayout { batch: b as i32, channels: c as i32, height: h as i32, width: w as i32, row_groups: row_groups as i32 };
+    let (tiles_x, tiles_y) = (w.div_ceil(TOKEN_TILE), h.div_ceil(TOKEN_TILE));
+    let layout = TokenGluLayout {
+        batch: b as i32,
+        channels: c as i32,
+        height: h as i32,
+        width: w as i32,
+        tiles_x: tiles_x as i32,
+        tiles_y: tiles_y as i32,
+    };
     let mut out = unsafe { dev.alloc::<T>(b * c * h * w)? };
     let ru = CudaRead::new(&u)?;
     let rw = CudaRead::new(w_dw)?;
@@ -362,7 +373,7 @@ fn glu_tokens_typed<T: CudaDType + DeviceRepr>(
     let vb_dw = rb_dw.as_ref().map(|r| r.view::<f32>()).transpose()?;
     let null: u64 = 0;
     let cfg = LaunchConfig {
-        grid_dim: (c.div_ceil(TOKEN_THREADS) as u32, w as u32, (b * row_groups) as u32),
+        grid_dim: (c.div_ceil(TOKEN_CH) as u32, (tiles_x * tiles_y) as u32, b as u32),
         block_dim: (TOKEN_THREADS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -380,4 +391,74 @@ fn glu_tokens_typed<T: CudaDType + DeviceRepr>(
     launch.arg(&mut out).arg(&layout);
     unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
     Ok(into_tensor(out, &dev, (b, h * w, c)))
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct GatherLayout {
+    dims: [u32; 4],
+    strides: [i64; 4],
+    row_words: u32,
+}
+unsafe impl DeviceRepr for GatherLayout {}
+
+/// Rows of `d` features gathered into a contiguous tensor of `shape`: output row
+/// `((i0·d1 + i1)·d2 + i2)·d3 + i3` is read at element offset `Σ i_k · strides[k]` of `src`'s
+/// storage (from its start offset). `None` when the layout does not allow 8-byte word copies
+/// (the caller then uses tensor ops).
+pub fn gather_rows(src: &Tensor, dims: [usize; 4], strides: [usize; 4], d: usize, shape: &[usize]) -> Result<Option<Tensor>> {
+    let what = "head gather";
+    let elem = src.dtype().size_in_bytes();
+    let (guard, layout) = src.storage_and_layout();
+    let start = layout.start_offset();
+    let words = |n: usize| (n * elem) % 8 == 0;
+    let total_rows: usize = dims.iter().product();
+    let row_words = d * elem / 8;
+    if !words(d) || !words(start) || strides.iter().any(|&s| !words(s)) || total_rows * row_words >= (1 << 31) || total_rows == 0 {
+        return Ok(None);
+    }
+    let Storage::Cuda(storage) = &*guard else {
+        return Err(Error::Other(format!("{what}: not on a CUDA device")));
+    };
+    let dev = storage.device().clone();
+    let stream = dev.cuda_stream();
+    // One stream per candle device: the pointers' sync guards have nothing to order.
+    let base = match src.dtype() {
+        DType::BF16 => storage.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
+        DType::F16 => storage.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
+        DType::F32 => storage.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+        other => return Err(Error::Other(format!("{what}: no kernel for {other:?}"))),
+    } + (start * elem) as u64;
+    let kernel = crate::kernels::load(&dev, "ops/heads", "gather_rows_u64")?;
+    let to_words = |n: usize| (n * elem / 8) as i64;
+    let layout = GatherLayout {
+        dims: dims.map(|n| n as u32),
+        strides: [to_words(strides[0]), to_words(strides[1]), to_words(strides[2]), to_words(strides[3])],
+        row_words: row_words as u32,
+    };
+    let blocks = (total_rows * row_words).div_ceil(256).min(132 * 16) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let out = match src.dtype() {
+        DType::BF16 => gather_launch::<half::bf16>(&kernel, cfg, base, &layout, total_rows * d, &dev, shape)?,
+        DType::F16 => gather_launch::<half::f16>(&kernel, cfg, base, &layout, total_rows * d, &dev, shape)?,
+        _ => gather_launch::<f32>(&kernel, cfg, base, &layout, total_rows * d, &dev, shape)?,
+    };
+    drop(guard);
+    Ok(Some(out))
+}
+
+fn gather_launch<T: CudaDType + DeviceRepr>(
+    kernel: &crate::kernels::Kernel,
+    cfg: LaunchConfig,
+    base: u64,
+    layout: &GatherLayout,
+    elems: usize,
+    dev: &CudaDevice,
+    shape: &[usize],
+) -> Result<Tensor> {
+    let mut out = unsafe { dev.alloc::<T>(elems)? };
+    let mut launch = kernel.builder();
+    launch.arg(&base).arg(&mut out).arg(layout);
+    unsafe { launch.launch(cfg) }.map_err(launch_err("head gather"))?;
+    Ok(into_tensor(out, dev, shape))
 }

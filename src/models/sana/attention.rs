@@ -12,7 +12,7 @@ use super::config::{QkNorm, SanaConfig};
 use crate::attention::plan::{AttentionPlan, LayerRef};
 use crate::attention::{attend, AttentionInput, Backend, LayerShape, Role};
 use crate::error::Result;
-use crate::layers::{project, RmsNorm};
+use crate::layers::{merge_heads, project, split_heads as split_parts, RmsNorm};
 
 /// qk-norm eps (diffusers `Attention(eps=1e-5)`).
 const QK_NORM_EPS: f64 = 1e-5;
@@ -21,12 +21,6 @@ const QK_NORM_EPS: f64 = 1e-5;
 fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, n, c) = x.dims3()?;
     Ok(x.reshape((b, n, heads, c / heads))?.transpose(1, 2)?.contiguous()?)
-}
-
-/// `(B, heads, N, d)` -> `(B, N, heads·d)`; channel index `head·d + j`.
-fn merge_heads(x: &Tensor) -> Result<Tensor> {
-    let (b, h, n, d) = x.dims4()?;
-    Ok(x.transpose(1, 2)?.reshape((b, n, h * d))?)
 }
 
 fn qk_norms(kind: Option<QkNorm>, q_dim: usize, k_dim: usize, vb: &VarBuilder) -> Result<Option<(RmsNorm, RmsNorm)>> {
@@ -127,7 +121,11 @@ impl SanaSelfAttention {
         let c = x.dim(2)?;
         let qkv = self.qkv.forward(x)?;
         let (q, k, v) = match &self.qk_norm {
-            None => (head_view(&qkv, 0, c, self.heads)?, head_view(&qkv, 1, c, self.heads)?, head_view(&qkv, 2, c, self.heads)?),
+            None => {
+                let mut parts = split_parts(&qkv, 3, self.heads)?.into_iter();
+                let mut next = || parts.next().ok_or_else(|| crate::error::Error::Other("qkv split".into()));
+                (next()?, next()?, next()?)
+            }
             Some((norm_q, norm_k)) => {
                 let q = norm_q.forward(&qkv.narrow(2, 0, c)?)?;
                 let k = norm_k.forward(&qkv.narrow(2, c, c)?)?;
