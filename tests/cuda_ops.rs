@@ -247,3 +247,25 @@ fn head_split_and_merge_are_exact() {
         }
     }
 }
+
+#[test]
+fn channels_first_rms_norm_matches_reference() {
+    use visgen::layers::RmsNorm;
+    let dev = gpu();
+    for &(b, c, h, w, affine) in &[(1, 128, 64, 64, true), (2, 33, 7, 9, false), (1, 1024, 4, 4, true), (3, 5, 1, 1, true)] {
+        let x = (randn(&[b, c, h, w], 2.0) + 0.5).unwrap();
+        let weights = HashMap::from([("weight".to_string(), randn(&[c], 1.0)), ("bias".to_string(), randn(&[c], 0.3))]);
+        let cpu = RmsNorm::new(c, 1e-5, affine, affine, VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu)).unwrap();
+        let reference = cpu.forward_channels_first_reference(&x).unwrap();
+        let bound = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            let norm = RmsNorm::new(c, 1e-5, affine, affine, VarBuilder::from_tensors(weights.clone(), dtype, &dev)).unwrap();
+            let xd = x.to_device(&dev).unwrap().to_dtype(dtype).unwrap();
+            let ours = norm.forward_channels_first(&xd).unwrap();
+            let naive = with_reference_only(|| norm.forward_channels_first(&xd)).unwrap();
+            assert_eq!(ours.dims(), &[b, c, h, w]);
+            let what = format!("rms channels-first B{b} C{c} {h}x{w} affine {affine} {dtype:?}");
+            check(&what, dtype, errors(&ours, &reference), errors(&naive, &reference), bound);
+        }
+    }
+}

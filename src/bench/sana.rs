@@ -91,7 +91,8 @@ pub fn run(device: &Device, dev: &CudaDevice, ordinal: usize, iters: usize, base
     row("  text context (once per image)", ms, baselines, "-");
 
     block_parts(device, dev, iters, &pipeline, &cfg, baselines)?;
-    whole_image(device, &pipeline, baselines)
+    whole_image(device, &pipeline, baselines)?;
+    decoder_parts(device, dev, iters)
 }
 
 /// `(B, L)` f32: the first [`REAL_TEXT_TOKENS`] are real, the rest padding.
@@ -209,6 +210,34 @@ fn block_parts(
         Ok(())
     })?;
     row("  Mix-FFN (GLUMBConv) on tokens", ms, baselines, "ff");
+    Ok(())
+}
+
+/// The DC-AE decoder's parts at the sizes of a 1024² decode (batch 1), each timed alone.
+fn decoder_parts(device: &Device, dev: &CudaDevice, iters: usize) -> Result<()> {
+    use crate::layers::RmsNorm;
+    use crate::models::dcae::blocks::{EfficientViTBlock, ResBlock, UpBlock};
+    let vb = || random_var_builder(11, DType::BF16, device);
+    let image = |c: usize, side: usize| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, (1, c, side, side), device)?.to_dtype(DType::BF16)?) };
+    let none = HashMap::new();
+    let x = image(128, 1024)?;
+    let res = ResBlock::new(128, vb())?;
+    row("decoder: ResBlock 128ch at 1024² (x3)", time_ms(dev, 1, iters, || Ok(drop(res.forward(&x)?)))?, &none, "-");
+    let norm = RmsNorm::new(128, 1e-5, true, true, vb())?;
+    row("  RMSNorm channels-first 128ch at 1024²", time_ms(dev, 1, iters, || Ok(drop(norm.forward_channels_first(&x)?)))?, &none, "-");
+    let conv = crate::layers::conv::conv2d(128, 128, 3, 1, 1, true, vb())?;
+    row("  conv 3x3 128->128 at 1024²", time_ms(dev, 1, iters, || Ok(drop(candle_core::Module::forward(&conv, &x)?)))?, &none, "-");
+    let x2 = image(256, 512)?;
+    let up = UpBlock::new(256, 128, true, vb())?;
+    row("decoder: up 256->128, 512² -> 1024²", time_ms(dev, 1, iters, || Ok(drop(up.forward(&x2)?)))?, &none, "-");
+    let res2 = ResBlock::new(256, vb())?;
+    row("decoder: ResBlock 256ch at 512² (x3)", time_ms(dev, 1, iters, || Ok(drop(res2.forward(&x2)?)))?, &none, "-");
+    let x3 = image(512, 128)?;
+    let evit = EfficientViTBlock::new(512, 32, &[5], vb())?;
+    row("decoder: EfficientViT 512ch at 128² (x3)", time_ms(dev, 1, iters, || Ok(drop(evit.forward(&x3)?)))?, &none, "-");
+    let x4 = image(1024, 64)?;
+    let evit4 = EfficientViTBlock::new(1024, 32, &[5], vb())?;
+    row("decoder: EfficientViT 1024ch at 64² (x3)", time_ms(dev, 1, iters, || Ok(drop(evit4.forward(&x4)?)))?, &none, "-");
     Ok(())
 }
 

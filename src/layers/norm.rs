@@ -50,8 +50,21 @@ impl RmsNorm {
         Ok(y.to_dtype(dtype)?)
     }
 
-    /// Normalizes over the channels of an NCHW tensor (DC-AE and GLUMBConv: `movedim(1, -1)`).
+    /// Normalizes over the channels of an NCHW tensor (DC-AE and GLUMBConv: `movedim(1, -1)`). On
+    /// the GPU one kernel that reads the channels in place; elsewhere (and while gradients are
+    /// recorded) [`Self::forward_channels_first_reference`].
     pub fn forward_channels_first(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if super::cuda::fused_kernels_apply(x) {
+            let f32_param = |t: &Option<Tensor>| t.as_ref().map(|t| t.to_dtype(DType::F32)).transpose();
+            let (weight, bias) = (f32_param(&self.weight)?, f32_param(&self.bias)?);
+            return super::cuda::rms_norm_channels(x, weight.as_ref(), bias.as_ref(), self.eps);
+        }
+        self.forward_channels_first_reference(x)
+    }
+
+    /// [`Self::forward_channels_first`] as tensor ops: channels last, normalize, channels first.
+    pub fn forward_channels_first_reference(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.forward(&x.permute((0, 2, 3, 1))?)?;
         Ok(y.permute((0, 3, 1, 2))?.contiguous()?)
     }

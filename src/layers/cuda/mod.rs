@@ -462,3 +462,68 @@ fn gather_launch<T: CudaDType + DeviceRepr>(
     unsafe { launch.launch(cfg) }.map_err(launch_err("head gather"))?;
     Ok(into_tensor(out, dev, shape))
 }
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct RmsLayout {
+    batch: i32,
+    channels: i32,
+    pixels: i64,
+    eps: f32,
+}
+unsafe impl DeviceRepr for RmsLayout {}
+
+/// RMSNorm over the channels of `x` `(B, C, H, W)` (contiguous), with optional f32 `weight` and
+/// `bias` `(C,)`, without moving the channels last.
+pub fn rms_norm_channels(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let what = "fused channels-first RMSNorm";
+    let (b, c, h, w) = x.dims4()?;
+    for t in [weight, bias].into_iter().flatten() {
+        if t.dims() != [c] || t.dtype() != DType::F32 {
+            return Err(Error::Other(format!("{what}: parameters must be f32 ({c},), got {:?} {:?}", t.dtype(), t.dims())));
+        }
+    }
+    match x.dtype() {
+        DType::BF16 => rms_typed::<half::bf16>(x, weight, bias, eps, (b, c, h * w)),
+        DType::F16 => rms_typed::<half::f16>(x, weight, bias, eps, (b, c, h * w)),
+        DType::F32 => rms_typed::<f32>(x, weight, bias, eps, (b, c, h * w)),
+        other => Err(Error::Other(format!("{what}: no kernel for {other:?}"))),
+    }
+}
+
+fn rms_typed<T: CudaDType + DeviceRepr>(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+    (b, c, pixels): (usize, usize, usize),
+) -> Result<Tensor> {
+    let what = "fused channels-first RMSNorm";
+    let dev: CudaDevice = cuda_device(x, what)?;
+    let kernel = crate::kernels::load(&dev, "ops/rms_norm", &format!("rms_norm_channels_{}", suffix(x.dtype(), what)?))?;
+    let x = x.contiguous()?;
+    let (weight, bias) = (weight.map(Tensor::contiguous).transpose()?, bias.map(Tensor::contiguous).transpose()?);
+    let layout = RmsLayout { batch: b as i32, channels: c as i32, pixels: pixels as i64, eps: eps as f32 };
+    let mut out = unsafe { dev.alloc::<T>(b * c * pixels)? };
+    let rx = CudaRead::new(&x)?;
+    let rw = weight.as_ref().map(CudaRead::new).transpose()?;
+    let rb = bias.as_ref().map(CudaRead::new).transpose()?;
+    let vx = rx.view::<T>()?;
+    let vw = rw.as_ref().map(|r| r.view::<f32>()).transpose()?;
+    let vb = rb.as_ref().map(|r| r.view::<f32>()).transpose()?;
+    let null: u64 = 0;
+    let cfg = LaunchConfig { grid_dim: (pixels.div_ceil(256) as u32, b as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut launch = kernel.builder();
+    launch.arg(&vx);
+    match &vw {
+        Some(v) => launch.arg(v),
+        None => launch.arg(&null),
+    };
+    match &vb {
+        Some(v) => launch.arg(v),
+        None => launch.arg(&null),
+    };
+    launch.arg(&mut out).arg(&layout);
+    unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
+    Ok(into_tensor(out, &dev, x.dims()))
+}
