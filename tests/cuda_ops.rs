@@ -269,3 +269,27 @@ fn channels_first_rms_norm_matches_reference() {
         }
     }
 }
+
+#[test]
+fn conv3x3_im2col_gemm_matches_reference() {
+    use visgen::layers::conv::{conv2d, conv_forward};
+    let dev = gpu();
+    for &(b, c, c_out, h, w) in &[(1, 16, 24, 33, 47), (2, 8, 3, 16, 16), (1, 32, 32, 1, 1), (1, 4, 8, 64, 5)] {
+        let weights = HashMap::from([
+            ("weight".to_string(), randn(&[c_out, c, 3, 3], 1.0 / (9.0 * c as f64).sqrt())),
+            ("bias".to_string(), randn(&[c_out], 0.3)),
+        ]);
+        let x = randn(&[b, c, h, w], 1.0);
+        let cpu = conv2d(c, c_out, 3, 1, 1, true, VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu)).unwrap();
+        let reference = conv_forward(&cpu, &x).unwrap();
+        let bound = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        for dtype in [DType::BF16, DType::F16] {
+            let conv = conv2d(c, c_out, 3, 1, 1, true, VarBuilder::from_tensors(weights.clone(), dtype, &dev)).unwrap();
+            let xd = x.to_device(&dev).unwrap().to_dtype(dtype).unwrap();
+            let ours = conv_forward(&conv, &xd).unwrap();
+            let naive = with_reference_only(|| conv_forward(&conv, &xd)).unwrap();
+            assert_eq!(ours.dims(), &[b, c_out, h, w]);
+            check(&format!("conv3x3 B{b} C{c}->{c_out} {h}x{w} {dtype:?}"), dtype, errors(&ours, &reference), errors(&naive, &reference), bound);
+        }
+    }
+}

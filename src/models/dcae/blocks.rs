@@ -6,7 +6,7 @@ use candle_nn::{linear_no_bias, Conv2d, Linear, VarBuilder};
 use crate::attention::{attend, AttentionInput, Backend, LayerShape, LinearParams, Role};
 use crate::error::{Error, Result};
 use crate::layers::conv::{
-    conv2d, mean_channel_groups, pixel_shuffle, pixel_unshuffle, repeat_interleave_channels, DepthwiseConv2d,
+    conv2d, conv_forward, mean_channel_groups, pixel_shuffle, pixel_unshuffle, repeat_interleave_channels, DepthwiseConv2d,
     GroupedPointwiseConv2d,
 };
 use crate::layers::{GluMbConv, RmsNorm};
@@ -35,8 +35,8 @@ impl ResBlock {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = candle_nn::ops::silu(&self.conv1.forward(x)?)?;
-        let h = self.norm.forward_channels_first(&self.conv2.forward(&h)?)?;
+        let h = candle_nn::ops::silu(&conv_forward(&self.conv1, x)?)?;
+        let h = self.norm.forward_channels_first(&conv_forward(&self.conv2, &h)?)?;
         Ok((h + x)?)
     }
 }
@@ -202,7 +202,7 @@ impl DownBlock {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = self.conv.forward(x)?;
+        let mut y = conv_forward(&self.conv, x)?;
         if self.pixel_unshuffle {
             y = pixel_unshuffle(&y, 2)?;
         }
@@ -235,9 +235,9 @@ impl UpBlock {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let y = if self.interpolate {
-            self.conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?
+            conv_forward(&self.conv, &x.upsample_nearest2d(2 * h, 2 * w)?)?
         } else {
-            pixel_shuffle(&self.conv.forward(x)?, 2)?
+            pixel_shuffle(&conv_forward(&self.conv, x)?, 2)?
         };
         let shortcut = pixel_shuffle(&repeat_interleave_channels(x, self.repeats)?, 2)?;
         Ok((y + shortcut)?)

@@ -1,14 +1,14 @@
 //! DC-AE decoder (diffusers `Decoder`): `conv_in` plus the channel-repeating shortcut, stages from
 //! the deepest up (each but the deepest starting with a ×2 up-sampling), RMSNorm, ReLU, `conv_out`.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::{Conv2d, VarBuilder};
 
 use super::blocks::{StageBlock, UpBlock};
 use super::config::DcAeConfig;
 use super::encoder::stage_block;
 use crate::error::Result;
-use crate::layers::conv::{conv2d, repeat_interleave_channels};
+use crate::layers::conv::{conv2d, conv_forward, repeat_interleave_channels};
 use crate::layers::RmsNorm;
 
 #[derive(Debug, Clone)]
@@ -62,7 +62,7 @@ impl Decoder {
     /// `z`: `(B, latent, h, w)` (unscaled: divide the diffusion latent by the scaling factor first)
     /// -> `(B, 3, h·f, w·f)`.
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
-        let mut x = self.conv_in.forward(z)?;
+        let mut x = conv_forward(&self.conv_in, z)?;
         if let Some(r) = self.in_shortcut_repeats {
             x = (x + repeat_interleave_channels(z, r)?)?;
         }
@@ -75,6 +75,6 @@ impl Decoder {
             }
         }
         let x = self.norm_out.forward_channels_first(&x)?.relu()?;
-        Ok(self.conv_out.forward(&x)?)
+        conv_forward(&self.conv_out, &x)
     }
 }

@@ -1,13 +1,13 @@
 //! DC-AE encoder (diffusers `Encoder`): `conv_in`, stages of blocks each ending with a ×2 down-sampling
 //! (all but the last), `conv_out` plus the channel-averaging shortcut.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::{Conv2d, VarBuilder};
 
 use super::blocks::{DownBlock, EfficientViTBlock, ResBlock, StageBlock};
 use super::config::{BlockType, DcAeConfig};
 use crate::error::{Error, Result};
-use crate::layers::conv::{conv2d, mean_channel_groups};
+use crate::layers::conv::{conv2d, conv_forward, mean_channel_groups};
 
 #[derive(Debug, Clone)]
 pub struct Encoder {
@@ -70,7 +70,7 @@ impl Encoder {
         if h % f != 0 || w % f != 0 {
             return Err(Error::Usage(format!("image {h}x{w} is not divisible by the autoencoder's compression {f}")));
         }
-        let mut x = self.conv_in.forward(x)?;
+        let mut x = conv_forward(&self.conv_in, x)?;
         for (blocks, down) in &self.stages {
             for b in blocks {
                 x = b.forward(&x)?;
@@ -79,7 +79,7 @@ impl Encoder {
                 x = d.forward(&x)?;
             }
         }
-        let y = self.conv_out.forward(&x)?;
+        let y = conv_forward(&self.conv_out, &x)?;
         Ok(match self.out_shortcut_group {
             Some(g) => (y + mean_channel_groups(&x, g)?)?,
             None => y,
