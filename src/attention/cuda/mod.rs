@@ -4,6 +4,7 @@
 
 pub mod dense;
 pub mod linear;
+pub mod neighborhood;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
