@@ -105,6 +105,22 @@ fn tiling_of_benchmark_shapes_is_sparse() {
     println!("256x256 k80 s16: box {:?}, visited {} ({f:.3}), full {}", t.axes.map(|a| a.tile), t.visited, t.full);
     assert!(f < 0.2, "visited fraction {f}");
     assert!(t.full * 2 > t.visited, "most tiles should need no mask: {} of {}", t.full, t.visited);
+    // The other benchmark shapes: printed for the notes.
+    for (grid, p) in [
+        (vec![256, 256], params(&[80, 80], &[1, 1], &[1, 1], &[false, false])),
+        (vec![30, 48, 80], params(&[18, 24, 24], &[16, 8, 8], &[1, 1, 1], &[false, false, false])),
+    ] {
+        let t = tiles::plan(&grid, &p, 0).unwrap();
+        println!(
+            "{grid:?} k {:?} s {:?}: box {:?}, visited {} ({:.3}), full {}",
+            p.kernel,
+            p.stride,
+            t.axes.map(|a| a.tile),
+            t.visited,
+            t.visited_fraction(),
+            t.full
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
