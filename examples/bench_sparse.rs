@@ -112,6 +112,47 @@ fn main() -> anyhow::Result<()> {
             extra_tiles
         );
     }
+
+    // PSA at its defaults (10% full, 5% 2x, 0% 4x, 20% 8x, 65% skipped) on SANA-Video 480p.
+    {
+        use visgen::attention::cuda::pyramid as psa;
+        use visgen::attention::PyramidParams;
+        let (b, h, n, d) = (1usize, 20usize, 32760usize, 112usize);
+        let p = PyramidParams::default();
+        let rnd = || -> anyhow::Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, (b, h, n, d), &device)?.to_dtype(DType::BF16)?) };
+        let (q, k, v) = (rnd()?, rnd()?, rnd()?);
+        let scale = 1.0 / (d as f64).sqrt();
+        let total_ms = time(3, &mut || {
+            psa::forward(&q, &k, &v, &p)?;
+            Ok(())
+        })?;
+        let importance_ms = time(3, &mut || {
+            psa::importance_ranked(&q, &k, &p, scale)?;
+            Ok(())
+        })?;
+        let (_, ranked) = psa::importance_ranked(&q, &k, &p, scale)?;
+        let attention_ms = time(3, &mut || {
+            psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false)?;
+            Ok(())
+        })?;
+        let dense_ms = time(1, &mut || {
+            dense::forward(&q, &k, &v, None, None, scale)?;
+            Ok(())
+        })?;
+        let kb = n.div_ceil(64);
+        let sched = psa::schedule(kb, &p);
+        let fraction = sched.len() as f64 / n.div_ceil(128) as f64;
+        let tile_flops = 4.0 * (b * h * n.div_ceil(128) * sched.len() * 128 * 128 * d) as f64;
+        println!(
+            "PSA H{h} N{n} D{d} defaults: total {total_ms:.3} ms (importance {importance_ms:.3}, pool + attention {attention_ms:.3}), \
+             dense {dense_ms:.3} ms, speedup {:.2} (goal 4), attention alone {:.2}x, tiles visited {fraction:.4} ({} per query block), \
+             attention tile TFLOP/s {:.0}",
+            dense_ms / total_ms,
+            dense_ms / attention_ms,
+            sched.len(),
+            tile_flops / (attention_ms * 1e-3) / 1e12
+        );
+    }
     Ok(())
 }
 

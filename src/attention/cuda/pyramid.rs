@@ -198,7 +198,8 @@ fn dev_ptr<T: CudaDType + DeviceRepr>(t: &Tensor, dev: &CudaDevice) -> Result<u6
     let Storage::Cuda(cs) = &*storage else {
         return Err(err("tensor is not on a CUDA device"));
     };
-    let (ptr, _sync) = cs.as_cuda_slice::<T>()?.device_ptr(&dev.cuda_stream());
+    let stream = dev.cuda_stream();
+    let (ptr, _sync) = cs.as_cuda_slice::<T>()?.device_ptr(&stream);
     Ok(ptr + (layout.start_offset() * std::mem::size_of::<T>()) as u64)
 }
 
