@@ -244,3 +244,51 @@ fn parity_through_the_attention_api() {
     let e = attend(&Backend::Neighborhood(p), &input).unwrap_err().to_string();
     assert!(e.contains("no kernel for dtype"), "{e}");
 }
+
+/// Runs `f` with the permuted path forced (VISGEN_GNA_PERMUTE=1); tests run with one thread.
+fn with_permuted<T>(f: impl FnOnce() -> T) -> T {
+    // The tests run with --test-threads=1 on the device: nothing else reads the environment meanwhile.
+    std::env::set_var("VISGEN_GNA_PERMUTE", "1");
+    let out = f();
+    std::env::remove_var("VISGEN_GNA_PERMUTE");
+    out
+}
+
+#[test]
+fn in_place_reads_equal_the_permuted_path_and_strided_views() {
+    let dev = gpu();
+    for (grid, p, ne, b) in [
+        (vec![37usize, 50], params(&[11, 9], &[3, 1], &[1, 1], &[false, true]), 20, 2),
+        (vec![7, 9, 13], params(&[3, 4, 5], &[1, 2, 1], &[1, 1, 1], &[true, false, false]), 0, 1),
+        (vec![300], params(&[40], &[8], &[1], &[false]), 0, 2),
+    ] {
+        let n: usize = grid.iter().product();
+        let (h, d) = (3, 128);
+        // (B, H, N, D) views of (B, N, H, D) tensors, as a model's projections give them
+        let mk = |len: usize| Tensor::randn(0f32, 1.0, (b, len, h, d), &dev).unwrap().to_dtype(DType::BF16).unwrap().transpose(1, 2).unwrap();
+        let (q, k, v) = (mk(n), mk(n), mk(n));
+        let (k2, v2) = (mk(ne.max(1)), mk(ne.max(1)));
+        let extra = (ne > 0).then_some((&k2, &v2));
+        let (o1, l1) = gna::forward_poisoned(&q, &k, &v, &grid, &p, extra, 0.1).unwrap();
+        let (o2, l2) = with_permuted(|| gna::forward_poisoned(&q, &k, &v, &grid, &p, extra, 0.1).unwrap());
+        let (qc, kc, vc) = (q.contiguous().unwrap(), k.contiguous().unwrap(), v.contiguous().unwrap());
+        let (o3, _) = gna::forward_poisoned(&qc, &kc, &vc, &grid, &p, extra, 0.1).unwrap();
+        assert_eq!(count_nan(&to_cpu_f32(&o1)), 0);
+        assert_eq!(errors(&to_cpu_f32(&o1), &to_cpu_f32(&o2)).0, 0.0, "{grid:?}: in place vs permuted");
+        assert_eq!(errors(&to_cpu_f32(&l1), &to_cpu_f32(&l2)).0, 0.0, "{grid:?}: lse in place vs permuted");
+        assert_eq!(errors(&to_cpu_f32(&o1), &to_cpu_f32(&o3)).0, 0.0, "{grid:?}: strided vs contiguous");
+    }
+}
+
+#[test]
+fn parity_permuted_path() {
+    // the dilation-1 shapes again, through the permutation kernel
+    let mut failures = Vec::new();
+    for (i, (grid, p, ne)) in shapes().into_iter().enumerate().filter(|(_, (_, p, _))| p.dilation.iter().all(|&d| d == 1)) {
+        let d = gna::HEAD_DIMS[(i + 2) % gna::HEAD_DIMS.len()];
+        if let Err(e) = with_permuted(|| check(&grid, &p, ne, 1, 2, d, DType::BF16)) {
+            failures.push(e);
+        }
+    }
+    assert!(failures.is_empty(), "{} failing cases:\n{}", failures.len(), failures.join("\n"));
+}

@@ -32,7 +32,7 @@ static_assert(sizeof(GnaAxis) == 40, "GnaAxis layout changed: update src/attenti
 
 // Kernel arguments, mirrored by `GnaArgs` in src/attention/cuda/neighborhood.rs.
 struct GnaArgs {
-    CUtensorMap q, k, v;      // permuted (B, H, n_pad, D), box (64, 128, 1, 1), 128-byte swizzle
+    CUtensorMap q, k, v;      // permuted (B, H, n_pad, D), box (64, 128, 1, 1), 128-byte swizzle; or direct (below)
     CUtensorMap k2, v2;       // extra tokens (B, H, n_extra, D); unused when n_extra = 0
     void* o;                  // (B, H, N, D) in the original token order
     float* lse;               // (B, H, N)
@@ -44,7 +44,10 @@ struct GnaArgs {
     GnaAxis axis[3];
     int32_t n_pad, n_extra;
     float scale_log2;
-    int32_t unused;
+    // 1: q, k, v are read in place through 5-D maps (D, L2, L1, L0, B*H) with box
+    // (64, t2, t1, t0, 1), whose smem image is the permuted tile (dilation 1 only; rows
+    // outside the grid read as zero). 0: permuted copies through 4-D maps.
+    int32_t direct;
 };
 static_assert(sizeof(GnaArgs) == 896 && offsetof(GnaArgs, o) == 640 && offsetof(GnaArgs, axis) == 720,
               "GnaArgs layout changed: update src/attention/cuda/neighborhood.rs");
@@ -87,6 +90,28 @@ __device__ __forceinline__ void tile_coords(const GnaAxis (&ax)[3], int tile, in
     t[2] = tile % ax[2].tiles;
     t[1] = (tile / ax[2].tiles) % ax[1].tiles;
     t[0] = tile / (ax[2].tiles * ax[1].tiles);
+}
+
+// One box of a 5-D tensor map at (col, x2, x1, x0, b * H + h).
+__device__ __forceinline__ void tma_load5(void* dst, const CUtensorMap* map, uint64_t* bar, int col, int x2, int x1, int x0, int bh) {
+    asm volatile(
+        "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, %6}], [%7];\n" ::"r"(
+            smem_addr(dst)),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(x2), "r"(x1), "r"(x0), "r"(bh), "r"(smem_addr(bar))
+        : "memory");
+}
+
+// Loads tile `tile` (128 rows, one 64-column block) of q, k or v: from the permuted copy, or in
+// place (direct): the tile's box starts at tile coordinate x tile size on each axis.
+__device__ __forceinline__ void load_tile(const GnaArgs& a, void* dst, const CUtensorMap* map, uint64_t* bar, int col, int tile,
+                                          int h, int b) {
+    if (a.direct) {
+        int t[3];
+        tile_coords(a.axis, tile, t);
+        tma_load5(dst, map, bar, col, t[2] * a.axis[2].tile, t[1] * a.axis[1].tile, t[0] * a.axis[0].tile, b * gridDim.y + h);
+    } else {
+        tma_load(dst, map, bar, col, tile * 128, h, b);
+    }
 }
 
 // One consumer warpgroup: 64 of the 128 query rows of tile `qt` against its listed KV tiles.
@@ -318,21 +343,25 @@ __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
         if (tid == 0) {
             mbar_expect_tx(q_full, L::kQBytes);
-            for (int c = 0; c < L::kColBlocks; ++c) tma_load(sQ + c * L::kQRows * 128, &a.q, q_full, c * 64, qt * 128, h, b);
+            for (int c = 0; c < L::kColBlocks; ++c) load_tile(a, sQ + c * L::kQRows * 128, &a.q, q_full, c * 64, qt, h, b);
             for (int j = 0; j < n_tiles; ++j) {
                 const int s = j % kStages;
                 if (j >= kStages) mbar_wait(&empty[s], (j / kStages - 1) & 1);
                 const int entry = __ldg(list + j);
                 const bool extra = (entry & 3) == kExtra;
-                const int first = (entry >> 2) * BN;
-                const CUtensorMap* km = extra ? &a.k2 : &a.k;
-                const CUtensorMap* vm = extra ? &a.v2 : &a.v;
+                const int tile = entry >> 2;
                 mbar_expect_tx(&k_full[s], L::kKVBytes);
-                for (int c = 0; c < L::kColBlocks; ++c)
-                    tma_load(sK + s * L::kKVBytes + c * BN * 128, km, &k_full[s], c * 64, first, h, b);
+                for (int c = 0; c < L::kColBlocks; ++c) {
+                    uint8_t* dst = sK + s * L::kKVBytes + c * BN * 128;
+                    if (extra) tma_load(dst, &a.k2, &k_full[s], c * 64, tile * BN, h, b);
+                    else load_tile(a, dst, &a.k, &k_full[s], c * 64, tile, h, b);
+                }
                 mbar_expect_tx(&v_full[s], L::kKVBytes);
-                for (int c = 0; c < L::kColBlocks; ++c)
-                    tma_load(sV + s * L::kKVBytes + c * BN * 128, vm, &v_full[s], c * 64, first, h, b);
+                for (int c = 0; c < L::kColBlocks; ++c) {
+                    uint8_t* dst = sV + s * L::kKVBytes + c * BN * 128;
+                    if (extra) tma_load(dst, &a.v2, &v_full[s], c * 64, tile * BN, h, b);
+                    else load_tile(a, dst, &a.v, &v_full[s], c * 64, tile, h, b);
+                }
             }
         }
     } else {

@@ -1,7 +1,9 @@
 //! Launcher for the GNA forward kernel (kernels/attention/neighborhood/gna_fwd.cu).
 //!
-//! One call = (1) `gna_permute_16bit` gathers q, k, v into the tile-permuted, zero-padded layout
-//! of [`tiles::plan`]; (2) `gna_fwd_*` runs the block-sparse flash loop over each query tile's
+//! One call = (1) with dilation 1 and B, H mergeable, nothing: the kernel reads each tile of
+//! q, k, v in place as one 5-D TMA box (D, L2, L1, L0, B*H) whose shared-memory image is the
+//! permuted tile; otherwise `gna_permute_16bit` gathers q, k, v into the tile-permuted,
+//! zero-padded layout of [`tiles::plan`]; (2) `gna_fwd_*` runs the block-sparse flash loop over each query tile's
 //! list of KV tiles (full / partial / extra) and writes `O (B, H, N, D)` and the natural-log
 //! `lse (B, H, N)` straight into the original token order. The tiling (permutation, lists) is
 //! built on the host once per (grid, parameters, extra-token tiles) and cached on the device.
@@ -53,7 +55,7 @@ struct GnaArgs {
     n_pad: i32,
     n_extra: i32,
     scale_log2: f32,
-    unused: i32,
+    direct: i32,
 }
 // SAFETY: plain old data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for GnaArgs {}
@@ -156,6 +158,65 @@ fn tensor_map(ptr: u64, dtype: DType, dims: (usize, usize, usize, usize), stride
     }
     // SAFETY: written by the successful call above.
     Ok(unsafe { map.assume_init() }.opaque)
+}
+
+/// 5-D TMA descriptor reading a (B, H, N, D) tensor in place as (D, L2, L1, L0, B*H) for the
+/// rank-3 grid (L0, L1, L2), box (64, t2, t1, t0, 1): the box of a tile lands in shared memory
+/// as the permuted tile (rows in box row-major order). Needs the batch stride to be H times the
+/// head stride (B and H merge into one dim) unless B = 1.
+fn tensor_map5(ptr: u64, dtype: DType, t: &Tensor, axes: &[AxisTiling; 3]) -> Result<[u64; 16]> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let (b, h, _, d) = t.dims4()?;
+    let st = t.stride();
+    let data_type = match dtype {
+        DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+    };
+    let (l0, l1, l2) = (axes[0].len as u64, axes[1].len as u64, axes[2].len as u64);
+    let row = st[2] as u64 * 2;
+    let global_dim = [d as u64, l2, l1, l0, (b * h) as u64];
+    let global_strides = [row, row * l2, row * l2 * l1, st[1] as u64 * 2];
+    let box_dim = [64u32, axes[2].tile as u32, axes[1].tile as u32, axes[0].tile as u32, 1];
+    let element_strides = [1u32; 5];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: arrays of the rank the call is told; `ptr` covers the tensor the dims describe.
+    let status = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            data_type,
+            5,
+            ptr as *mut std::ffi::c_void,
+            global_dim.as_ptr(),
+            global_strides.as_ptr(),
+            box_dim.as_ptr(),
+            element_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if status != sys::CUresult::CUDA_SUCCESS {
+        return Err(err(format!("cuTensorMapEncodeTiled (5-D) {:?} strides {st:?}: {status:?}", t.dims())));
+    }
+    // SAFETY: written by the successful call above.
+    Ok(unsafe { map.assume_init() }.opaque)
+}
+
+/// Whether q, k, v can be read in place (no permutation pass): dilation 1 on every axis (a
+/// dilation group is a strided set, not a box), B and H mergeable, 16-byte aligned rows.
+/// `VISGEN_GNA_PERMUTE=1` forces the permuted path (to compare the two).
+fn can_read_in_place(tensors: [&Tensor; 3], params: &NeighborhoodParams) -> bool {
+    if std::env::var_os("VISGEN_GNA_PERMUTE").is_some() || params.dilation.iter().any(|&d| d != 1) {
+        return false;
+    }
+    tensors.iter().all(|t| {
+        let (s, dims) = (t.stride(), t.dims());
+        s[3] == 1
+            && s[..3].iter().all(|x| x % 8 == 0)
+            && t.layout().start_offset() % 8 == 0
+            && (dims[0] == 1 || s[0] == dims[1] * s[1])
+    })
 }
 
 /// Device address of a tensor's first element (16-bit elements).
@@ -264,30 +325,33 @@ fn forward_impl(
     let t = &dt.tiling;
     let stream = dev.cuda_stream();
 
-    // (1) permute q, k, v into (B, H, n_pad, D), zero padding.
+    // (1) permute q, k, v into (B, H, n_pad, D), zero padding; or read them in place.
     let (q, k, v) = (kernel_view(q)?, kernel_view(k)?, kernel_view(v)?);
-    let perm_elems = b * h * t.n_pad * d;
-    // SAFETY: every element is written by gna_permute before it is read.
+    let direct = can_read_in_place([&q, &k, &v], params);
+    let perm_elems = if direct { 1 } else { b * h * t.n_pad * d };
+    // SAFETY: every element is written by gna_permute before it is read (unused when direct).
     let bufs: [CudaSlice<u16>; 3] = unsafe { [dev.alloc::<u16>(perm_elems)?, dev.alloc::<u16>(perm_elems)?, dev.alloc::<u16>(perm_elems)?] };
-    let mut pargs = GnaPermuteArgs {
-        heads: h as i32,
-        n_pad: t.n_pad as i32,
-        chunks: (d / 8) as i32,
-        perm: dt.perm.device_ptr(&stream).0,
-        ..Default::default()
-    };
-    for (i, src) in [&q, &k, &v].into_iter().enumerate() {
-        pargs.src[i] = ptr_16bit(src, &dev)?;
-        pargs.src_stride[i] = strides3(src);
-        pargs.dst[i] = bufs[i].device_ptr(&stream).0;
+    if !direct {
+        let mut pargs = GnaPermuteArgs {
+            heads: h as i32,
+            n_pad: t.n_pad as i32,
+            chunks: (d / 8) as i32,
+            perm: dt.perm.device_ptr(&stream).0,
+            ..Default::default()
+        };
+        for (i, src) in [&q, &k, &v].into_iter().enumerate() {
+            pargs.src[i] = ptr_16bit(src, &dev)?;
+            pargs.src_stride[i] = strides3(src);
+            pargs.dst[i] = bufs[i].device_ptr(&stream).0;
+        }
+        let permute = crate::kernels::load(&dev, MODULE, "gna_permute_16bit")?;
+        let chunks = t.n_pad * d / 8;
+        let cfg = LaunchConfig { grid_dim: (chunks.div_ceil(256) as u32, (b * h) as u32, 3), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut launch = permute.builder();
+        launch.arg(&pargs);
+        // SAFETY: sources cover (B, H, N, D) at their strides; destinations hold 3 x B·H·n_pad·D.
+        unsafe { launch.launch(cfg) }.map_err(|e| err(format!("permute launch failed: {e:?}")))?;
     }
-    let permute = crate::kernels::load(&dev, MODULE, "gna_permute_16bit")?;
-    let chunks = t.n_pad * d / 8;
-    let cfg = LaunchConfig { grid_dim: (chunks.div_ceil(256) as u32, (b * h) as u32, 3), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let mut launch = permute.builder();
-    launch.arg(&pargs);
-    // SAFETY: sources cover (B, H, N, D) at their strides; destinations hold 3 x B·H·n_pad·D.
-    unsafe { launch.launch(cfg) }.map_err(|e| err(format!("permute launch failed: {e:?}")))?;
 
     // (2) the block-sparse attention, output in the original order.
     let extra = match extra_kv {
@@ -299,8 +363,12 @@ fn forward_impl(
     let lse = unsafe { dev.alloc::<f32>(b * h * n)? };
     let permuted = [d as i64 * t.n_pad as i64 * h as i64, (t.n_pad * d) as i64, d as i64];
     let mut maps = [[0u64; 16]; 5];
-    for (i, buf) in bufs.iter().enumerate() {
-        maps[i] = tensor_map(buf.device_ptr(&stream).0, dtype, (b, h, t.n_pad, d), permuted)?;
+    for (i, (buf, src)) in bufs.iter().zip([&q, &k, &v]).enumerate() {
+        maps[i] = if direct {
+            tensor_map5(ptr_16bit(src, &dev)?, dtype, src, &t.axes)?
+        } else {
+            tensor_map(buf.device_ptr(&stream).0, dtype, (b, h, t.n_pad, d), permuted)?
+        };
     }
     if let Some((k2, v2)) = &extra {
         maps[3] = tensor_map(ptr_16bit(k2, &dev)?, dtype, (b, h, n_extra, d), strides3(k2))?;
@@ -319,7 +387,7 @@ fn forward_impl(
         n_pad: t.n_pad as i32,
         n_extra: n_extra as i32,
         scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
-        unused: 0,
+        direct: direct as i32,
     };
     let suffix = if dtype == DType::BF16 { "bf16" } else { "f16" };
     let (o_bf16, o_f16) = match dtype {
