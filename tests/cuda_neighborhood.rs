@@ -245,12 +245,12 @@ fn parity_through_the_attention_api() {
     assert!(e.contains("no kernel for dtype"), "{e}");
 }
 
-/// Runs `f` with the permuted path forced (VISGEN_GNA_PERMUTE=1); tests run with one thread.
-fn with_permuted<T>(f: impl FnOnce() -> T) -> T {
+/// Runs `f` with the in-place reads on (VISGEN_GNA_IN_PLACE=1); tests run with one thread.
+fn with_in_place<T>(f: impl FnOnce() -> T) -> T {
     // The tests run with --test-threads=1 on the device: nothing else reads the environment meanwhile.
-    std::env::set_var("VISGEN_GNA_PERMUTE", "1");
+    std::env::set_var("VISGEN_GNA_IN_PLACE", "1");
     let out = f();
-    std::env::remove_var("VISGEN_GNA_PERMUTE");
+    std::env::remove_var("VISGEN_GNA_IN_PLACE");
     out
 }
 
@@ -269,10 +269,10 @@ fn in_place_reads_equal_the_permuted_path_and_strided_views() {
         let (q, k, v) = (mk(n), mk(n), mk(n));
         let (k2, v2) = (mk(ne.max(1)), mk(ne.max(1)));
         let extra = (ne > 0).then_some((&k2, &v2));
-        let (o1, l1) = gna::forward_poisoned(&q, &k, &v, &grid, &p, extra, 0.1).unwrap();
-        let (o2, l2) = with_permuted(|| gna::forward_poisoned(&q, &k, &v, &grid, &p, extra, 0.1).unwrap());
+        let (o1, l1) = with_in_place(|| gna::forward_poisoned(&q, &k, &v, &grid, &p, extra, 0.1).unwrap());
+        let (o2, l2) = gna::forward_poisoned(&q, &k, &v, &grid, &p, extra, 0.1).unwrap();
         let (qc, kc, vc) = (q.contiguous().unwrap(), k.contiguous().unwrap(), v.contiguous().unwrap());
-        let (o3, _) = gna::forward_poisoned(&qc, &kc, &vc, &grid, &p, extra, 0.1).unwrap();
+        let (o3, _) = with_in_place(|| gna::forward_poisoned(&qc, &kc, &vc, &grid, &p, extra, 0.1).unwrap());
         assert_eq!(count_nan(&to_cpu_f32(&o1)), 0);
         assert_eq!(errors(&to_cpu_f32(&o1), &to_cpu_f32(&o2)).0, 0.0, "{grid:?}: in place vs permuted");
         assert_eq!(errors(&to_cpu_f32(&l1), &to_cpu_f32(&l2)).0, 0.0, "{grid:?}: lse in place vs permuted");
@@ -281,12 +281,12 @@ fn in_place_reads_equal_the_permuted_path_and_strided_views() {
 }
 
 #[test]
-fn parity_permuted_path() {
-    // the dilation-1 shapes again, through the permutation kernel
+fn parity_in_place_path() {
+    // the dilation-1 shapes again, read in place (5-D TMA boxes, no permutation kernel)
     let mut failures = Vec::new();
     for (i, (grid, p, ne)) in shapes().into_iter().enumerate().filter(|(_, (_, p, _))| p.dilation.iter().all(|&d| d == 1)) {
         let d = gna::HEAD_DIMS[(i + 2) % gna::HEAD_DIMS.len()];
-        if let Err(e) = with_permuted(|| check(&grid, &p, ne, 1, 2, d, DType::BF16)) {
+        if let Err(e) = with_in_place(|| check(&grid, &p, ne, 1, 2, d, DType::BF16)) {
             failures.push(e);
         }
     }

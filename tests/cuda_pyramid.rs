@@ -44,6 +44,26 @@ fn schedule_matches_assign_levels() {
     }
 }
 
+#[test]
+fn importance_formulation_matches_reference_on_cpu() {
+    // The same candle ops as on the GPU, in f32 on the CPU, against the reference's loops.
+    let p = PyramidParams::default();
+    let (b, h, n, d) = (2, 2, 1000, 32);
+    let q = Tensor::randn(0f32, 1.0, (b, h, n, d), &Device::Cpu).unwrap();
+    let k = Tensor::randn(0f32, 1.0, (b, h, n, d), &Device::Cpu).unwrap();
+    let (imp, ranked) = psa::importance_ranked(&q, &k, &p, 0.2).unwrap();
+    let want = pyramid::importance_with_samples(&q, &k, &PyramidParams { scale: Some(0.2), ..p.clone() }, &pyramid::sample_positions(&p, b, h)).unwrap();
+    let (max, _) = errors(&imp, &want);
+    assert!(max < 1e-5, "importance error {max}");
+    // the ranking sorts each row by importance, descending
+    let imp = imp.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let ranked = ranked.flatten_all().unwrap().to_vec1::<u32>().unwrap();
+    let kb = n.div_ceil(p.block_k);
+    for (row, order) in imp.chunks(kb).zip(ranked.chunks(kb)) {
+        assert!(order.windows(2).all(|w| row[w[0] as usize] >= row[w[1] as usize]));
+    }
+}
+
 fn gpu() -> Device {
     Device::new_cuda(0).expect("a CUDA device")
 }

@@ -1,9 +1,10 @@
 //! Launcher for the GNA forward kernel (kernels/attention/neighborhood/gna_fwd.cu).
 //!
-//! One call = (1) with dilation 1 and B, H mergeable, nothing: the kernel reads each tile of
-//! q, k, v in place as one 5-D TMA box (D, L2, L1, L0, B*H) whose shared-memory image is the
-//! permuted tile; otherwise `gna_permute_16bit` gathers q, k, v into the tile-permuted,
-//! zero-padded layout of [`tiles::plan`]; (2) `gna_fwd_*` runs the block-sparse flash loop over each query tile's
+//! One call = (1) `gna_permute_16bit` gathers q, k, v into the tile-permuted, zero-padded
+//! layout of [`tiles::plan`] (or, with `VISGEN_GNA_IN_PLACE=1`, dilation 1 and B, H mergeable,
+//! nothing: the kernel reads each tile in place as one 5-D TMA box (D, L2, L1, L0, B*H) whose
+//! shared-memory image is the permuted tile; measured slower, see `can_read_in_place`);
+//! (2) `gna_fwd_*` runs the block-sparse flash loop over each query tile's
 //! list of KV tiles (full / partial / extra) and writes `O (B, H, N, D)` and the natural-log
 //! `lse (B, H, N)` straight into the original token order. The tiling (permutation, lists) is
 //! built on the host once per (grid, parameters, extra-token tiles) and cached on the device.
@@ -203,11 +204,14 @@ fn tensor_map5(ptr: u64, dtype: DType, t: &Tensor, axes: &[AxisTiling; 3]) -> Re
     Ok(unsafe { map.assume_init() }.opaque)
 }
 
-/// Whether q, k, v can be read in place (no permutation pass): dilation 1 on every axis (a
-/// dilation group is a strided set, not a box), B and H mergeable, 16-byte aligned rows.
-/// `VISGEN_GNA_PERMUTE=1` forces the permuted path (to compare the two).
+/// Whether q, k, v are read in place (no permutation pass): only when asked for with
+/// `VISGEN_GNA_IN_PLACE=1`, and possible: dilation 1 on every axis (a dilation group is a
+/// strided set, not a box), B and H mergeable, 16-byte aligned rows. Measured on the H200
+/// (kernels/NOTES.md, ## neighborhood): the permuted path is faster (FLUX-4K strided 9.49 ms
+/// vs 10.15 ms in place): each KV tile is read by ~50 query tiles, and 128 contiguous rows
+/// stream better than a box of short row segments, which outweighs the permutation pass.
 fn can_read_in_place(tensors: [&Tensor; 3], params: &NeighborhoodParams) -> bool {
-    if std::env::var_os("VISGEN_GNA_PERMUTE").is_some() || params.dilation.iter().any(|&d| d != 1) {
+    if std::env::var_os("VISGEN_GNA_IN_PLACE").is_none() || params.dilation.iter().any(|&d| d != 1) {
         return false;
     }
     tensors.iter().all(|t| {

@@ -87,9 +87,15 @@ pub fn levels_from_ranking(ranked: &[u32], dims: (usize, usize, usize, usize), p
 }
 
 /// Importance `(B, H, q_blocks, k_blocks)` f32 (rows sum to 1) and its ranking (u32, most
-/// important first), on q's device, from `pyramid::sample_positions` (the reference's samples).
-/// The sampled scores are one bf16/f16 GEMM; maxima are exact in that dtype; the exponentials
-/// and the normalization are f32.
+/// important first), on q's device (any device: plain candle ops), from
+/// `pyramid::sample_positions` (the reference's samples). The sampled scores are one GEMM in
+/// q's dtype; maxima are exact in that dtype; the exponentials and the normalization are f32.
+///
+/// The sampled keys are ordered sample-major (column `c * k_blocks + j` = sample c of block j),
+/// so that the max over a block's samples is a max over a middle dim, taken as pairwise
+/// `maximum`s of halves ([`max_over`]): candle's CUDA reductions launch one thread block per
+/// output element, which for the 84 M outputs of 16 samples each (SANA-Video 480p) took
+/// ~55 ms on the H200 (kernels/NOTES.md, ## pyramid).
 pub fn importance_ranked(q: &Tensor, k: &Tensor, p: &PyramidParams, scale: f64) -> Result<(Tensor, Tensor)> {
     let (b, h, n, d) = q.dims4()?;
     let samples = pyramid::sample_positions(p, b, h);
@@ -101,23 +107,37 @@ pub fn importance_ranked(q: &Tensor, k: &Tensor, p: &PyramidParams, scale: f64) 
         for i in 0..qb {
             idx_q.extend(samples.q[bh].iter().map(|&x| (bh * n + (i * p.block_q + x).min(n - 1)) as u32));
         }
-        for j in 0..kb {
-            idx_k.extend(samples.k[bh].iter().map(|&x| (bh * n + (j * p.block_k + x).min(n - 1)) as u32));
+        for &x in &samples.k[bh] {
+            idx_k.extend((0..kb).map(|j| (bh * n + (j * p.block_k + x).min(n - 1)) as u32));
         }
     }
     let dev = q.device();
     let idx_q = Tensor::from_vec(idx_q, b * h * qb * sq, dev)?;
     let idx_k = Tensor::from_vec(idx_k, b * h * kb * sk, dev)?;
     let qs = q.contiguous()?.reshape((b * h * n, d))?.index_select(&idx_q, 0)?.reshape((b * h, qb * sq, d))?;
-    let ks = k.contiguous()?.reshape((b * h * n, d))?.index_select(&idx_k, 0)?.reshape((b * h, kb * sk, d))?;
-    let r = qs.matmul(&ks.t()?.contiguous()?)?; // (BH, qb sq, kb sk)
-    let r = r.reshape((b * h, qb * sq, kb, sk))?.max(3)?.to_dtype(DType::F32)?;
-    let r = (r * scale)?;
+    let ks = k.contiguous()?.reshape((b * h * n, d))?.index_select(&idx_k, 0)?.reshape((b * h, sk * kb, d))?;
+    let r = qs.matmul(&ks.t()?.contiguous()?)?.reshape((b * h, qb * sq, sk, kb))?;
+    // R[r, j] = max over block j's sampled keys of scale q_r . k_c
+    let r = (max_over(&r, 2)?.to_dtype(DType::F32)? * scale)?; // (BH, qb sq, kb)
     let e = r.broadcast_sub(&r.max_keepdim(2)?)?.exp()?;
-    let s = e.reshape((b * h, qb, sq, kb))?.max(2)?;
+    // S[i, j] = max over query block i's sampled rows
+    let s = max_over(&e.reshape((b * h, qb, sq, kb))?, 2)?; // (BH, qb, kb)
     let imp = s.broadcast_div(&s.sum_keepdim(2)?)?.reshape((b, h, qb, kb))?;
     let ranked = imp.arg_sort_last_dim(false)?;
     Ok((imp, ranked))
+}
+
+/// Max over dim `dim` (removed), as pairwise `maximum`s of the two halves; for an odd length
+/// the halves overlap by one element (max is idempotent).
+fn max_over(t: &Tensor, dim: usize) -> Result<Tensor> {
+    let mut t = t.clone();
+    let mut len = t.dim(dim)?;
+    while len > 1 {
+        let half = len.div_ceil(2);
+        t = t.narrow(dim, 0, half)?.maximum(&t.narrow(dim, len - half, half)?)?;
+        len = half;
+    }
+    Ok(t.squeeze(dim)?)
 }
 
 #[repr(C, align(128))]
