@@ -1,7 +1,7 @@
 //! Times the sparse attention CUDA kernels (GNA, and PSA when present) against our dense kernel
 //! on the same shapes, in the same run (bf16, random inputs):
 //!
-//!   cargo run --release --features cuda --example bench_sparse [-- --reps N]
+//!   cargo run --release --features cuda --example bench_sparse [-- --reps N] [--psa-only]
 //!
 //! Per case: time (median of samples of back-to-back calls between CUDA events; the GNA time
 //! includes the permutation kernel; the in-place path's time, 5-D TMA boxes, follows),
@@ -19,6 +19,8 @@ fn main() -> anyhow::Result<()> {
         Some(i) => std::env::args().nth(i + 1).and_then(|s| s.parse().ok()).unwrap_or(5),
         None => 5,
     };
+    // --psa-only: skip the GNA cases (shorter device calls).
+    let psa_only = std::env::args().any(|a| a == "--psa-only");
     let device = Device::new_cuda(0)?;
     let dev = device.as_cuda_device()?.clone();
     let stream = dev.cuda_stream();
@@ -57,7 +59,7 @@ fn main() -> anyhow::Result<()> {
         "{:<28} {:>9} {:>8} {:>8} {:>10} {:>8} {:>9} {:>8} {:>6}",
         "case", "GNA ms", "eff TF/s", "tile TF/s", "dense ms", "speedup", "fraction", "goal", "met"
     );
-    for c in &cases {
+    for c in cases.iter().filter(|_| !psa_only) {
         let n: usize = c.grid.iter().product();
         let p = NeighborhoodParams {
             kernel: c.kernel.clone(),
@@ -138,7 +140,28 @@ fn main() -> anyhow::Result<()> {
             psa::importance_ranked(&q, &k, &p, scale)?;
             Ok(())
         })?;
-        let (_, ranked) = psa::importance_ranked(&q, &k, &p, scale)?;
+        let fused_ms = time(3, &mut || {
+            psa::importance_ranked_fused(&q, &k, &p, scale)?;
+            Ok(())
+        })?;
+        let ops_ms = time(1, &mut || {
+            psa::importance_ranked_ops(&q, &k, &p, scale)?;
+            Ok(())
+        })?;
+        let (imp, ranked) = psa::importance_ranked(&q, &k, &p, scale)?;
+        let sort_ms = time(3, &mut || {
+            imp.arg_sort_last_dim(false)?;
+            Ok(())
+        })?;
+        // The fused kernel's work: sampled GEMM FLOPs, and the sampled keys each CTA gathers.
+        let (qb, kb) = (n.div_ceil(128), n.div_ceil(64));
+        let gemm_flops = 2.0 * (b * h * qb * 32 * kb * 16 * d) as f64;
+        println!(
+            "PSA importance: fused kernel + arg_sort {fused_ms:.3} ms (arg_sort alone {sort_ms:.3} ms, kernel ~{:.3} ms, \
+             {:.0} TFLOP/s on the sampled GEMM); candle-ops path {ops_ms:.3} ms",
+            fused_ms - sort_ms,
+            gemm_flops / ((fused_ms - sort_ms).max(1e-6) * 1e-3) / 1e12
+        );
         let attention_ms = time(3, &mut || {
             psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false)?;
             Ok(())

@@ -6,6 +6,9 @@
 #   bash .gpu/sparse/gpu_sparse.sh run     # there (device tool, carry [".gpu/sparse"]): GPU name,
 #                                          # cuda_neighborhood, bench_sparse, cuda_pyramid
 #
+# PACK_DIR=... packs elsewhere (e.g. /work/main/.gpu/cuda-sparse for the device call's checkout).
+# PSA_ONLY=1 (pack and run): cuda_pyramid and the PSA bench case only.
+#
 # Everything the run prints also goes to $OUT/sparse_check.log. The tests set an environment
 # variable (VISGEN_GNA_IN_PLACE) while they run: keep --test-threads=1.
 set -uo pipefail
@@ -16,11 +19,13 @@ pack() {
     local root; root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
     cd "$root"
     eval "$(bash kernels/setup_cuda.sh --print-env)"
-    local out="$root/.gpu/sparse"
+    local out="${PACK_DIR:-$root/.gpu/sparse}"
+    local test_args="--test cuda_neighborhood --test cuda_pyramid"
+    [ "${PSA_ONLY:-0}" = 1 ] && test_args="--test cuda_pyramid"
     rm -rf "$out" && mkdir -p "$out"
     cargo build --release --features cuda --example bench_sparse
     local tests
-    tests=$(cargo test --release --features cuda --no-run --test cuda_neighborhood --test cuda_pyramid --message-format=json \
+    tests=$(cargo test --release --features cuda --no-run $test_args --message-format=json \
         | python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
@@ -48,10 +53,16 @@ run() {
             python3 -c 'import lzma,sys; open(sys.argv[2],"wb").write(lzma.open(sys.argv[1]).read())' "$f" "/tmp/$(basename "${f%.xz}")"
             chmod +x "/tmp/$(basename "${f%.xz}")"
         done
-        echo "=== cuda_neighborhood"
-        timeout 60 /tmp/cuda_neighborhood --test-threads=1 --nocapture 2>&1
+        if [ -x /tmp/cuda_neighborhood ] && [ "${PSA_ONLY:-0}" != 1 ]; then
+            echo "=== cuda_neighborhood"
+            timeout 60 /tmp/cuda_neighborhood --test-threads=1 --nocapture 2>&1
+        fi
         echo "=== bench_sparse"
-        timeout 100 /tmp/bench_sparse --reps 5 2>&1
+        if [ "${PSA_ONLY:-0}" = 1 ]; then
+            timeout 60 /tmp/bench_sparse --reps 5 --psa-only 2>&1
+        else
+            timeout 100 /tmp/bench_sparse --reps 5 2>&1
+        fi
         echo "=== cuda_pyramid"
         timeout 60 /tmp/cuda_pyramid --test-threads=1 --nocapture 2>&1
         echo "=== done"

@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 
 pub const HEAD_DIMS: [usize; 5] = [64, 72, 96, 112, 128];
 const MODULE: &str = "attention/pyramid/psa_fwd";
+const IMPORTANCE_MODULE: &str = "attention/pyramid/psa_importance";
 const BLOCK_Q: usize = 128;
 const BLOCK_K: usize = 64;
 
@@ -87,8 +88,134 @@ pub fn levels_from_ranking(ranked: &[u32], dims: (usize, usize, usize, usize), p
 }
 
 /// Importance `(B, H, q_blocks, k_blocks)` f32 (rows sum to 1) and its ranking (u32, most
-/// important first), on q's device (any device: plain candle ops), from
-/// `pyramid::sample_positions` (the reference's samples). The sampled scores are one GEMM in
+/// important first), from `pyramid::sample_positions` (the reference's samples). On the GPU,
+/// when [`fused_importance_serves`], one fused kernel (`psa_importance_*`, scores never
+/// stored); otherwise (CPU, other sample counts, very long sequences) [`importance_ranked_ops`].
+pub fn importance_ranked(q: &Tensor, k: &Tensor, p: &PyramidParams, scale: f64) -> Result<(Tensor, Tensor)> {
+    let (_, _, n, d) = q.dims4()?;
+    if q.device().is_cuda() && fused_importance_serves(q.dtype(), d, n, p) {
+        importance_ranked_fused(q, k, p, scale)
+    } else {
+        importance_ranked_ops(q, k, p, scale)
+    }
+}
+
+/// The fused kernel's limits: bf16 / f16, a compiled head dim, 32 sampled queries per block of
+/// 128, 16 sampled keys per block of 64, and the per-CTA block maxima (64 rows x k_blocks f32)
+/// in shared memory: k_blocks <= 625 at D 128 (N <= 40000), <= 719 at D 72.
+pub fn fused_importance_serves(dtype: DType, head_dim: usize, n: usize, p: &PyramidParams) -> bool {
+    supports(dtype, head_dim)
+        && p.block_q == BLOCK_Q
+        && p.block_k == BLOCK_K
+        && p.sample_q_count() == IMP_SAMPLE_Q
+        && p.sample_k_count() == IMP_SAMPLE_K
+        && n > 0
+        && importance_smem(head_dim, n.div_ceil(BLOCK_K)) <= MAX_DYNAMIC_SMEM
+}
+
+const IMP_SAMPLE_Q: usize = 32;
+const IMP_SAMPLE_K: usize = 16;
+/// Opt-in dynamic shared memory per block on sm_90 (227 KiB).
+const MAX_DYNAMIC_SMEM: usize = 232_448;
+
+/// `psa_importance`'s dynamic shared memory (psa_importance.cu): two stages of 128 key rows
+/// (row stride D padded to 16, + 8), the block maxima of 64 rows, 64 row maxima, one row of S,
+/// 8 partial sums.
+fn importance_smem(d: usize, k_blocks: usize) -> usize {
+    let ld = d.div_ceil(16) * 16 + 8;
+    2 * 128 * ld * 2 + (64 * k_blocks + 64 + k_blocks + 8) * 4
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PsaImportanceArgs {
+    q: u64,
+    k: u64,
+    imp: u64,
+    q_pos: u64,
+    k_pos: u64,
+    q_stride: [i64; 3],
+    k_stride: [i64; 3],
+    heads: i32,
+    n: i32,
+    q_blocks: i32,
+    k_blocks: i32,
+    scale: f32,
+    unused: i32,
+}
+// SAFETY: plain old data with the C layout of the kernel's parameter struct.
+unsafe impl DeviceRepr for PsaImportanceArgs {}
+const _: () = assert!(std::mem::size_of::<PsaImportanceArgs>() == 112);
+
+/// [`importance_ranked`] through the fused kernel (psa_importance.cu): per CTA two query blocks'
+/// sampled rows against every sampled key of the head on the tensor cores (f32 accumulators),
+/// block maxima reduced in registers, exp / max / normalization in shared memory; then candle's
+/// `arg_sort` ranks each row. Errors when [`fused_importance_serves`] is false.
+pub fn importance_ranked_fused(q: &Tensor, k: &Tensor, p: &PyramidParams, scale: f64) -> Result<(Tensor, Tensor)> {
+    let (b, h, n, d) = q.dims4()?;
+    if k.dims4()? != (b, h, n, d) || k.dtype() != q.dtype() {
+        return Err(err(format!("importance: q {:?} {:?} and k {:?} {:?} must match", q.dims(), q.dtype(), k.dims(), k.dtype())));
+    }
+    if !fused_importance_serves(q.dtype(), d, n, p) {
+        return Err(err(format!(
+            "the fused importance kernel serves bf16/f16, head_dim in {HEAD_DIMS:?}, block_q {BLOCK_Q} / block_k {BLOCK_K}, \
+             {IMP_SAMPLE_Q} / {IMP_SAMPLE_K} samples, N <= 40000 (D 128); got {:?} D{d} N{n}",
+            q.dtype()
+        )));
+    }
+    if b > 65535 || b * h > 65535 {
+        return Err(err("batch x heads above 65535"));
+    }
+    let dev = super::cuda_device(q, "pyramid importance (cuda)")?;
+    let stream = dev.cuda_stream();
+    let (qb, kb) = (n.div_ceil(BLOCK_Q), n.div_ceil(BLOCK_K));
+    let samples = pyramid::sample_positions(p, b, h);
+    let q_pos: Vec<i32> = samples.q.iter().flatten().map(|&x| x as i32).collect();
+    let k_pos: Vec<i32> = samples.k.iter().flatten().map(|&x| x as i32).collect();
+    let q_pos = stream.clone_htod(&q_pos).map_err(|e| err(format!("upload: {e:?}")))?;
+    let k_pos = stream.clone_htod(&k_pos).map_err(|e| err(format!("upload: {e:?}")))?;
+    // cp.async copies 16 bytes: unit stride in D, other strides and the start 8-element aligned.
+    let view = |t: &Tensor| -> Result<Tensor> {
+        let s = t.stride();
+        let ok = s[3] == 1 && s[..3].iter().all(|x| x % 8 == 0) && t.layout().start_offset() % 8 == 0;
+        Ok(if ok { t.clone() } else { t.contiguous()? })
+    };
+    let (q, k) = (view(q)?, view(k)?);
+    let imp = unsafe { dev.alloc::<f32>(b * h * qb * kb)? };
+    let args = PsaImportanceArgs {
+        q: ptr_of(&q, &dev)?,
+        k: ptr_of(&k, &dev)?,
+        imp: imp.device_ptr(&stream).0,
+        q_pos: q_pos.device_ptr(&stream).0,
+        k_pos: k_pos.device_ptr(&stream).0,
+        q_stride: strides3(&q),
+        k_stride: strides3(&k),
+        heads: h as i32,
+        n: n as i32,
+        q_blocks: qb as i32,
+        k_blocks: kb as i32,
+        scale: scale as f32,
+        unused: 0,
+    };
+    let suffix = if q.dtype() == DType::BF16 { "bf16" } else { "f16" };
+    let kernel = crate::kernels::load(&dev, IMPORTANCE_MODULE, &format!("psa_importance_{suffix}_d{d}"))?;
+    let smem = importance_smem(d, kb);
+    kernel.set_max_dynamic_smem(smem)?;
+    let cfg = LaunchConfig { grid_dim: (qb.div_ceil(2) as u32, (b * h) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+    let mut launch = kernel.builder();
+    launch.arg(&args);
+    // SAFETY: q and k cover (B, H, N, D) at their strides (16-byte aligned rows); q_pos / k_pos
+    // hold B·H·32 / B·H·16 offsets < 128 / 64; imp holds B·H·qb·kb floats; smem as computed.
+    unsafe { launch.launch(cfg) }.map_err(|e| err(format!("importance launch failed: {e:?}")))?;
+    drop(q_pos);
+    drop(k_pos);
+    let imp = into_tensor(imp, &dev, (b, h, qb, kb));
+    let ranked = imp.arg_sort_last_dim(false)?;
+    Ok((imp, ranked))
+}
+
+/// Importance and ranking with candle tensor ops on q's device (any device): the CPU and
+/// reference path of [`importance_ranked`]. The sampled scores are one GEMM in
 /// q's dtype; maxima are exact in that dtype; the exponentials and the normalization are f32.
 ///
 /// The sampled keys are ordered sample-major (column `c * k_blocks + j` = sample c of block j),
@@ -96,7 +223,7 @@ pub fn levels_from_ranking(ranked: &[u32], dims: (usize, usize, usize, usize), p
 /// `maximum`s of halves ([`max_over`]): candle's CUDA reductions launch one thread block per
 /// output element, which for the 84 M outputs of 16 samples each (SANA-Video 480p) took
 /// ~55 ms on the H200 (kernels/NOTES.md, ## pyramid).
-pub fn importance_ranked(q: &Tensor, k: &Tensor, p: &PyramidParams, scale: f64) -> Result<(Tensor, Tensor)> {
+pub fn importance_ranked_ops(q: &Tensor, k: &Tensor, p: &PyramidParams, scale: f64) -> Result<(Tensor, Tensor)> {
     let (b, h, n, d) = q.dims4()?;
     let samples = pyramid::sample_positions(p, b, h);
     let (qb, kb) = (n.div_ceil(p.block_q), n.div_ceil(p.block_k));
