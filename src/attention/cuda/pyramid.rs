@@ -3,7 +3,8 @@
 //! One call: (1) block importance from sampled queries and keys in one fused kernel
 //! (kernels/attention/pyramid/psa_importance.cu: sampled scores on the tensor cores, block
 //! maxima in registers, never stored; the candle-ops path stays for the CPU and the cases the
-//! kernel does not serve) and its ranking per query block (`arg_sort`, descending); (2) `psa_pool_*` mean-pools k and v at 2, 4 and 8;
+//! kernel does not serve) and its ranking per query block (`arg_sort`, descending);
+//! (2) `psa_pool_*` mean-pools k and v at 2, 4 and 8;
 //! (3) `psa_fwd_*` attends every query block to its ranked KV blocks at the level of their rank
 //! (Topk mode: the same rank ranges for every row, so the tile schedule is built once on the
 //! host from `pyramid::topk_ranges`), all levels in one kernel with the `ln p` logit bias.
