@@ -16,6 +16,8 @@
 //! The f32 reference builds the explicit `(N, N + extra)` mask and runs a masked softmax; it is
 //! the oracle for the CUDA kernels.
 
+pub mod tiles;
+
 use candle_core::{DType, Tensor};
 
 use super::masked::masked_attention;
@@ -292,8 +294,21 @@ pub fn forward(p: &NeighborhoodParams, input: &AttentionInput) -> Result<(Tensor
     let d = input.q.dim(3)?;
     let scale = p.scale.unwrap_or(1.0 / (d as f64).sqrt());
 
-    // CUDA DISPATCH: when `input.q` is on a CUDA device, call the fused GNA kernel here
-    // (kernels/attention/neighborhood) and return; everything below is the f32 reference.
+    // On the GPU: the block-sparse kernel (kernels/attention/neighborhood); a dtype or head dim
+    // it does not serve is an error, not a silent fallback (the f32 reference on the GPU is an
+    // (N, N) mask). `with_reference_only` selects the reference explicitly.
+    #[cfg(feature = "cuda")]
+    if input.q.device().is_cuda() && !super::reference_only() {
+        if !super::cuda::neighborhood::supports(input.q.dtype(), d) {
+            return Err(Error::Other(format!(
+                "neighborhood attention on the GPU: no kernel for dtype {:?} / head_dim {d} (bf16 or f16, head_dim in {:?}); \
+                 run with the reference attention for other cases",
+                input.q.dtype(),
+                super::cuda::neighborhood::HEAD_DIMS
+            )));
+        }
+        return super::cuda::neighborhood::forward(input.q, input.k, input.v, grid, p, input.extra_kv, scale);
+    }
 
     let (out, lse) = reference(input.q, input.k, input.v, grid, p, input.extra_kv, scale)?;
     Ok((out.to_dtype(input.q.dtype())?, lse.to_dtype(DType::F32)?))

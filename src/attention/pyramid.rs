@@ -426,7 +426,7 @@ fn align_range(start: usize, end: usize, multiple: usize, n_k: usize) -> usize {
 }
 
 /// `(pool, first rank, end rank)` for `Topk` mode: the same for every row.
-fn topk_ranges(n_k: usize, params: &PyramidParams) -> Vec<(usize, usize, usize)> {
+pub(crate) fn topk_ranges(n_k: usize, params: &PyramidParams) -> Vec<(usize, usize, usize)> {
     let mut ranges = Vec::new();
     let mut start = 0;
     for &(pool, end_ratio) in &params.levels {
@@ -558,8 +558,22 @@ pub fn forward(p: &PyramidParams, input: &AttentionInput) -> Result<Tensor> {
     }
     check_qkv(input.q, input.k, input.v)?;
 
-    // CUDA DISPATCH: when `input.q` is on a CUDA device, run the importance, level and
-    // mixed-level attention kernels (kernels/attention/pyramid) here and return.
+    // On the GPU: importance, ranking, pooling and the mixed-level kernel
+    // (kernels/attention/pyramid); a case it does not serve is an error naming why, not a silent
+    // fallback. `with_reference_only` selects the reference explicitly.
+    #[cfg(feature = "cuda")]
+    if input.q.device().is_cuda() && !super::reference_only() {
+        let d = input.q.dim(3)?;
+        if !super::cuda::pyramid::supports(input.q.dtype(), d) {
+            return Err(Error::Other(format!(
+                "pyramid attention on the GPU: no kernel for dtype {:?} / head_dim {d} (bf16 or f16, head_dim in {:?})",
+                input.q.dtype(),
+                super::cuda::pyramid::HEAD_DIMS
+            )));
+        }
+        super::cuda::pyramid::check_params(p).map_err(|m| Error::Other(format!("pyramid attention on the GPU: {m}")))?;
+        return super::cuda::pyramid::forward(input.q, input.k, input.v, p);
+    }
 
     let scores = importance(input.q, input.k, p)?;
     let levels = assign_levels(&scores, p)?;

@@ -4,6 +4,8 @@
 
 pub mod dense;
 pub mod linear;
+pub mod neighborhood;
+pub mod pyramid;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};

@@ -1,0 +1,193 @@
+//! Times the sparse attention CUDA kernels (GNA, and PSA when present) against our dense kernel
+//! on the same shapes, in the same run (bf16, random inputs):
+//!
+//!   cargo run --release --features cuda --example bench_sparse [-- --reps N] [--psa-only]
+//!
+//! Per case: time (median of samples of back-to-back calls between CUDA events; the GNA time
+//! includes the permutation kernel; the in-place path's time, 5-D TMA boxes, follows),
+//! effective TFLOP/s (4 N K D per head, K = keys per query), tile TFLOP/s (the FLOPs of the visited 128x128 tiles), our dense kernel's time,
+//! speedup, fraction of KV tiles visited, and the goal speedup 0.9 / fraction.
+
+#[cfg(feature = "cuda")]
+fn main() -> anyhow::Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+    use candle_core::{DType, Device, Tensor};
+    use visgen::attention::cuda::{dense, neighborhood as gna};
+    use visgen::attention::NeighborhoodParams;
+
+    let reps: usize = match std::env::args().position(|a| a == "--reps") {
+        Some(i) => std::env::args().nth(i + 1).and_then(|s| s.parse().ok()).unwrap_or(5),
+        None => 5,
+    };
+    // --psa-only: skip the GNA cases (shorter device calls).
+    let psa_only = std::env::args().any(|a| a == "--psa-only");
+    let device = Device::new_cuda(0)?;
+    let dev = device.as_cuda_device()?.clone();
+    let stream = dev.cuda_stream();
+    // Median ms per call of `f` over `reps` samples of `calls` calls, after one warm-up call.
+    let time = |calls: usize, f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+        f()?;
+        let mut ts = Vec::new();
+        for _ in 0..reps {
+            let e0 = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            for _ in 0..calls {
+                f()?;
+            }
+            let e1 = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            ts.push(e0.elapsed_ms(&e1).map_err(|e| anyhow::anyhow!("{e:?}"))? as f64 / calls as f64);
+        }
+        ts.sort_by(|a, b| a.total_cmp(b));
+        Ok(ts[ts.len() / 2])
+    };
+
+    struct Case {
+        name: &'static str,
+        grid: Vec<usize>,
+        kernel: Vec<usize>,
+        stride: Vec<usize>,
+        heads: usize,
+        d: usize,
+        extra: usize,
+    }
+    let cases = [
+        Case { name: "FLUX-4K 2-D k80 s16", grid: vec![256, 256], kernel: vec![80, 80], stride: vec![16, 16], heads: 24, d: 128, extra: 0 },
+        Case { name: "FLUX-4K 2-D k80 s1", grid: vec![256, 256], kernel: vec![80, 80], stride: vec![1, 1], heads: 24, d: 128, extra: 0 },
+        Case { name: "FLUX-4K k80 s16 +512 txt", grid: vec![256, 256], kernel: vec![80, 80], stride: vec![16, 16], heads: 24, d: 128, extra: 512 },
+        Case { name: "video 3-D k18x24x24 s16x8x8", grid: vec![30, 48, 80], kernel: vec![18, 24, 24], stride: vec![16, 8, 8], heads: 24, d: 128, extra: 0 },
+    ];
+    println!(
+        "{:<28} {:>9} {:>8} {:>8} {:>10} {:>8} {:>9} {:>8} {:>6}",
+        "case", "GNA ms", "eff TF/s", "tile TF/s", "dense ms", "speedup", "fraction", "goal", "met"
+    );
+    for c in cases.iter().filter(|_| !psa_only) {
+        let n: usize = c.grid.iter().product();
+        let p = NeighborhoodParams {
+            kernel: c.kernel.clone(),
+            stride: c.stride.clone(),
+            dilation: vec![1; c.grid.len()],
+            causal: vec![false; c.grid.len()],
+            scale: None,
+        };
+        let rnd = |len: usize| -> anyhow::Result<Tensor> {
+            Ok(Tensor::randn(0f32, 1.0, (1, c.heads, len, c.d), &device)?.to_dtype(DType::BF16)?)
+        };
+        let (q, k, v) = (rnd(n)?, rnd(n)?, rnd(n)?);
+        let (k2, v2) = (rnd(c.extra.max(1))?, rnd(c.extra.max(1))?);
+        let extra = (c.extra > 0).then_some((&k2, &v2));
+        let scale = 1.0 / (c.d as f64).sqrt();
+        let tiling = gna::device_tiling(&dev, &c.grid, &p, c.extra)?;
+        let t = &tiling.tiling;
+        let sparse_ms = time(3, &mut || {
+            gna::forward(&q, &k, &v, &c.grid, &p, extra, scale)?;
+            Ok(())
+        })?;
+        // The same with in-place reads (5-D TMA boxes, no permutation pass), to compare.
+        std::env::set_var("VISGEN_GNA_IN_PLACE", "1");
+        let in_place_ms = time(3, &mut || {
+            gna::forward(&q, &k, &v, &c.grid, &p, extra, scale)?;
+            Ok(())
+        })?;
+        std::env::remove_var("VISGEN_GNA_IN_PLACE");
+        let dense_ms = time(1, &mut || {
+            dense::forward(&q, &k, &v, None, extra, scale)?;
+            Ok(())
+        })?;
+        let keys_per_query = c.kernel.iter().product::<usize>() + c.extra;
+        let flops_eff = 4.0 * (c.heads * n) as f64 * keys_per_query as f64 * c.d as f64;
+        let extra_tiles = c.extra.div_ceil(128) * t.q_tiles();
+        let flops_tiles = 4.0 * c.heads as f64 * ((t.visited + extra_tiles) * 128 * 128) as f64 * c.d as f64;
+        let fraction = t.visited_fraction();
+        let goal = 0.9 / fraction;
+        let speedup = dense_ms / sparse_ms;
+        println!(
+            "{:<28} {:>9.3} {:>8.0} {:>8.0} {:>10.3} {:>8.2} {:>9.4} {:>8.2} {:>6}",
+            c.name,
+            sparse_ms,
+            flops_eff / (sparse_ms * 1e-3) / 1e12,
+            flops_tiles / (sparse_ms * 1e-3) / 1e12,
+            dense_ms,
+            speedup,
+            fraction,
+            goal,
+            if speedup >= goal { "yes" } else { "no" }
+        );
+        println!("    in place (no permutation pass): {in_place_ms:.3} ms (speedup {:.2})", dense_ms / in_place_ms);
+        println!(
+            "    box {:?}, {} query tiles, {} KV tiles visited ({} full, {} partial), {} extra-token tiles",
+            t.axes.map(|a| a.tile),
+            t.q_tiles(),
+            t.visited,
+            t.full,
+            t.visited - t.full,
+            extra_tiles
+        );
+    }
+
+    // PSA at its defaults (10% full, 5% 2x, 0% 4x, 20% 8x, 65% skipped) on SANA-Video 480p.
+    {
+        use visgen::attention::cuda::pyramid as psa;
+        use visgen::attention::PyramidParams;
+        let (b, h, n, d) = (1usize, 20usize, 32760usize, 112usize);
+        let p = PyramidParams::default();
+        let rnd = || -> anyhow::Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, (b, h, n, d), &device)?.to_dtype(DType::BF16)?) };
+        let (q, k, v) = (rnd()?, rnd()?, rnd()?);
+        let scale = 1.0 / (d as f64).sqrt();
+        let total_ms = time(3, &mut || {
+            psa::forward(&q, &k, &v, &p)?;
+            Ok(())
+        })?;
+        let importance_ms = time(3, &mut || {
+            psa::importance_ranked(&q, &k, &p, scale)?;
+            Ok(())
+        })?;
+        let fused_ms = time(3, &mut || {
+            psa::importance_ranked_fused(&q, &k, &p, scale)?;
+            Ok(())
+        })?;
+        let ops_ms = time(1, &mut || {
+            psa::importance_ranked_ops(&q, &k, &p, scale)?;
+            Ok(())
+        })?;
+        let (imp, ranked) = psa::importance_ranked(&q, &k, &p, scale)?;
+        let sort_ms = time(3, &mut || {
+            imp.arg_sort_last_dim(false)?;
+            Ok(())
+        })?;
+        // The fused kernel's work: sampled GEMM FLOPs, and the sampled keys each CTA gathers.
+        let (qb, kb) = (n.div_ceil(128), n.div_ceil(64));
+        let gemm_flops = 2.0 * (b * h * qb * 32 * kb * 16 * d) as f64;
+        println!(
+            "PSA importance: fused kernel + arg_sort {fused_ms:.3} ms (arg_sort alone {sort_ms:.3} ms, kernel ~{:.3} ms, \
+             {:.0} TFLOP/s on the sampled GEMM); candle-ops path {ops_ms:.3} ms",
+            fused_ms - sort_ms,
+            gemm_flops / ((fused_ms - sort_ms).max(1e-6) * 1e-3) / 1e12
+        );
+        let attention_ms = time(3, &mut || {
+            psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false)?;
+            Ok(())
+        })?;
+        let dense_ms = time(1, &mut || {
+            dense::forward(&q, &k, &v, None, None, scale)?;
+            Ok(())
+        })?;
+        let kb = n.div_ceil(64);
+        let sched = psa::schedule(kb, &p);
+        let fraction = sched.len() as f64 / n.div_ceil(128) as f64;
+        let tile_flops = 4.0 * (b * h * n.div_ceil(128) * sched.len() * 128 * 128 * d) as f64;
+        println!(
+            "PSA H{h} N{n} D{d} defaults: total {total_ms:.3} ms (importance {importance_ms:.3}, pool + attention {attention_ms:.3}), \
+             dense {dense_ms:.3} ms, speedup {:.2} (goal 4), attention alone {:.2}x, tiles visited {fraction:.4} ({} per query block), \
+             attention tile TFLOP/s {:.0}",
+            dense_ms / total_ms,
+            dense_ms / attention_ms,
+            sched.len(),
+            tile_flops / (attention_ms * 1e-3) / 1e12
+        );
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn main() {
+    eprintln!("bench_sparse needs the `cuda` feature");
+}

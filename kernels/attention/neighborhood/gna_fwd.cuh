@@ -1,0 +1,404 @@
+// Generalized neighborhood attention (GNA) forward for Hopper: the dense wgmma + TMA main loop
+// (attention/dense/dense_fwd_wgmma.cuh) driven by a per-query-tile list of KV tiles.
+//
+// Layout (built on the host, src/attention/neighborhood/tiles.rs): tokens are permuted so that
+// every run of 128 tokens is a box t0 x t1 x t2 of the grid inside one dilation group (NATTEN's
+// token permutation), so a query tile's windows cover few KV tiles. q, k, v arrive permuted and
+// zero-padded (gna_permute); the output is scattered back to the original token order in the
+// epilogue (no second pass). Each list entry is (kv_tile << 2 | kind):
+//   FULL     every real query of the tile sees every key: no masking at all
+//   PARTIAL  the window test per element, from the tokens' intra-group coordinates
+//   EXTRA    128 extra KV tokens (FLUX text) seen by every query; only the ragged end is masked
+// The extra tokens share the softmax with the grid keys, so no log-sum-exp merge is needed.
+//
+// Window along one axis (NATTEN get_win_start / get_win_end, intra-group coordinate i of a
+// group of `len` tokens): non-causal, the window of the stride group's leader
+// (i / s) s + s / 2, shifted (not cut) at the borders, k keys; causal, [leader - k + 1, i + 1)
+// with leader (i / s) s + s - 1. A key is a neighbor when it is inside the window on all 3 axes.
+#pragma once
+
+#include "../dense/dense_fwd_wgmma.cuh"
+
+// One grid axis (the grid is padded to rank 3 with unit axes). Mirrors `AxisTiling` in
+// src/attention/neighborhood/tiles.rs.
+struct GnaAxis {
+    int32_t len, kernel, stride, dilation, causal;
+    int32_t tile, log_tile;   // box size along the axis (a power of two)
+    int32_t group_pad;        // padded length of one dilation group
+    int32_t tiles_per_group;  // group_pad / tile
+    int32_t tiles;            // dilation * tiles_per_group
+};
+static_assert(sizeof(GnaAxis) == 40, "GnaAxis layout changed: update src/attention/neighborhood/tiles.rs");
+
+// Kernel arguments, mirrored by `GnaArgs` in src/attention/cuda/neighborhood.rs.
+struct GnaArgs {
+    CUtensorMap q, k, v;      // permuted (B, H, n_pad, D), box (64, 128, 1, 1), 128-byte swizzle; or direct (below)
+    CUtensorMap k2, v2;       // extra tokens (B, H, n_extra, D); unused when n_extra = 0
+    void* o;                  // (B, H, N, D) in the original token order
+    float* lse;               // (B, H, N)
+    const int32_t* perm;      // permuted token -> original token, -1 for padding
+    const int32_t* offsets;   // CSR over query tiles
+    const int32_t* entries;   // (kv_tile << 2) | kind
+    int64_t o_stride[3];      // batch, head, row
+    int64_t lse_stride[2];    // batch, head
+    GnaAxis axis[3];
+    int32_t n_pad, n_extra;
+    float scale_log2;
+    // 1: q, k, v are read in place through 5-D maps (D, L2, L1, L0, B*H) with box
+    // (64, t2, t1, t0, 1), whose smem image is the permuted tile (dilation 1 only; rows
+    // outside the grid read as zero). 0: permuted copies through 4-D maps.
+    int32_t direct;
+};
+static_assert(sizeof(GnaArgs) == 896 && offsetof(GnaArgs, o) == 640 && offsetof(GnaArgs, axis) == 720,
+              "GnaArgs layout changed: update src/attention/cuda/neighborhood.rs");
+
+namespace gna {
+
+using namespace dense_wgmma;
+
+constexpr int kFull = 0, kPartial = 1, kExtra = 2;
+
+__device__ __forceinline__ int group_len(const GnaAxis& a, int group) {
+    return a.len / a.dilation + (group < a.len % a.dilation ? 1 : 0);
+}
+
+// Window [start, end) of intra-group coordinate i in a group of len tokens (see the header).
+__device__ __forceinline__ void window(const GnaAxis& a, int i, int len, int& start, int& end) {
+    const int k = a.kernel, s = a.stride;
+    if (a.causal) {
+        const int leader = min((i / s) * s + s - 1, len - 1);
+        start = max(leader - k + 1, 0);
+        end = min(i + 1, len);
+    } else {
+        const int left = k / 2, right = k / 2 + (k % 2 - 1);
+        const int leader = min((i / s) * s + s / 2, len - 1);
+        const int overhang = leader + right >= len ? len - right - leader - 1 : 0;
+        start = max(leader - left, 0) + overhang;
+        end = start + k;
+    }
+}
+
+// Box offset of row `r` (0..127) of a tile along each axis: rows are row-major in the box.
+__device__ __forceinline__ void box_offsets(const GnaAxis (&ax)[3], int r, int (&c)[3]) {
+    c[2] = r & (ax[2].tile - 1);
+    c[1] = (r >> ax[2].log_tile) & (ax[1].tile - 1);
+    c[0] = r >> (ax[2].log_tile + ax[1].log_tile);
+}
+
+// Tile coordinates along each axis of a linear tile index (tiles row-major).
+__device__ __forceinline__ void tile_coords(const GnaAxis (&ax)[3], int tile, int (&t)[3]) {
+    t[2] = tile % ax[2].tiles;
+    t[1] = (tile / ax[2].tiles) % ax[1].tiles;
+    t[0] = tile / (ax[2].tiles * ax[1].tiles);
+}
+
+// One box of a 5-D tensor map at (col, x2, x1, x0, b * H + h).
+__device__ __forceinline__ void tma_load5(void* dst, const CUtensorMap* map, uint64_t* bar, int col, int x2, int x1, int x0, int bh) {
+    asm volatile(
+        "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, %6}], [%7];\n" ::"r"(
+            smem_addr(dst)),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(x2), "r"(x1), "r"(x0), "r"(bh), "r"(smem_addr(bar))
+        : "memory");
+}
+
+// Loads tile `tile` (128 rows, one 64-column block) of q, k or v: from the permuted copy, or in
+// place (direct): the tile's box starts at tile coordinate x tile size on each axis.
+__device__ __forceinline__ void load_tile(const GnaArgs& a, void* dst, const CUtensorMap* map, uint64_t* bar, int col, int tile,
+                                          int h, int b) {
+    if (a.direct) {
+        int t[3];
+        tile_coords(a.axis, tile, t);
+        tma_load5(dst, map, bar, col, t[2] * a.axis[2].tile, t[1] * a.axis[1].tile, t[0] * a.axis[0].tile, b * gridDim.y + h);
+    } else {
+        tma_load(dst, map, bar, col, tile * 128, h, b);
+    }
+}
+
+// One consumer warpgroup: 64 of the 128 query rows of tile `qt` against its listed KV tiles.
+template <int D, typename T>
+__device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, const uint8_t* sK, const uint8_t* sV,
+                                        uint64_t* q_full, uint64_t* k_full, uint64_t* v_full, uint64_t* empty, int cw,
+                                        int warp, int lane, int qt, int b, int h, const int32_t* list, int n_tiles) {
+    using L = Tile<D, 2>;
+    constexpr int BN = L::kBlockN;
+    constexpr int DP = L::kDPad;
+    constexpr int kStages = L::kStages;
+    const uint32_t q_addr = smem_addr(sQ) + cw * 64 * 128;
+    const GnaAxis(&ax)[3] = a.axis;
+
+    // ---- this thread's two query rows: their windows along each axis, intra-group coords ----
+    int qtc[3];
+    tile_coords(ax, qt, qtc);
+    int glen[3];
+#pragma unroll
+    for (int d = 0; d < 3; ++d) glen[d] = group_len(ax[d], qtc[d] / ax[d].tiles_per_group);
+    int win_start[2][3], win_width[2][3];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        int c[3];
+        box_offsets(ax, cw * 64 + warp * 16 + lane / 4 + half * 8, c);
+#pragma unroll
+        for (int d = 0; d < 3; ++d) {
+            const int i = (qtc[d] % ax[d].tiles_per_group) * ax[d].tile + c[d];
+            int s, e;
+            window(ax[d], i, glen[d], s, e);
+            win_start[half][d] = s;
+            win_width[half][d] = e - s;
+        }
+    }
+
+    auto issue_qk = [&](float (&s)[BN / 2], int j) {
+        const uint32_t k_addr = smem_addr(sK + (j % kStages) * L::kKVBytes);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < (D + 15) / 16; ++kk) {
+            const uint32_t col = kk / 4, off = (kk % 4) * 32;
+            const uint64_t dq = make_desc(q_addr + col * L::kQRows * 128 + off, 16, 1024);
+            const uint64_t dk = make_desc(k_addr + col * BN * 128 + off, 16, 1024);
+            Wgmma<T, BN>::ss(s, dq, dk, kk > 0);
+        }
+        wgmma_commit();
+    };
+
+    float o[DP / 2];
+#pragma unroll
+    for (int i = 0; i < DP / 2; ++i) o[i] = 0.f;
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+
+    // Masks S_j by the tile's kind, then the online softmax (as in the dense kernel).
+    auto softmax = [&](float (&s)[BN / 2], int j, float (&alpha)[2]) {
+        const int entry = __ldg(list + j);
+        const int kind = entry & 3, tile = entry >> 2;
+        if (kind == kPartial) {
+            // Key intra-group coordinate along axis d = tile start + box offset of the column;
+            // in the window when (unsigned)(j_d - start) < width on all three axes.
+            int ktc[3], lo[2][3];
+            tile_coords(ax, tile, ktc);
+#pragma unroll
+            for (int d = 0; d < 3; ++d) {
+                const int k0 = (ktc[d] % ax[d].tiles_per_group) * ax[d].tile;
+                lo[0][d] = win_start[0][d] - k0;
+                lo[1][d] = win_start[1][d] - k0;
+            }
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    int kc[3];
+                    box_offsets(ax, n * 8 + (lane % 4) * 2 + c, kc);
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        bool ok = true;
+#pragma unroll
+                        for (int d = 0; d < 3; ++d)
+                            ok &= (unsigned)(kc[d] - lo[half][d]) < (unsigned)win_width[half][d];
+                        if (!ok) s[4 * n + 2 * half + c] = -INFINITY;
+                    }
+                }
+        } else if (kind == kExtra) {
+            const int valid = a.n_extra - tile * BN;
+            if (valid < BN) {
+#pragma unroll
+                for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c)
+                        if (n * 8 + (lane % 4) * 2 + c >= valid) s[4 * n + c] = s[4 * n + 2 + c] = -INFINITY;
+            }
+        }
+        const float sl2 = a.scale_log2;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(row_max[half], mx * sl2);
+            const float shift = m_new == -INFINITY ? 0.f : m_new;
+            alpha[half] = fast_exp2(row_max[half] - shift);
+            row_max[half] = m_new;
+            float sum = 0.f;
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const float p = fast_exp2(fmaf(s[4 * n + 2 * half + c], sl2, -shift));
+                    s[4 * n + 2 * half + c] = p;
+                    sum += p;
+                }
+            row_sum[half] = row_sum[half] * alpha[half] + sum;
+        }
+    };
+    uint32_t pa[BN / 16][4];
+    auto pack_p = [&](const float (&s)[BN / 2]) {
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) pa[kk][r] = pack2<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+    };
+    auto rescale_o = [&](const float (&alpha)[2]) {
+#pragma unroll
+        for (int n = 0; n < DP / 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) o[4 * n + i] *= alpha[i / 2];
+    };
+    auto issue_pv = [&](int j) {
+        mbar_wait(&v_full[j % kStages], (j / kStages) & 1);
+        const uint32_t v_addr = smem_addr(sV + (j % kStages) * L::kKVBytes);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            const uint64_t dv = make_desc(v_addr + kk * 16 * 128, BN * 128, 1024);
+            Wgmma<T, DP>::rs_tb(o, pa[kk], dv);
+        }
+        wgmma_commit();
+    };
+
+    // ---- main loop: the dense kernel's software pipeline over the listed tiles ----
+    mbar_wait(q_full, 0);
+    float s[BN / 2];
+    if (n_tiles > 0) {
+        mbar_wait(&k_full[0], 0);
+        issue_qk(s, 0);
+        wgmma_wait0();
+        float alpha[2];
+        softmax(s, 0, alpha);
+        pack_p(s);
+    }
+    for (int j = 0; j + 1 < n_tiles; ++j) {
+        mbar_wait(&k_full[(j + 1) % kStages], ((j + 1) / kStages) & 1);
+        issue_qk(s, j + 1);
+        issue_pv(j);
+        wgmma_wait1();
+        float alpha[2];
+        softmax(s, j + 1, alpha);
+        wgmma_wait0();
+        mbar_arrive(&empty[j % kStages]);
+        rescale_o(alpha);
+        pack_p(s);
+    }
+    if (n_tiles > 0) {
+        issue_pv(n_tiles - 1);
+        wgmma_wait0();
+    }
+
+    // ---- store O / l and lse at the original token of each row (the inverse permutation) ----
+    T* o_base = static_cast<T*>(a.o) + b * a.o_stride[0] + h * a.o_stride[1];
+    float* lse_base = a.lse + b * a.lse_stride[0] + h * a.lse_stride[1];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        float l = row_sum[half];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const int token = __ldg(a.perm + qt * 128 + cw * 64 + warp * 16 + lane / 4 + half * 8);
+        if (token >= 0) {
+            T* orow = o_base + (int64_t)token * a.o_stride[2];
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n)
+                *reinterpret_cast<uint32_t*>(orow + n * 8 + (lane % 4) * 2) =
+                    pack2<T>(o[4 * n + 2 * half] * inv, o[4 * n + 2 * half + 1] * inv);
+            if (lane % 4 == 0)
+                lse_base[token] = l > 0.f ? (row_max[half] + __log2f(l)) * 0.69314718055994531f : -INFINITY;
+        }
+    }
+}
+
+// CTA = one query tile (128 permuted tokens) of one (batch, head): producer warpgroup + 2
+// consumer warpgroups, the dense kernel's 3-stage K/V ring.
+template <int D, typename T>
+__device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
+    using L = Tile<D, 2>;
+    constexpr int BN = L::kBlockN;
+    constexpr int kStages = L::kStages;
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    uint8_t* sQ = smem;
+    uint8_t* sK = sQ + L::kQBytes;
+    uint8_t* sV = sK + kStages * L::kKVBytes;
+    uint64_t* bars = reinterpret_cast<uint64_t*>(sV + kStages * L::kKVBytes);
+    uint64_t* q_full = bars;
+    uint64_t* k_full = bars + 1;
+    uint64_t* v_full = bars + 1 + kStages;
+    uint64_t* empty = bars + 1 + 2 * kStages;
+
+    const int tid = threadIdx.x, wg = tid / 128;
+    const int qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int begin = __ldg(a.offsets + qt);
+    const int n_tiles = __ldg(a.offsets + qt + 1) - begin;
+    const int32_t* list = a.entries + begin;
+
+    if (tid == 0) {
+        mbar_init(q_full, 1);
+        for (int s = 0; s < kStages; ++s) {
+            mbar_init(&k_full[s], 1);
+            mbar_init(&v_full[s], 1);
+            mbar_init(&empty[s], 128 * 2);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
+        if (tid == 0) {
+            mbar_expect_tx(q_full, L::kQBytes);
+            for (int c = 0; c < L::kColBlocks; ++c) load_tile(a, sQ + c * L::kQRows * 128, &a.q, q_full, c * 64, qt, h, b);
+            for (int j = 0; j < n_tiles; ++j) {
+                const int s = j % kStages;
+                if (j >= kStages) mbar_wait(&empty[s], (j / kStages - 1) & 1);
+                const int entry = __ldg(list + j);
+                const bool extra = (entry & 3) == kExtra;
+                const int tile = entry >> 2;
+                mbar_expect_tx(&k_full[s], L::kKVBytes);
+                for (int c = 0; c < L::kColBlocks; ++c) {
+                    uint8_t* dst = sK + s * L::kKVBytes + c * BN * 128;
+                    if (extra) tma_load(dst, &a.k2, &k_full[s], c * 64, tile * BN, h, b);
+                    else load_tile(a, dst, &a.k, &k_full[s], c * 64, tile, h, b);
+                }
+                mbar_expect_tx(&v_full[s], L::kKVBytes);
+                for (int c = 0; c < L::kColBlocks; ++c) {
+                    uint8_t* dst = sV + s * L::kKVBytes + c * BN * 128;
+                    if (extra) tma_load(dst, &a.v2, &v_full[s], c * 64, tile * BN, h, b);
+                    else load_tile(a, dst, &a.v, &v_full[s], c * 64, tile, h, b);
+                }
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+        const int cw = wg - 1, ctid = tid - 128;
+        const int warp = (ctid % 128) / 32, lane = ctid % 32;
+        consume<D, T>(a, sQ, sK, sV, q_full, k_full, v_full, empty, cw, warp, lane, qt, b, h, list, n_tiles);
+    }
+}
+
+}  // namespace gna
+
+// Gathers q, k, v (B, H, N, D), any row/head/batch strides (multiples of 8 elements), into the
+// permuted, zero-padded (B, H, n_pad, D) buffers: 16 bytes per thread.
+struct GnaPermuteArgs {
+    const void* src[3];
+    void* dst[3];
+    const int32_t* perm;
+    int64_t src_stride[3][3];  // per tensor: batch, head, row
+    int32_t heads, n_pad, chunks;  // chunks = D / 8 (16-byte pieces of a row)
+    int32_t unused;
+};
+static_assert(sizeof(GnaPermuteArgs) == 144, "GnaPermuteArgs layout changed: update src/attention/cuda/neighborhood.rs");
+
+__device__ __forceinline__ void gna_permute(const GnaPermuteArgs& a) {
+    const int bh = blockIdx.y, which = blockIdx.z;
+    const int b = bh / a.heads, h = bh % a.heads;
+    const int64_t chunk = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (chunk >= (int64_t)a.n_pad * a.chunks) return;
+    const int p = (int)(chunk / a.chunks), c = (int)(chunk % a.chunks);
+    const int token = __ldg(a.perm + p);
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (token >= 0) {
+        const int64_t* st = a.src_stride[which];
+        const uint16_t* src = static_cast<const uint16_t*>(a.src[which]) + b * st[0] + h * st[1] + token * st[2] + c * 8;
+        val = __ldg(reinterpret_cast<const uint4*>(src));
+    }
+    uint16_t* dst = static_cast<uint16_t*>(a.dst[which]) + ((int64_t)bh * a.n_pad + p) * (a.chunks * 8) + c * 8;
+    *reinterpret_cast<uint4*>(dst) = val;
+}

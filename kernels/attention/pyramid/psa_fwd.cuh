@@ -1,0 +1,332 @@
+// Pyramid sparse attention (PSA) for Hopper: mixed-level attention in one kernel, on the dense
+// wgmma + TMA main loop (attention/dense/dense_fwd_wgmma.cuh), and the K/V pooling it reads.
+//
+// Per (batch, head, query block of 128 rows), KV block j (64 keys) is attended at pool p in
+// {1, 2, 4, 8} or skipped. At pool p the block is 64/p pooled tokens (means of p keys / values)
+// with the logit bias ln p, so one pooled token stands in for the p keys it averages:
+//   softmax over { q.k_t * scale + ln p_t }  ->  in base 2: s * scale * log2(e) + log2 p.
+// Levels per row come from the importance ranking: `ranked[b, h, i, :]` lists the KV blocks
+// most important first, and (Topk mode) ranks [start_p, end_p) get pool p, the same ranges for
+// every row. The schedule (host) cuts each range into compute tiles of 128 pooled rows: 2p
+// blocks of 64/p rows (the "decoupled block-tile": the block size of the sparsity pattern is
+// independent of the GEMM tile). The producer gathers the blocks of a tile with one TMA box per
+// block (box rows 64/p, a multiple of 8 rows, so each box lands on whole 1024-byte swizzle
+// atoms); a tile with fewer blocks repeats its last block and masks the copies.
+// Keys past the sequence end: at pool p pooled token t is attended iff t p < N (psa_ref.py);
+// only the last KV block can hold such tokens, the producer records its slot per stage.
+#pragma once
+
+#include "../dense/dense_fwd_wgmma.cuh"
+
+// Kernel arguments, mirrored by `PsaArgs` in src/attention/cuda/pyramid.rs.
+struct PsaArgs {
+    CUtensorMap q;        // (B, H, N, D), box (64, 128)
+    CUtensorMap k[4];     // level l: pool 2^l; level 0 is k itself; box (64, 64 >> l)
+    CUtensorMap v[4];
+    void* o;              // (B, H, N, D)
+    float* lse;           // (B, H, N)
+    const int32_t* ranked;    // (B, H, q_blocks, k_blocks) KV block ids, most important first
+    const int32_t* schedule;  // n_sched tiles: rank_start << 8 | n_blocks << 2 | level
+    int64_t o_stride[3];
+    int64_t lse_stride[2];
+    int32_t n, q_blocks, k_blocks, n_sched;
+    float scale_log2;
+    int32_t unused[3];
+};
+static_assert(sizeof(PsaArgs) == 1280 && offsetof(PsaArgs, o) == 1152, "PsaArgs layout changed: update src/attention/cuda/pyramid.rs");
+
+namespace psa {
+
+using namespace dense_wgmma;
+
+constexpr int kBlockK = 64;  // keys per KV block
+
+template <int D, typename T>
+__device__ __forceinline__ void consume(const PsaArgs& a, const uint8_t* sQ, const uint8_t* sK, const uint8_t* sV,
+                                        uint64_t* q_full, uint64_t* k_full, uint64_t* v_full, uint64_t* empty,
+                                        const int* last_slot, int cw, int warp, int lane, int qb, int b, int h) {
+    using L = Tile<D, 2>;
+    constexpr int BN = L::kBlockN;
+    constexpr int DP = L::kDPad;
+    constexpr int kStages = L::kStages;
+    const uint32_t q_addr = smem_addr(sQ) + cw * 64 * 128;
+    const int n_tiles = a.n_sched;
+    // Pooled rows of the last KV block that lie before the sequence end, per level.
+    const int last_keys = a.n - (a.k_blocks - 1) * kBlockK;  // 1..64
+
+    auto issue_qk = [&](float (&s)[BN / 2], int j) {
+        const uint32_t k_addr = smem_addr(sK + (j % kStages) * L::kKVBytes);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < (D + 15) / 16; ++kk) {
+            const uint32_t col = kk / 4, off = (kk % 4) * 32;
+            const uint64_t dq = make_desc(q_addr + col * L::kQRows * 128 + off, 16, 1024);
+            const uint64_t dk = make_desc(k_addr + col * BN * 128 + off, 16, 1024);
+            Wgmma<T, BN>::ss(s, dq, dk, kk > 0);
+        }
+        wgmma_commit();
+    };
+
+    float o[DP / 2];
+#pragma unroll
+    for (int i = 0; i < DP / 2; ++i) o[i] = 0.f;
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+
+    auto softmax = [&](float (&s)[BN / 2], int j, float (&alpha)[2]) {
+        const int entry = __ldg(a.schedule + j);
+        const int level = entry & 3, n_blocks = (entry >> 2) & 63;
+        const int shift_rows = 6 - level;  // log2 of the pooled rows per block
+        const int rows = 1 << shift_rows;
+        const int ls = last_slot[j % kStages];
+        const int last_valid = (last_keys + (1 << level) - 1) >> level;  // t p < N within the last block
+        // Columns of block copies (slot >= n_blocks) and pooled tokens past the end: -inf.
+        if (n_blocks * rows < BN || ls >= 0) {
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int col = n * 8 + (lane % 4) * 2 + c;
+                    const int slot = col >> shift_rows, r = col & (rows - 1);
+                    if (slot >= n_blocks || (slot == ls && r >= last_valid)) s[4 * n + c] = s[4 * n + 2 + c] = -INFINITY;
+                }
+        }
+        const float sl2 = a.scale_log2, bias = (float)level;  // log2 p = level
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(row_max[half], fmaf(mx, sl2, bias));
+            const float shift = m_new == -INFINITY ? 0.f : m_new;
+            alpha[half] = fast_exp2(row_max[half] - shift);
+            row_max[half] = m_new;
+            float sum = 0.f;
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const float p = fast_exp2(fmaf(s[4 * n + 2 * half + c], sl2, bias - shift));
+                    s[4 * n + 2 * half + c] = p;
+                    sum += p;
+                }
+            row_sum[half] = row_sum[half] * alpha[half] + sum;
+        }
+    };
+    uint32_t pa[BN / 16][4];
+    auto pack_p = [&](const float (&s)[BN / 2]) {
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) pa[kk][r] = pack2<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+    };
+    auto rescale_o = [&](const float (&alpha)[2]) {
+#pragma unroll
+        for (int n = 0; n < DP / 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) o[4 * n + i] *= alpha[i / 2];
+    };
+    auto issue_pv = [&](int j) {
+        mbar_wait(&v_full[j % kStages], (j / kStages) & 1);
+        const uint32_t v_addr = smem_addr(sV + (j % kStages) * L::kKVBytes);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            const uint64_t dv = make_desc(v_addr + kk * 16 * 128, BN * 128, 1024);
+            Wgmma<T, DP>::rs_tb(o, pa[kk], dv);
+        }
+        wgmma_commit();
+    };
+
+    mbar_wait(q_full, 0);
+    float s[BN / 2];
+    if (n_tiles > 0) {
+        mbar_wait(&k_full[0], 0);
+        issue_qk(s, 0);
+        wgmma_wait0();
+        float alpha[2];
+        softmax(s, 0, alpha);
+        pack_p(s);
+    }
+    for (int j = 0; j + 1 < n_tiles; ++j) {
+        mbar_wait(&k_full[(j + 1) % kStages], ((j + 1) / kStages) & 1);
+        issue_qk(s, j + 1);
+        issue_pv(j);
+        wgmma_wait1();
+        float alpha[2];
+        softmax(s, j + 1, alpha);
+        wgmma_wait0();
+        mbar_arrive(&empty[j % kStages]);
+        rescale_o(alpha);
+        pack_p(s);
+    }
+    if (n_tiles > 0) {
+        issue_pv(n_tiles - 1);
+        wgmma_wait0();
+    }
+
+    T* o_base = static_cast<T*>(a.o) + b * a.o_stride[0] + h * a.o_stride[1];
+    float* lse_base = a.lse + b * a.lse_stride[0] + h * a.lse_stride[1];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        float l = row_sum[half];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const int row = qb * 128 + cw * 64 + warp * 16 + lane / 4 + half * 8;
+        if (row < a.n) {
+            T* orow = o_base + (int64_t)row * a.o_stride[2];
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n)
+                *reinterpret_cast<uint32_t*>(orow + n * 8 + (lane % 4) * 2) =
+                    pack2<T>(o[4 * n + 2 * half] * inv, o[4 * n + 2 * half + 1] * inv);
+            if (lane % 4 == 0)
+                lse_base[row] = l > 0.f ? (row_max[half] + __log2f(l)) * 0.69314718055994531f : -INFINITY;
+        }
+    }
+}
+
+template <int D, typename T>
+__device__ __forceinline__ void psa_fwd(const PsaArgs& a) {
+    using L = Tile<D, 2>;
+    constexpr int BN = L::kBlockN;
+    constexpr int kStages = L::kStages;
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    uint8_t* sQ = smem;
+    uint8_t* sK = sQ + L::kQBytes;
+    uint8_t* sV = sK + kStages * L::kKVBytes;
+    uint64_t* bars = reinterpret_cast<uint64_t*>(sV + kStages * L::kKVBytes);
+    uint64_t* q_full = bars;
+    uint64_t* k_full = bars + 1;
+    uint64_t* v_full = bars + 1 + kStages;
+    uint64_t* empty = bars + 1 + 2 * kStages;
+    // Slot of the last KV block in the tile of each stage (-1: not there); written by the
+    // producer before the stage's arrive (release), read by the consumers after their wait.
+    __shared__ int last_slot[kStages];
+
+    const int tid = threadIdx.x, wg = tid / 128;
+    const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+
+    if (tid == 0) {
+        mbar_init(q_full, 1);
+        for (int s = 0; s < kStages; ++s) {
+            mbar_init(&k_full[s], 1);
+            mbar_init(&v_full[s], 1);
+            mbar_init(&empty[s], 128 * 2);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
+        if (tid == 0) {
+            const int H = gridDim.y;
+            const int32_t* ranked = a.ranked + (((int64_t)b * H + h) * a.q_blocks + qb) * a.k_blocks;
+            mbar_expect_tx(q_full, L::kQBytes);
+            for (int c = 0; c < L::kColBlocks; ++c) tma_load(sQ + c * L::kQRows * 128, &a.q, q_full, c * 64, qb * 128, h, b);
+            for (int j = 0; j < a.n_sched; ++j) {
+                const int s = j % kStages;
+                if (j >= kStages) mbar_wait(&empty[s], (j / kStages - 1) & 1);
+                const int entry = __ldg(a.schedule + j);
+                const int level = entry & 3, n_blocks = (entry >> 2) & 63, rank0 = entry >> 8;
+                const int rows = kBlockK >> level, cap = BN / rows;
+                int ls = -1;
+                for (int slot = 0; slot < n_blocks; ++slot)
+                    if (__ldg(ranked + rank0 + slot) == a.k_blocks - 1) ls = slot;
+                last_slot[s] = ls;
+                // Every slot is loaded (copies of the last block past n_blocks), so the stage
+                // holds no stale rows and the byte count is always a whole tile.
+                mbar_expect_tx(&k_full[s], L::kKVBytes);
+                for (int slot = 0; slot < cap; ++slot) {
+                    const int blk = __ldg(ranked + rank0 + min(slot, n_blocks - 1));
+                    for (int c = 0; c < L::kColBlocks; ++c)
+                        tma_load(sK + s * L::kKVBytes + c * BN * 128 + slot * rows * 128, &a.k[level], &k_full[s], c * 64,
+                                 blk * rows, h, b);
+                }
+                mbar_expect_tx(&v_full[s], L::kKVBytes);
+                for (int slot = 0; slot < cap; ++slot) {
+                    const int blk = __ldg(ranked + rank0 + min(slot, n_blocks - 1));
+                    for (int c = 0; c < L::kColBlocks; ++c)
+                        tma_load(sV + s * L::kKVBytes + c * BN * 128 + slot * rows * 128, &a.v[level], &v_full[s], c * 64,
+                                 blk * rows, h, b);
+                }
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+        const int cw = wg - 1, ctid = tid - 128;
+        const int warp = (ctid % 128) / 32, lane = ctid % 32;
+        consume<D, T>(a, sQ, sK, sV, q_full, k_full, v_full, empty, last_slot, cw, warp, lane, qb, b, h);
+    }
+}
+
+}  // namespace psa
+
+// Mean pooling of k and v at 2, 4 and 8 along the sequence, the sequence replicate-padded to
+// whole 64-key blocks (copies of the last token), as pool_mean in src/attention/pyramid.rs.
+// One thread = 8 consecutive tokens x 8 channels: sums of pairs (pool 2), quads (4), all (8).
+struct PsaPoolArgs {
+    const void* src[2];        // k, v (B, H, N, D), 16-byte aligned rows
+    void* dst[2][3];           // [k|v][pool 2, 4, 8]: (B, H, n_pad / p, D) contiguous
+    int64_t src_stride[2][3];  // batch, head, row
+    int32_t heads, n, n_pad, chunks;  // chunks = D / 8
+};
+static_assert(sizeof(PsaPoolArgs) == 128, "PsaPoolArgs layout changed: update src/attention/cuda/pyramid.rs");
+
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+template <typename T>
+__device__ __forceinline__ void psa_pool(const PsaPoolArgs& a) {
+    const int bh = blockIdx.y, which = blockIdx.z;
+    const int b = bh / a.heads, h = bh % a.heads;
+    const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    const int groups = a.n_pad / 8;
+    if (idx >= (int64_t)groups * a.chunks) return;
+    const int g = (int)(idx / a.chunks), c = (int)(idx % a.chunks);
+    const int64_t* st = a.src_stride[which];
+    const T* src = static_cast<const T*>(a.src[which]) + b * st[0] + h * st[1] + c * 8;
+    float x[8][8];
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+        const int row = min(g * 8 + t, a.n - 1);
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src + (int64_t)row * st[2]));
+        const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) x[t][i] = to_float(e[i]);
+    }
+    auto store = [&](int level, int row, const float (&vals)[8], float inv) {
+        uint4 raw;
+        uint32_t* w = reinterpret_cast<uint32_t*>(&raw);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) w[i] = dense::pack2<T>(vals[2 * i] * inv, vals[2 * i + 1] * inv);
+        const int pooled_rows = a.n_pad >> (level + 1);
+        T* dst = static_cast<T*>(a.dst[which][level]) + ((int64_t)bh * pooled_rows + row) * (a.chunks * 8) + c * 8;
+        *reinterpret_cast<uint4*>(dst) = raw;
+    };
+    float s4[2][8], s8[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s8[i] = 0.f;
+#pragma unroll
+    for (int q4 = 0; q4 < 2; ++q4) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) s4[q4][i] = 0.f;
+#pragma unroll
+        for (int p2 = 0; p2 < 2; ++p2) {
+            float s2[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                s2[i] = x[q4 * 4 + p2 * 2][i] + x[q4 * 4 + p2 * 2 + 1][i];
+                s4[q4][i] += s2[i];
+            }
+            store(0, g * 4 + q4 * 2 + p2, s2, 0.5f);
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) s8[i] += s4[q4][i];
+        store(1, g * 2 + q4, s4[q4], 0.25f);
+    }
+    store(2, g, s8, 0.125f);
+}

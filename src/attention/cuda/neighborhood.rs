@@ -1,0 +1,432 @@
+//! Launcher for the GNA forward kernel (kernels/attention/neighborhood/gna_fwd.cu).
+//!
+//! One call = (1) `gna_permute_16bit` gathers q, k, v into the tile-permuted, zero-padded
+//! layout of [`tiles::plan`] (or, with `VISGEN_GNA_IN_PLACE=1`, dilation 1 and B, H mergeable,
+//! nothing: the kernel reads each tile in place as one 5-D TMA box (D, L2, L1, L0, B*H) whose
+//! shared-memory image is the permuted tile; measured slower, see `can_read_in_place`);
+//! (2) `gna_fwd_*` runs the block-sparse flash loop over each query tile's
+//! list of KV tiles (full / partial / extra) and writes `O (B, H, N, D)` and the natural-log
+//! `lse (B, H, N)` straight into the original token order. The tiling (permutation, lists) is
+//! built on the host once per (grid, parameters, extra-token tiles) and cached on the device.
+//!
+//! bf16 / f16, head dims 64, 72, 96, 112, 128; f32 accumulation. Semantics: those of
+//! [`crate::attention::neighborhood::reference`] (the CPU oracle).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::cuda_backend::cudarc::driver::result::memset_d8_async;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId};
+use candle_core::{DType, Storage, Tensor};
+use half::{bf16, f16};
+
+use super::into_tensor;
+use crate::attention::neighborhood::tiles::{self, AxisTiling, GnaTiling, TILE};
+use crate::attention::neighborhood::NeighborhoodParams;
+use crate::error::{Error, Result};
+
+/// Head dims with a compiled kernel.
+pub const HEAD_DIMS: [usize; 5] = [64, 72, 96, 112, 128];
+
+const MODULE: &str = "attention/neighborhood/gna_fwd";
+
+/// Whether the kernel serves this dtype and head dim.
+pub fn supports(dtype: DType, head_dim: usize) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && HEAD_DIMS.contains(&head_dim)
+}
+
+fn err(msg: impl Into<String>) -> Error {
+    Error::Other(format!("neighborhood attention (cuda): {}", msg.into()))
+}
+
+/// Mirror of `GnaArgs` in gna_fwd.cuh.
+#[repr(C, align(128))]
+#[derive(Clone, Copy)]
+struct GnaArgs {
+    maps: [[u64; 16]; 5],
+    o: u64,
+    lse: u64,
+    perm: u64,
+    offsets: u64,
+    entries: u64,
+    o_stride: [i64; 3],
+    lse_stride: [i64; 2],
+    axis: [AxisTiling; 3],
+    n_pad: i32,
+    n_extra: i32,
+    scale_log2: f32,
+    direct: i32,
+}
+// SAFETY: plain old data with the C layout of the kernel's parameter struct.
+unsafe impl DeviceRepr for GnaArgs {}
+const _: () = assert!(std::mem::size_of::<GnaArgs>() == 896);
+const _: () = assert!(std::mem::offset_of!(GnaArgs, o) == 640 && std::mem::offset_of!(GnaArgs, axis) == 720);
+const _: () = assert!(std::mem::size_of::<AxisTiling>() == 40);
+
+/// Mirror of `GnaPermuteArgs` in gna_fwd.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct GnaPermuteArgs {
+    src: [u64; 3],
+    dst: [u64; 3],
+    perm: u64,
+    src_stride: [[i64; 3]; 3],
+    heads: i32,
+    n_pad: i32,
+    chunks: i32,
+    unused: i32,
+}
+// SAFETY: as above.
+unsafe impl DeviceRepr for GnaPermuteArgs {}
+const _: () = assert!(std::mem::size_of::<GnaPermuteArgs>() == 144);
+
+/// A tiling and its lists on one device.
+pub struct DeviceTiling {
+    pub tiling: GnaTiling,
+    perm: CudaSlice<i32>,
+    offsets: CudaSlice<i32>,
+    entries: CudaSlice<i32>,
+}
+
+type Key = (DeviceId, Vec<usize>, Vec<usize>, Vec<usize>, Vec<usize>, Vec<bool>, usize);
+
+/// The cached tiling of `(grid, params, extra tiles)` on `dev`, built and uploaded on first use.
+pub fn device_tiling(dev: &CudaDevice, grid: &[usize], p: &NeighborhoodParams, n_extra: usize) -> Result<Arc<DeviceTiling>> {
+    static CACHE: OnceLock<Mutex<HashMap<Key, Arc<DeviceTiling>>>> = OnceLock::new();
+    let key: Key = (
+        dev.id(),
+        grid.to_vec(),
+        p.kernel.clone(),
+        p.stride.clone(),
+        p.dilation.clone(),
+        p.causal.clone(),
+        n_extra.div_ceil(TILE),
+    );
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(t) = cache.lock().map_err(|_| err("tiling cache poisoned"))?.get(&key) {
+        return Ok(t.clone());
+    }
+    // The lists only depend on the number of extra tiles; the kernel masks the ragged end itself.
+    let tiling = tiles::plan(grid, p, n_extra.div_ceil(TILE) * TILE).map_err(|m| Error::Usage(format!("neighborhood attention: {m}")))?;
+    if tiling.n_pad > i32::MAX as usize / 2 || tiling.entries.len() > i32::MAX as usize {
+        return Err(err(format!("grid {grid:?} too large for 32-bit tile indices")));
+    }
+    let stream = dev.cuda_stream();
+    let up = |v: &[i32]| stream.clone_htod(v).map_err(|e| err(format!("upload: {e:?}")));
+    let entries = if tiling.entries.is_empty() { up(&[0])? } else { up(&tiling.entries)? };
+    let t = Arc::new(DeviceTiling { perm: up(&tiling.perm)?, offsets: up(&tiling.offsets)?, entries, tiling });
+    cache.lock().map_err(|_| err("tiling cache poisoned"))?.insert(key, t.clone());
+    Ok(t)
+}
+
+/// TMA descriptor of a (B, H, N, D) tensor (element strides batch, head, row): box (64, 128),
+/// 128-byte swizzle, zero fill past the end (as the dense kernel's maps).
+fn tensor_map(ptr: u64, dtype: DType, dims: (usize, usize, usize, usize), strides: [i64; 3]) -> Result<[u64; 16]> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let (b, h, n, d) = dims;
+    if n == 0 || b * h == 0 {
+        return Ok([0; 16]);
+    }
+    let data_type = match dtype {
+        DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+    };
+    let global_dim = [d as u64, n as u64, h as u64, b as u64];
+    let global_strides = [strides[2] as u64 * 2, strides[1] as u64 * 2, strides[0] as u64 * 2];
+    let box_dim = [64u32, 128, 1, 1];
+    let element_strides = [1u32; 4];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: arrays of the rank the call is told; `ptr` covers the tensor the dims describe.
+    let status = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            data_type,
+            4,
+            ptr as *mut std::ffi::c_void,
+            global_dim.as_ptr(),
+            global_strides.as_ptr(),
+            box_dim.as_ptr(),
+            element_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if status != sys::CUresult::CUDA_SUCCESS {
+        return Err(err(format!("cuTensorMapEncodeTiled {dims:?} strides {strides:?}: {status:?}")));
+    }
+    // SAFETY: written by the successful call above.
+    Ok(unsafe { map.assume_init() }.opaque)
+}
+
+/// 5-D TMA descriptor reading a (B, H, N, D) tensor in place as (D, L2, L1, L0, B*H) for the
+/// rank-3 grid (L0, L1, L2), box (64, t2, t1, t0, 1): the box of a tile lands in shared memory
+/// as the permuted tile (rows in box row-major order). Needs the batch stride to be H times the
+/// head stride (B and H merge into one dim) unless B = 1.
+fn tensor_map5(ptr: u64, dtype: DType, t: &Tensor, axes: &[AxisTiling; 3]) -> Result<[u64; 16]> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let (b, h, _, d) = t.dims4()?;
+    let st = t.stride();
+    let data_type = match dtype {
+        DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+    };
+    let (l0, l1, l2) = (axes[0].len as u64, axes[1].len as u64, axes[2].len as u64);
+    let row = st[2] as u64 * 2;
+    let global_dim = [d as u64, l2, l1, l0, (b * h) as u64];
+    let global_strides = [row, row * l2, row * l2 * l1, st[1] as u64 * 2];
+    let box_dim = [64u32, axes[2].tile as u32, axes[1].tile as u32, axes[0].tile as u32, 1];
+    let element_strides = [1u32; 5];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: arrays of the rank the call is told; `ptr` covers the tensor the dims describe.
+    let status = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            data_type,
+            5,
+            ptr as *mut std::ffi::c_void,
+            global_dim.as_ptr(),
+            global_strides.as_ptr(),
+            box_dim.as_ptr(),
+            element_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if status != sys::CUresult::CUDA_SUCCESS {
+        return Err(err(format!("cuTensorMapEncodeTiled (5-D) {:?} strides {st:?}: {status:?}", t.dims())));
+    }
+    // SAFETY: written by the successful call above.
+    Ok(unsafe { map.assume_init() }.opaque)
+}
+
+/// Whether q, k, v are read in place (no permutation pass): only when asked for with
+/// `VISGEN_GNA_IN_PLACE=1`, and possible: dilation 1 on every axis (a dilation group is a
+/// strided set, not a box), B and H mergeable, 16-byte aligned rows. Measured on the H200
+/// (kernels/NOTES.md, ## neighborhood): the permuted path is faster (FLUX-4K strided 9.49 ms
+/// vs 10.15 ms in place): each KV tile is read by ~50 query tiles, and 128 contiguous rows
+/// stream better than a box of short row segments, which outweighs the permutation pass.
+fn can_read_in_place(tensors: [&Tensor; 3], params: &NeighborhoodParams) -> bool {
+    if std::env::var_os("VISGEN_GNA_IN_PLACE").is_none() || params.dilation.iter().any(|&d| d != 1) {
+        return false;
+    }
+    tensors.iter().all(|t| {
+        let (s, dims) = (t.stride(), t.dims());
+        s[3] == 1
+            && s[..3].iter().all(|x| x % 8 == 0)
+            && t.layout().start_offset() % 8 == 0
+            && (dims[0] == 1 || s[0] == dims[1] * s[1])
+    })
+}
+
+/// Device address of a tensor's first element (16-bit elements).
+fn dev_ptr<T: CudaDType + DeviceRepr>(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        return Err(err("tensor is not on a CUDA device"));
+    };
+    let stream = dev.cuda_stream();
+    let (ptr, _sync) = cs.as_cuda_slice::<T>()?.device_ptr(&stream);
+    Ok(ptr + (layout.start_offset() * std::mem::size_of::<T>()) as u64)
+}
+
+fn ptr_16bit(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
+    match t.dtype() {
+        DType::BF16 => dev_ptr::<bf16>(t, dev),
+        DType::F16 => dev_ptr::<f16>(t, dev),
+        other => Err(err(format!("dtype {other:?} is not bf16/f16"))),
+    }
+}
+
+/// Last dim contiguous, other strides and the offset multiples of 8 elements (16-byte loads),
+/// else a contiguous copy.
+fn kernel_view(t: &Tensor) -> Result<Tensor> {
+    let s = t.stride();
+    let ok = s[3] == 1 && s[..3].iter().all(|x| x % 8 == 0) && t.layout().start_offset() % 8 == 0;
+    Ok(if ok { t.clone() } else { t.contiguous()? })
+}
+
+fn strides3(t: &Tensor) -> [i64; 3] {
+    let s = t.stride();
+    [s[0] as i64, s[1] as i64, s[2] as i64]
+}
+
+/// GNA forward on the GPU: `q, k, v (B, H, N, D)` with `N = prod(grid)` (row-major tokens),
+/// optional `extra_kv (B, H, Ne, D)` attended by every query. Returns `O (B, H, N, D)` in q's
+/// dtype and `lse (B, H, N)` f32.
+pub fn forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grid: &[usize],
+    params: &NeighborhoodParams,
+    extra_kv: Option<(&Tensor, &Tensor)>,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    forward_impl(q, k, v, grid, params, extra_kv, scale, false)
+}
+
+/// [`forward`] with both outputs filled with NaN bytes before the launch (tests).
+#[doc(hidden)]
+pub fn forward_poisoned(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grid: &[usize],
+    params: &NeighborhoodParams,
+    extra_kv: Option<(&Tensor, &Tensor)>,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    forward_impl(q, k, v, grid, params, extra_kv, scale, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_impl(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grid: &[usize],
+    params: &NeighborhoodParams,
+    extra_kv: Option<(&Tensor, &Tensor)>,
+    scale: f64,
+    poison: bool,
+) -> Result<(Tensor, Tensor)> {
+    let (b, h, nq, nk, d) = super::super::check_qkv(q, k, v)?;
+    let dtype = q.dtype();
+    if !supports(dtype, d) {
+        return Err(err(format!("dtype {dtype:?} / head_dim {d} not compiled (bf16/f16, head_dim in {HEAD_DIMS:?})")));
+    }
+    if k.dtype() != dtype || v.dtype() != dtype {
+        return Err(err("q, k, v must share a dtype"));
+    }
+    params.validate(grid).map_err(|m| Error::Usage(format!("neighborhood attention: {m}")))?;
+    let n: usize = grid.iter().product();
+    if nq != n || nk != n {
+        return Err(err(format!("the grid {grid:?} has {n} tokens but q has {nq} and k has {nk}")));
+    }
+    let dev = super::cuda_device(q, "neighborhood attention (cuda)")?;
+    let n_extra = match extra_kv {
+        Some((k2, v2)) => {
+            let (_, _, _, ne, _) = super::super::check_qkv(q, k2, v2)?;
+            if k2.dtype() != dtype || v2.dtype() != dtype {
+                return Err(err("extra k, v must have the dtype of q"));
+            }
+            ne
+        }
+        None => 0,
+    };
+    if b * h * n == 0 {
+        return Ok((Tensor::zeros((b, h, n, d), dtype, q.device())?, Tensor::zeros((b, h, n), DType::F32, q.device())?));
+    }
+    if b > 65535 || h > 65535 {
+        return Err(err(format!("batch {b} / heads {h} above the grid limit 65535")));
+    }
+    let dt = device_tiling(&dev, grid, params, n_extra)?;
+    let t = &dt.tiling;
+    let stream = dev.cuda_stream();
+
+    // (1) permute q, k, v into (B, H, n_pad, D), zero padding; or read them in place.
+    let (q, k, v) = (kernel_view(q)?, kernel_view(k)?, kernel_view(v)?);
+    let direct = can_read_in_place([&q, &k, &v], params);
+    let perm_elems = if direct { 1 } else { b * h * t.n_pad * d };
+    // SAFETY: every element is written by gna_permute before it is read (unused when direct).
+    let bufs: [CudaSlice<u16>; 3] = unsafe { [dev.alloc::<u16>(perm_elems)?, dev.alloc::<u16>(perm_elems)?, dev.alloc::<u16>(perm_elems)?] };
+    if !direct {
+        let mut pargs = GnaPermuteArgs {
+            heads: h as i32,
+            n_pad: t.n_pad as i32,
+            chunks: (d / 8) as i32,
+            perm: dt.perm.device_ptr(&stream).0,
+            ..Default::default()
+        };
+        for (i, src) in [&q, &k, &v].into_iter().enumerate() {
+            pargs.src[i] = ptr_16bit(src, &dev)?;
+            pargs.src_stride[i] = strides3(src);
+            pargs.dst[i] = bufs[i].device_ptr(&stream).0;
+        }
+        let permute = crate::kernels::load(&dev, MODULE, "gna_permute_16bit")?;
+        let chunks = t.n_pad * d / 8;
+        let cfg = LaunchConfig { grid_dim: (chunks.div_ceil(256) as u32, (b * h) as u32, 3), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut launch = permute.builder();
+        launch.arg(&pargs);
+        // SAFETY: sources cover (B, H, N, D) at their strides; destinations hold 3 x B·H·n_pad·D.
+        unsafe { launch.launch(cfg) }.map_err(|e| err(format!("permute launch failed: {e:?}")))?;
+    }
+
+    // (2) the block-sparse attention, output in the original order.
+    let extra = match extra_kv {
+        Some((k2, v2)) => Some((kernel_view(k2)?, kernel_view(v2)?)),
+        None => None,
+    };
+    let out_elems = b * h * n * d;
+    // SAFETY: every real token's row is written by the kernel (a real query is in exactly one tile).
+    let lse = unsafe { dev.alloc::<f32>(b * h * n)? };
+    let permuted = [d as i64 * t.n_pad as i64 * h as i64, (t.n_pad * d) as i64, d as i64];
+    let mut maps = [[0u64; 16]; 5];
+    for (i, (buf, src)) in bufs.iter().zip([&q, &k, &v]).enumerate() {
+        maps[i] = if direct {
+            tensor_map5(ptr_16bit(src, &dev)?, dtype, src, &t.axes)?
+        } else {
+            tensor_map(buf.device_ptr(&stream).0, dtype, (b, h, t.n_pad, d), permuted)?
+        };
+    }
+    if let Some((k2, v2)) = &extra {
+        maps[3] = tensor_map(ptr_16bit(k2, &dev)?, dtype, (b, h, n_extra, d), strides3(k2))?;
+        maps[4] = tensor_map(ptr_16bit(v2, &dev)?, dtype, (b, h, n_extra, d), strides3(v2))?;
+    }
+    let mut args = GnaArgs {
+        maps,
+        o: 0,
+        lse: lse.device_ptr(&stream).0,
+        perm: dt.perm.device_ptr(&stream).0,
+        offsets: dt.offsets.device_ptr(&stream).0,
+        entries: dt.entries.device_ptr(&stream).0,
+        o_stride: [(h * n * d) as i64, (n * d) as i64, d as i64],
+        lse_stride: [(h * n) as i64, n as i64],
+        axis: t.axes,
+        n_pad: t.n_pad as i32,
+        n_extra: n_extra as i32,
+        scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
+        direct: direct as i32,
+    };
+    let suffix = if dtype == DType::BF16 { "bf16" } else { "f16" };
+    let (o_bf16, o_f16) = match dtype {
+        DType::BF16 => (Some(unsafe { dev.alloc::<bf16>(out_elems)? }), None),
+        _ => (None, Some(unsafe { dev.alloc::<f16>(out_elems)? })),
+    };
+    args.o = match (&o_bf16, &o_f16) {
+        (Some(o), _) => o.device_ptr(&stream).0,
+        (_, Some(o)) => o.device_ptr(&stream).0,
+        _ => unreachable!(),
+    };
+    if poison {
+        for (ptr, bytes) in [(args.o, out_elems * 2), (args.lse, b * h * n * 4)] {
+            // SAFETY: fresh allocations of exactly these sizes.
+            unsafe { memset_d8_async(ptr, 0xFF, bytes, stream.cu_stream()) }.map_err(|e| err(format!("poison: {e:?}")))?;
+        }
+    }
+    let kernel = crate::kernels::load(&dev, MODULE, &format!("gna_fwd_{suffix}_d{d}"))?;
+    let pad = if d <= 64 { 64 } else { 128 };
+    // dense_wgmma::Tile<D, 2>::kSmemBytes: Q (128 rows) + 3 stages of K and V (128 rows), 128 B of
+    // barriers, 1 KB to align to the swizzle atom.
+    let smem = (128 * pad + 2 * 3 * 128 * pad) * 2 + 128 + 1024;
+    kernel.set_max_dynamic_smem(smem)?;
+    let cfg = LaunchConfig { grid_dim: (t.q_tiles() as u32, h as u32, b as u32), block_dim: (384, 1, 1), shared_mem_bytes: smem as u32 };
+    let mut launch = kernel.builder();
+    launch.arg(&args);
+    // SAFETY: the maps cover the permuted buffers and the extra tensors; the lists index tiles
+    // inside them; o and lse hold B·H·N rows.
+    unsafe { launch.launch(cfg) }.map_err(|e| err(format!("launch failed: {e:?}")))?;
+    drop(bufs); // stream-ordered free: after the kernel
+
+    let o = match (o_bf16, o_f16) {
+        (Some(o), _) => into_tensor(o, &dev, (b, h, n, d)),
+        (_, Some(o)) => into_tensor(o, &dev, (b, h, n, d)),
+        _ => unreachable!(),
+    };
+    Ok((o, into_tensor(lse, &dev, (b, h, n))))
+}

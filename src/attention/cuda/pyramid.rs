@@ -1,0 +1,508 @@
+//! Pyramid sparse attention (PSA) on the GPU (kernels/attention/pyramid/psa_fwd.cu).
+//!
+//! One call: (1) block importance from sampled queries and keys in one fused kernel
+//! (kernels/attention/pyramid/psa_importance.cu: sampled scores on the tensor cores, block
+//! maxima in registers, never stored; the candle-ops path stays for the CPU and the cases the
+//! kernel does not serve) and its ranking per query block (`arg_sort`, descending);
+//! (2) `psa_pool_*` mean-pools k and v at 2, 4 and 8;
+//! (3) `psa_fwd_*` attends every query block to its ranked KV blocks at the level of their rank
+//! (Topk mode: the same rank ranges for every row, so the tile schedule is built once on the
+//! host from `pyramid::topk_ranges`), all levels in one kernel with the `ln p` logit bias.
+//!
+//! Served: bf16 / f16, head dims 64-128 (multiples of 8 with a compiled kernel), block_q 128,
+//! block_k 64, Topk mode. Anything else is an error naming why.
+
+use candle_core::cuda_backend::cudarc::driver::result::memset_d8_async;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::{DType, Storage, Tensor};
+use half::{bf16, f16};
+
+use super::into_tensor;
+use crate::attention::pyramid::{self, LevelMask, LevelMode, PyramidParams};
+use crate::error::{Error, Result};
+
+pub const HEAD_DIMS: [usize; 5] = [64, 72, 96, 112, 128];
+const MODULE: &str = "attention/pyramid/psa_fwd";
+const IMPORTANCE_MODULE: &str = "attention/pyramid/psa_importance";
+const BLOCK_Q: usize = 128;
+const BLOCK_K: usize = 64;
+
+fn err(msg: impl Into<String>) -> Error {
+    Error::Other(format!("pyramid attention (cuda): {}", msg.into()))
+}
+
+pub fn supports(dtype: DType, head_dim: usize) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && HEAD_DIMS.contains(&head_dim)
+}
+
+/// Whether the kernel serves these parameters; `Err` names why not.
+pub fn check_params(p: &PyramidParams) -> std::result::Result<(), String> {
+    p.validate()?;
+    if p.block_q != BLOCK_Q || p.block_k != BLOCK_K {
+        return Err(format!("the CUDA kernel serves block_q {BLOCK_Q} and block_k {BLOCK_K}, got {} and {}", p.block_q, p.block_k));
+    }
+    if p.mode != LevelMode::Topk {
+        return Err("the CUDA kernel serves the Topk level mode (its rank ranges are the same for every row)".into());
+    }
+    Ok(())
+}
+
+/// The kernel's tile schedule: `(pool, first rank, blocks)` per compute tile of 128 pooled rows
+/// (2p blocks of 64/p rows at pool p), from the Topk rank ranges; a row with nothing selected
+/// gets its top block at pool 1 (as `assign_levels`).
+pub fn schedule(k_blocks: usize, p: &PyramidParams) -> Vec<(usize, usize, usize)> {
+    let mut ranges = pyramid::topk_ranges(k_blocks, p);
+    if ranges.is_empty() && k_blocks > 0 {
+        ranges.push((1, 0, 1));
+    }
+    let mut tiles = Vec::new();
+    for (pool, from, to) in ranges {
+        let cap = 2 * pool;
+        let mut start = from;
+        while start < to {
+            let n = cap.min(to - start);
+            tiles.push((pool, start, n));
+            start += n;
+        }
+    }
+    tiles
+}
+
+/// The level mask a ranking gives under [`schedule`]: `ranked` is `(B, H, q_blocks, k_blocks)`.
+pub fn levels_from_ranking(ranked: &[u32], dims: (usize, usize, usize, usize), p: &PyramidParams) -> LevelMask {
+    let (b, h, qb, kb) = dims;
+    let mut mask = LevelMask::new(b, h, qb, kb);
+    let sched = schedule(kb, p);
+    for bi in 0..b {
+        for hi in 0..h {
+            for i in 0..qb {
+                let row = &ranked[((bi * h + hi) * qb + i) * kb..][..kb];
+                for &(pool, start, n) in &sched {
+                    for &blk in &row[start..start + n] {
+                        mask.set(bi, hi, i, blk as usize, pool);
+                    }
+                }
+            }
+        }
+    }
+    mask
+}
+
+/// Importance `(B, H, q_blocks, k_blocks)` f32 (rows sum to 1) and its ranking (u32, most
+/// important first), from `pyramid::sample_positions` (the reference's samples). On the GPU,
+/// when [`fused_importance_serves`], one fused kernel (`psa_importance_*`, scores never
+/// stored); otherwise (CPU, other sample counts, very long sequences) [`importance_ranked_ops`].
+pub fn importance_ranked(q: &Tensor, k: &Tensor, p: &PyramidParams, scale: f64) -> Result<(Tensor, Tensor)> {
+    let (_, _, n, d) = q.dims4()?;
+    if q.device().is_cuda() && fused_importance_serves(q.dtype(), d, n, p) {
+        importance_ranked_fused(q, k, p, scale)
+    } else {
+        importance_ranked_ops(q, k, p, scale)
+    }
+}
+
+/// The fused kernel's limits: bf16 / f16, a compiled head dim, 32 sampled queries per block of
+/// 128, 16 sampled keys per block of 64, and the per-CTA block maxima (64 rows x k_blocks f32)
+/// in shared memory: k_blocks <= 625 at D 128 (N <= 40000), <= 719 at D 72.
+pub fn fused_importance_serves(dtype: DType, head_dim: usize, n: usize, p: &PyramidParams) -> bool {
+    supports(dtype, head_dim)
+        && p.block_q == BLOCK_Q
+        && p.block_k == BLOCK_K
+        && p.sample_q_count() == IMP_SAMPLE_Q
+        && p.sample_k_count() == IMP_SAMPLE_K
+        && n > 0
+        && importance_smem(head_dim, n.div_ceil(BLOCK_K)) <= MAX_DYNAMIC_SMEM
+}
+
+const IMP_SAMPLE_Q: usize = 32;
+const IMP_SAMPLE_K: usize = 16;
+/// Opt-in dynamic shared memory per block on sm_90 (227 KiB).
+const MAX_DYNAMIC_SMEM: usize = 232_448;
+
+/// `psa_importance`'s dynamic shared memory (psa_importance.cu): two stages of 128 key rows
+/// (row stride D padded to 16, + 8), the block maxima of 64 rows, 64 row maxima, one row of S,
+/// 8 partial sums.
+fn importance_smem(d: usize, k_blocks: usize) -> usize {
+    let ld = d.div_ceil(16) * 16 + 8;
+    2 * 128 * ld * 2 + (64 * k_blocks + 64 + k_blocks + 8) * 4
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PsaImportanceArgs {
+    q: u64,
+    k: u64,
+    imp: u64,
+    q_pos: u64,
+    k_pos: u64,
+    q_stride: [i64; 3],
+    k_stride: [i64; 3],
+    heads: i32,
+    n: i32,
+    q_blocks: i32,
+    k_blocks: i32,
+    scale: f32,
+    unused: i32,
+}
+// SAFETY: plain old data with the C layout of the kernel's parameter struct.
+unsafe impl DeviceRepr for PsaImportanceArgs {}
+const _: () = assert!(std::mem::size_of::<PsaImportanceArgs>() == 112);
+
+/// [`importance_ranked`] through the fused kernel (psa_importance.cu): per CTA two query blocks'
+/// sampled rows against every sampled key of the head on the tensor cores (f32 accumulators),
+/// block maxima reduced in registers, exp / max / normalization in shared memory; then candle's
+/// `arg_sort` ranks each row. Errors when [`fused_importance_serves`] is false.
+pub fn importance_ranked_fused(q: &Tensor, k: &Tensor, p: &PyramidParams, scale: f64) -> Result<(Tensor, Tensor)> {
+    let (b, h, n, d) = q.dims4()?;
+    if k.dims4()? != (b, h, n, d) || k.dtype() != q.dtype() {
+        return Err(err(format!("importance: q {:?} {:?} and k {:?} {:?} must match", q.dims(), q.dtype(), k.dims(), k.dtype())));
+    }
+    if !fused_importance_serves(q.dtype(), d, n, p) {
+        return Err(err(format!(
+            "the fused importance kernel serves bf16/f16, head_dim in {HEAD_DIMS:?}, block_q {BLOCK_Q} / block_k {BLOCK_K}, \
+             {IMP_SAMPLE_Q} / {IMP_SAMPLE_K} samples, N <= 40000 (D 128); got {:?} D{d} N{n}",
+            q.dtype()
+        )));
+    }
+    if b > 65535 || b * h > 65535 {
+        return Err(err("batch x heads above 65535"));
+    }
+    let dev = super::cuda_device(q, "pyramid importance (cuda)")?;
+    let stream = dev.cuda_stream();
+    let (qb, kb) = (n.div_ceil(BLOCK_Q), n.div_ceil(BLOCK_K));
+    let samples = pyramid::sample_positions(p, b, h);
+    let q_pos: Vec<i32> = samples.q.iter().flatten().map(|&x| x as i32).collect();
+    let k_pos: Vec<i32> = samples.k.iter().flatten().map(|&x| x as i32).collect();
+    let q_pos = stream.clone_htod(&q_pos).map_err(|e| err(format!("upload: {e:?}")))?;
+    let k_pos = stream.clone_htod(&k_pos).map_err(|e| err(format!("upload: {e:?}")))?;
+    // cp.async copies 16 bytes: unit stride in D, other strides and the start 8-element aligned.
+    let view = |t: &Tensor| -> Result<Tensor> {
+        let s = t.stride();
+        let ok = s[3] == 1 && s[..3].iter().all(|x| x % 8 == 0) && t.layout().start_offset() % 8 == 0;
+        Ok(if ok { t.clone() } else { t.contiguous()? })
+    };
+    let (q, k) = (view(q)?, view(k)?);
+    let imp = unsafe { dev.alloc::<f32>(b * h * qb * kb)? };
+    let args = PsaImportanceArgs {
+        q: ptr_of(&q, &dev)?,
+        k: ptr_of(&k, &dev)?,
+        imp: imp.device_ptr(&stream).0,
+        q_pos: q_pos.device_ptr(&stream).0,
+        k_pos: k_pos.device_ptr(&stream).0,
+        q_stride: strides3(&q),
+        k_stride: strides3(&k),
+        heads: h as i32,
+        n: n as i32,
+        q_blocks: qb as i32,
+        k_blocks: kb as i32,
+        scale: scale as f32,
+        unused: 0,
+    };
+    let suffix = if q.dtype() == DType::BF16 { "bf16" } else { "f16" };
+    let kernel = crate::kernels::load(&dev, IMPORTANCE_MODULE, &format!("psa_importance_{suffix}_d{d}"))?;
+    let smem = importance_smem(d, kb);
+    kernel.set_max_dynamic_smem(smem)?;
+    let cfg = LaunchConfig { grid_dim: (qb.div_ceil(2) as u32, (b * h) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+    let mut launch = kernel.builder();
+    launch.arg(&args);
+    // SAFETY: q and k cover (B, H, N, D) at their strides (16-byte aligned rows); q_pos / k_pos
+    // hold B·H·32 / B·H·16 offsets < 128 / 64; imp holds B·H·qb·kb floats; smem as computed.
+    unsafe { launch.launch(cfg) }.map_err(|e| err(format!("importance launch failed: {e:?}")))?;
+    drop(q_pos);
+    drop(k_pos);
+    let imp = into_tensor(imp, &dev, (b, h, qb, kb));
+    let ranked = imp.arg_sort_last_dim(false)?;
+    Ok((imp, ranked))
+}
+
+/// Importance and ranking with candle tensor ops on q's device (any device): the CPU and
+/// reference path of [`importance_ranked`]. The sampled scores are one GEMM in
+/// q's dtype; maxima are exact in that dtype; the exponentials and the normalization are f32.
+///
+/// The sampled keys are ordered sample-major (column `c * k_blocks + j` = sample c of block j),
+/// so that the max over a block's samples is a max over a middle dim, taken as pairwise
+/// `maximum`s of halves ([`max_over`]): candle's CUDA reductions launch one thread block per
+/// output element, which for the 84 M outputs of 16 samples each (SANA-Video 480p) took
+/// ~55 ms on the H200 (kernels/NOTES.md, ## pyramid).
+pub fn importance_ranked_ops(q: &Tensor, k: &Tensor, p: &PyramidParams, scale: f64) -> Result<(Tensor, Tensor)> {
+    let (b, h, n, d) = q.dims4()?;
+    let samples = pyramid::sample_positions(p, b, h);
+    let (qb, kb) = (n.div_ceil(p.block_q), n.div_ceil(p.block_k));
+    let (sq, sk) = (p.sample_q_count(), p.sample_k_count());
+    let mut idx_q = Vec::with_capacity(b * h * qb * sq);
+    let mut idx_k = Vec::with_capacity(b * h * kb * sk);
+    for bh in 0..b * h {
+        for i in 0..qb {
+            idx_q.extend(samples.q[bh].iter().map(|&x| (bh * n + (i * p.block_q + x).min(n - 1)) as u32));
+        }
+        for &x in &samples.k[bh] {
+            idx_k.extend((0..kb).map(|j| (bh * n + (j * p.block_k + x).min(n - 1)) as u32));
+        }
+    }
+    let dev = q.device();
+    let idx_q = Tensor::from_vec(idx_q, b * h * qb * sq, dev)?;
+    let idx_k = Tensor::from_vec(idx_k, b * h * kb * sk, dev)?;
+    let qs = q.contiguous()?.reshape((b * h * n, d))?.index_select(&idx_q, 0)?.reshape((b * h, qb * sq, d))?;
+    let ks = k.contiguous()?.reshape((b * h * n, d))?.index_select(&idx_k, 0)?.reshape((b * h, sk * kb, d))?;
+    let r = qs.matmul(&ks.t()?.contiguous()?)?.reshape((b * h, qb * sq, sk, kb))?;
+    // R[r, j] = max over block j's sampled keys of scale q_r . k_c
+    let r = (max_over(&r, 2)?.to_dtype(DType::F32)? * scale)?; // (BH, qb sq, kb)
+    let e = r.broadcast_sub(&r.max_keepdim(2)?)?.exp()?;
+    // S[i, j] = max over query block i's sampled rows
+    let s = max_over(&e.reshape((b * h, qb, sq, kb))?, 2)?; // (BH, qb, kb)
+    let imp = s.broadcast_div(&s.sum_keepdim(2)?)?.reshape((b, h, qb, kb))?;
+    let ranked = imp.arg_sort_last_dim(false)?;
+    Ok((imp, ranked))
+}
+
+/// Max over dim `dim` (removed), as pairwise `maximum`s of the two halves; for an odd length
+/// the halves overlap by one element (max is idempotent).
+fn max_over(t: &Tensor, dim: usize) -> Result<Tensor> {
+    let mut t = t.clone();
+    let mut len = t.dim(dim)?;
+    while len > 1 {
+        let half = len.div_ceil(2);
+        t = t.narrow(dim, 0, half)?.maximum(&t.narrow(dim, len - half, half)?)?;
+        len = half;
+    }
+    Ok(t.squeeze(dim)?)
+}
+
+#[repr(C, align(128))]
+#[derive(Clone, Copy)]
+struct PsaArgs {
+    maps: [[u64; 16]; 9], // q, k[4], v[4]
+    o: u64,
+    lse: u64,
+    ranked: u64,
+    schedule: u64,
+    o_stride: [i64; 3],
+    lse_stride: [i64; 2],
+    n: i32,
+    q_blocks: i32,
+    k_blocks: i32,
+    n_sched: i32,
+    scale_log2: f32,
+    unused: [i32; 3],
+}
+// SAFETY: plain old data with the C layout of the kernel's parameter struct.
+unsafe impl DeviceRepr for PsaArgs {}
+const _: () = assert!(std::mem::size_of::<PsaArgs>() == 1280 && std::mem::offset_of!(PsaArgs, o) == 1152);
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PsaPoolArgs {
+    src: [u64; 2],
+    dst: [[u64; 3]; 2],
+    src_stride: [[i64; 3]; 2],
+    heads: i32,
+    n: i32,
+    n_pad: i32,
+    chunks: i32,
+}
+// SAFETY: as above.
+unsafe impl DeviceRepr for PsaPoolArgs {}
+const _: () = assert!(std::mem::size_of::<PsaPoolArgs>() == 128);
+
+/// TMA map of a (B, H, N, D) tensor, box (64 columns, `box_rows` rows), 128-byte swizzle.
+fn tensor_map(ptr: u64, dtype: DType, dims: (usize, usize, usize, usize), strides: [i64; 3], box_rows: u32) -> Result<[u64; 16]> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let (b, h, n, d) = dims;
+    let data_type = match dtype {
+        DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+    };
+    let global_dim = [d as u64, n as u64, h as u64, b as u64];
+    let global_strides = [strides[2] as u64 * 2, strides[1] as u64 * 2, strides[0] as u64 * 2];
+    let box_dim = [64u32, box_rows, 1, 1];
+    let element_strides = [1u32; 4];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: arrays of the rank the call is told; `ptr` covers the tensor the dims describe.
+    let status = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            data_type,
+            4,
+            ptr as *mut std::ffi::c_void,
+            global_dim.as_ptr(),
+            global_strides.as_ptr(),
+            box_dim.as_ptr(),
+            element_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if status != sys::CUresult::CUDA_SUCCESS {
+        return Err(err(format!("cuTensorMapEncodeTiled {dims:?} strides {strides:?}: {status:?}")));
+    }
+    // SAFETY: written by the successful call above.
+    Ok(unsafe { map.assume_init() }.opaque)
+}
+
+fn dev_ptr<T: CudaDType + DeviceRepr>(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        return Err(err("tensor is not on a CUDA device"));
+    };
+    let stream = dev.cuda_stream();
+    let (ptr, _sync) = cs.as_cuda_slice::<T>()?.device_ptr(&stream);
+    Ok(ptr + (layout.start_offset() * std::mem::size_of::<T>()) as u64)
+}
+
+fn ptr_of(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
+    match t.dtype() {
+        DType::BF16 => dev_ptr::<bf16>(t, dev),
+        DType::F16 => dev_ptr::<f16>(t, dev),
+        DType::U32 => dev_ptr::<u32>(t, dev),
+        other => Err(err(format!("unexpected dtype {other:?}"))),
+    }
+}
+
+fn strides3(t: &Tensor) -> [i64; 3] {
+    let s = t.stride();
+    [s[0] as i64, s[1] as i64, s[2] as i64]
+}
+
+fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor, p: &PyramidParams) -> Result<(usize, usize, usize, usize)> {
+    let (b, h, nq, nk, d) = super::super::check_qkv(q, k, v)?;
+    let dtype = q.dtype();
+    if !supports(dtype, d) {
+        return Err(err(format!("dtype {dtype:?} / head_dim {d} not compiled (bf16/f16, head_dim in {HEAD_DIMS:?})")));
+    }
+    if k.dtype() != dtype || v.dtype() != dtype {
+        return Err(err("q, k, v must share a dtype"));
+    }
+    if nq != nk {
+        return Err(err(format!("self-attention only: q has {nq} tokens, k has {nk}")));
+    }
+    check_params(p).map_err(|m| err(m))?;
+    if b > 65535 || h > 65535 {
+        return Err(err("batch or heads above 65535"));
+    }
+    Ok((b, h, nq, d))
+}
+
+/// PSA forward on the GPU: importance, ranking, pooling, mixed-level attention. Returns
+/// `O (B, H, N, D)` in q's dtype.
+pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, p: &PyramidParams) -> Result<Tensor> {
+    let (_, _, _, d) = check_inputs(q, k, v, p)?;
+    let scale = p.scale.unwrap_or(1.0 / (d as f64).sqrt());
+    let (_, ranked) = importance_ranked(q, k, p, scale)?;
+    Ok(forward_with_ranking(q, k, v, &ranked, p, false)?.0)
+}
+
+/// The attention part alone, given the ranking `(B, H, q_blocks, k_blocks)` u32; returns
+/// `(O, lse)`. `poison` fills both outputs with NaN bytes first (tests).
+pub fn forward_with_ranking(q: &Tensor, k: &Tensor, v: &Tensor, ranked: &Tensor, p: &PyramidParams, poison: bool) -> Result<(Tensor, Tensor)> {
+    let (b, h, n, d) = check_inputs(q, k, v, p)?;
+    let dtype = q.dtype();
+    let dev = super::cuda_device(q, "pyramid attention (cuda)")?;
+    let scale = p.scale.unwrap_or(1.0 / (d as f64).sqrt());
+    let (qb, kb) = (n.div_ceil(BLOCK_Q), n.div_ceil(BLOCK_K));
+    if ranked.dims() != [b, h, qb, kb] || ranked.dtype() != DType::U32 {
+        return Err(err(format!("ranking must be u32 ({b}, {h}, {qb}, {kb}), got {:?} {:?}", ranked.dtype(), ranked.dims())));
+    }
+    if n == 0 || b * h == 0 {
+        return Ok((Tensor::zeros((b, h, n, d), dtype, q.device())?, Tensor::zeros((b, h, n), DType::F32, q.device())?));
+    }
+    let ranked = ranked.contiguous()?;
+    let stream = dev.cuda_stream();
+    let kernel_view = |t: &Tensor| -> Result<Tensor> {
+        let s = t.stride();
+        let ok = s[3] == 1 && s[..3].iter().all(|x| x % 8 == 0) && t.layout().start_offset() % 8 == 0;
+        Ok(if ok { t.clone() } else { t.contiguous()? })
+    };
+    let (q, k, v) = (kernel_view(q)?, kernel_view(k)?, kernel_view(v)?);
+
+    // (1) pooled k and v at 2, 4, 8: (B, H, n_pad / p, D).
+    let n_pad = kb * BLOCK_K;
+    let pooled: Vec<CudaSlice<u16>> =
+        (0..6).map(|i| unsafe { dev.alloc::<u16>(b * h * (n_pad >> (i % 3 + 1)) * d) }).collect::<std::result::Result<_, _>>()?;
+    let mut pool_args = PsaPoolArgs { heads: h as i32, n: n as i32, n_pad: n_pad as i32, chunks: (d / 8) as i32, ..Default::default() };
+    for (w, t) in [&k, &v].into_iter().enumerate() {
+        pool_args.src[w] = ptr_of(t, &dev)?;
+        pool_args.src_stride[w] = strides3(t);
+        for l in 0..3 {
+            pool_args.dst[w][l] = pooled[w * 3 + l].device_ptr(&stream).0;
+        }
+    }
+    let suffix = if dtype == DType::BF16 { "bf16" } else { "f16" };
+    let pool_kernel = crate::kernels::load(&dev, MODULE, &format!("psa_pool_{suffix}"))?;
+    let work = n_pad / 8 * d / 8;
+    let cfg = LaunchConfig { grid_dim: (work.div_ceil(256) as u32, (b * h) as u32, 2), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut launch = pool_kernel.builder();
+    launch.arg(&pool_args);
+    // SAFETY: sources cover (B, H, N, D) at their strides; destinations B·H·n_pad/p·D each.
+    unsafe { launch.launch(cfg) }.map_err(|e| err(format!("pool launch failed: {e:?}")))?;
+
+    // (2) the mixed-level attention.
+    let sched: Vec<i32> = schedule(kb, p)
+        .into_iter()
+        .map(|(pool, start, nb)| ((start as i32) << 8) | ((nb as i32) << 2) | pool.trailing_zeros() as i32)
+        .collect();
+    let sched_dev = stream.clone_htod(&sched).map_err(|e| err(format!("upload: {e:?}")))?;
+    let mut maps = [[0u64; 16]; 9];
+    maps[0] = tensor_map(ptr_of(&q, &dev)?, dtype, (b, h, n, d), strides3(&q), 128)?;
+    maps[1] = tensor_map(ptr_of(&k, &dev)?, dtype, (b, h, n, d), strides3(&k), 64)?;
+    maps[5] = tensor_map(ptr_of(&v, &dev)?, dtype, (b, h, n, d), strides3(&v), 64)?;
+    for l in 1..4 {
+        let rows = n_pad >> l;
+        let st = [(h * rows * d) as i64, (rows * d) as i64, d as i64];
+        maps[1 + l] = tensor_map(pooled[l - 1].device_ptr(&stream).0, dtype, (b, h, rows, d), st, (64 >> l) as u32)?;
+        maps[5 + l] = tensor_map(pooled[3 + l - 1].device_ptr(&stream).0, dtype, (b, h, rows, d), st, (64 >> l) as u32)?;
+    }
+    let out_elems = b * h * n * d;
+    let lse = unsafe { dev.alloc::<f32>(b * h * n)? };
+    let (o_bf16, o_f16) = match dtype {
+        DType::BF16 => (Some(unsafe { dev.alloc::<bf16>(out_elems)? }), None),
+        _ => (None, Some(unsafe { dev.alloc::<f16>(out_elems)? })),
+    };
+    let o_ptr = match (&o_bf16, &o_f16) {
+        (Some(o), _) => o.device_ptr(&stream).0,
+        (_, Some(o)) => o.device_ptr(&stream).0,
+        _ => unreachable!(),
+    };
+    let args = PsaArgs {
+        maps,
+        o: o_ptr,
+        lse: lse.device_ptr(&stream).0,
+        ranked: ptr_of(&ranked, &dev)?,
+        schedule: sched_dev.device_ptr(&stream).0,
+        o_stride: [(h * n * d) as i64, (n * d) as i64, d as i64],
+        lse_stride: [(h * n) as i64, n as i64],
+        n: n as i32,
+        q_blocks: qb as i32,
+        k_blocks: kb as i32,
+        n_sched: sched.len() as i32,
+        scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
+        unused: [0; 3],
+    };
+    if poison {
+        for (ptr, bytes) in [(args.o, out_elems * 2), (args.lse, b * h * n * 4)] {
+            // SAFETY: fresh allocations of exactly these sizes.
+            unsafe { memset_d8_async(ptr, 0xFF, bytes, stream.cu_stream()) }.map_err(|e| err(format!("poison: {e:?}")))?;
+        }
+    }
+    let kernel = crate::kernels::load(&dev, MODULE, &format!("psa_fwd_{suffix}_d{d}"))?;
+    let pad = if d <= 64 { 64 } else { 128 };
+    // dense_wgmma::Tile<D, 2>::kSmemBytes (+ the kernel's static `last_slot`, 12 B).
+    let smem = (128 * pad + 2 * 3 * 128 * pad) * 2 + 128 + 1024;
+    kernel.set_max_dynamic_smem(smem)?;
+    let cfg = LaunchConfig { grid_dim: (qb as u32, h as u32, b as u32), block_dim: (384, 1, 1), shared_mem_bytes: smem as u32 };
+    let mut launch = kernel.builder();
+    launch.arg(&args);
+    // SAFETY: maps cover q, k, v and the pooled buffers; ranked holds B·H·qb·kb block ids < kb;
+    // the schedule's ranks are < kb; o and lse hold B·H·N rows.
+    unsafe { launch.launch(cfg) }.map_err(|e| err(format!("launch failed: {e:?}")))?;
+    drop(pooled);
+    drop(sched_dev);
+    let o = match (o_bf16, o_f16) {
+        (Some(o), _) => into_tensor(o, &dev, (b, h, n, d)),
+        (_, Some(o)) => into_tensor(o, &dev, (b, h, n, d)),
+        _ => unreachable!(),
+    };
+    Ok((o, into_tensor(lse, &dev, (b, h, n))))
+}
