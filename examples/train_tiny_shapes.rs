@@ -46,6 +46,7 @@ struct Args {
     heads: Option<usize>,
     layers: Option<usize>,
     init: Option<PathBuf>,
+    profile: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -65,6 +66,7 @@ fn parse_args() -> Result<Args> {
         heads: None,
         layers: None,
         init: None,
+        profile: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -87,6 +89,7 @@ fn parse_args() -> Result<Args> {
             "--heads" => a.heads = Some(value.parse()?),
             "--layers" => a.layers = Some(value.parse()?),
             "--init" => a.init = Some(PathBuf::from(value)),
+            "--profile" => a.profile = value.parse()?,
             other => bail!("unknown option {other}"),
         }
         i += 2;
@@ -246,6 +249,24 @@ fn main() -> Result<()> {
         ParamsAdamW { lr: args.lr, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.01 },
     )?;
 
+    if args.profile {
+        // The same forward without gradient tracking, for comparison with the training forward.
+        let tensors: HashMap<String, Tensor> = named.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
+        let frozen = TinyShapesModel::new(&cfg, &plan, VarBuilder::from_tensors(tensors, DType::F32, &device))?;
+        let b = args.batch;
+        let tokens = tokenizer.pad_batch(&data.captions[..b]);
+        let ids = Tensor::from_vec(tokens.ids, (b, tokens.len), &device)?;
+        let mask = Tensor::from_vec(tokens.mask, (b, tokens.len), &device)?;
+        let x = data.images.narrow(0, 0, b)?;
+        let t = Tensor::full(0.5f32, b, &device)?;
+        for _ in 0..2 {
+            let s = Instant::now();
+            let text = frozen.encode_text(&ids, &mask)?;
+            let v = visgen::attention::with_reference_only(|| frozen.velocity(&x, &t, &text, &mask))?;
+            device.synchronize()?;
+            println!("untracked forward, batch {b}: {:.1}ms {:?}", 1e3 * s.elapsed().as_secs_f64(), v.dims());
+        }
+    }
     let mut rng = StdRng::seed_from_u64(args.seed ^ 0x7472_6169_6e);
     let budget = args.minutes * 60.0;
     let warmup = 200.0;
@@ -255,6 +276,18 @@ fn main() -> Result<()> {
     let mut loss_n = 0usize;
     let mut step = 0usize;
     let b = args.batch;
+    // --profile true: per-phase wall times (synchronized), printed every 100 steps and at the end.
+    let mut phases = [0f64; 7];
+    const PHASE_NAMES: [&str; 7] = ["data", "text", "forward", "backward", "optimizer", "ema", "loss-sync"];
+    let mut mark = Instant::now();
+    let mut lap = |phase: usize, phases: &mut [f64; 7]| -> Result<()> {
+        if args.profile {
+            device.synchronize()?;
+            phases[phase] += mark.elapsed().as_secs_f64();
+            mark = Instant::now();
+        }
+        Ok(())
+    };
     while step < args.steps && start.elapsed().as_secs_f64() < budget {
         // Learning rate: linear warm-up, then cosine by the fraction of the time budget spent.
         let frac = (start.elapsed().as_secs_f64() / budget).min(1.0);
@@ -276,12 +309,16 @@ fn main() -> Result<()> {
         let tb = t.reshape((b, 1, 1, 1))?;
         let x_t = (x0.broadcast_mul(&(1.0 - &tb)?)? + noise.broadcast_mul(&tb)?)?;
         let target = (&noise - &x0)?;
+        lap(0, &mut phases)?;
 
         let text = model.encode_text(&ids, &mask)?;
+        lap(1, &mut phases)?;
         // Our CUDA attention kernels are forward-only: train through the candle-op references.
         let v = visgen::attention::with_reference_only(|| model.velocity(&x_t, &t, &text, &mask))?;
         let loss = (v - target)?.sqr()?.mean_all()?;
+        lap(2, &mut phases)?;
         let grads = loss.backward()?;
+        lap(3, &mut phases)?;
         if step == 0 {
             // Every parameter must receive a gradient: an op without a backward pass cuts the graph silently.
             let missing: Vec<&str> = named.iter().filter(|(_, v)| grads.get(v.as_tensor()).is_none()).map(|(n, _)| n.as_str()).collect();
@@ -290,6 +327,7 @@ fn main() -> Result<()> {
             }
         }
         opt.step(&grads)?;
+        lap(4, &mut phases)?;
 
         // EMA with a warm-up of its own: early on the average must not be dominated by the init.
         let decay = args.ema.min((1.0 + step as f64) / (10.0 + step as f64));
@@ -297,7 +335,9 @@ fn main() -> Result<()> {
             *e = ((&*e * decay)? + (var.as_tensor() * (1.0 - decay))?)?;
         }
 
+        lap(5, &mut phases)?;
         loss_sum += loss.to_scalar::<f32>()? as f64;
+        lap(6, &mut phases)?;
         loss_n += 1;
         step += 1;
         if step % 100 == 0 || step <= 3 {
@@ -305,6 +345,11 @@ fn main() -> Result<()> {
             println!("step {step:6} loss {:.4} lr {lr:.2e} {:.1} steps/s {secs:.0}s", loss_sum / loss_n as f64, step as f64 / secs);
             loss_sum = 0.0;
             loss_n = 0;
+            if args.profile {
+                let total: f64 = phases.iter().sum();
+                let parts: Vec<String> = PHASE_NAMES.iter().zip(&phases).map(|(n, t)| format!("{n} {:.1}ms", 1e3 * t / step as f64)).collect();
+                println!("  per step {:.1}ms: {}", 1e3 * total / step as f64, parts.join(", "));
+            }
         }
         if last_save.elapsed().as_secs_f64() > args.save_every_secs {
             let weights: Vec<(String, Tensor)> = named.iter().map(|(n, _)| n.clone()).zip(ema.iter().cloned()).collect();
