@@ -192,6 +192,39 @@ fn save(dir: &Path, weights: &[(String, Tensor)], cfg: &TinyShapesConfig, tokeni
     Ok(())
 }
 
+/// Lets the CUDA memory pool keep freed memory instead of returning it to the driver at every
+/// synchronization (the default threshold is 0). Every op allocates its output; without this, each
+/// step maps gigabytes of activations afresh. A failure only costs speed, so it is reported and
+/// training goes on.
+#[cfg(feature = "cuda")]
+fn keep_freed_gpu_memory() {
+    use cudarc::driver::sys;
+    let result = unsafe {
+        let mut device: sys::CUdevice = 0;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut threshold: u64 = u64::MAX;
+        let r = sys::cuCtxGetDevice(&mut device);
+        if r != sys::CUresult::CUDA_SUCCESS {
+            Err(r)
+        } else {
+            let r = sys::cuDeviceGetDefaultMemPool(&mut pool, device);
+            if r != sys::CUresult::CUDA_SUCCESS {
+                Err(r)
+            } else {
+                let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+                match sys::cuMemPoolSetAttribute(pool, attr, &mut threshold as *mut u64 as *mut std::ffi::c_void) {
+                    sys::CUresult::CUDA_SUCCESS => Ok(()),
+                    r => Err(r),
+                }
+            }
+        }
+    };
+    match result {
+        Ok(()) => println!("CUDA memory pool keeps freed memory"),
+        Err(e) => println!("warning: could not set the CUDA memory pool's release threshold: {e:?}"),
+    }
+}
+
 fn main() -> Result<()> {
     let args = parse_args()?;
     let device = match args.device.as_str() {
@@ -203,6 +236,8 @@ fn main() -> Result<()> {
     candle_core::cuda::set_gemm_reduced_precision_f32(true);
     if device.is_cuda() {
         device.set_seed(args.seed)?;
+        #[cfg(feature = "cuda")]
+        keep_freed_gpu_memory();
     }
     let mut cfg = match args.config.as_str() {
         "default" => TinyShapesConfig::default_64(),

@@ -2,6 +2,8 @@
 //! per channel), grouped 1×1 convolutions, pixel (un)shuffle and channel repeat-interleave.
 //! Written with tensor ops only, so they run on every device.
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::{Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
@@ -14,6 +16,9 @@ pub struct DepthwiseConv2d {
     weight: Tensor,
     bias: Option<Tensor>,
     kernel: usize,
+    /// The shift matrices of the last grid the matmul form served, kept on its device: uploading
+    /// them every call would stall the GPU on a host copy in every block.
+    shifts: Arc<Mutex<Option<((usize, usize), Tensor)>>>,
 }
 
 impl DepthwiseConv2d {
@@ -24,7 +29,7 @@ impl DepthwiseConv2d {
         }
         let weight = vb.get((channels, 1, kernel, kernel), "weight")?;
         let bias = if bias { Some(vb.get(channels, "bias")?) } else { None };
-        Ok(Self { weight, bias, kernel })
+        Ok(Self { weight, bias, kernel, shifts: Arc::default() })
     }
 
     /// `x`: `(B, C, H, W)` -> `(B, C, H, W)`. On the GPU, small grids take [`Self::forward_matmul`]
@@ -48,7 +53,17 @@ impl DepthwiseConv2d {
     pub fn forward_matmul(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let (k, n) = (self.kernel, h * w);
-        let shifts = Tensor::from_vec(shift_matrices(h, w, k), (k * k, n * n), x.device())?.to_dtype(x.dtype())?;
+        let shifts = {
+            let mut cached = self.shifts.lock().map_err(|_| Error::Other("depth-wise conv: shift cache poisoned".into()))?;
+            match cached.as_ref() {
+                Some((grid, s)) if *grid == (h, w) && s.dtype() == x.dtype() && s.device().same_device(x.device()) => s.clone(),
+                _ => {
+                    let s = Tensor::from_vec(shift_matrices(h, w, k), (k * k, n * n), x.device())?.to_dtype(x.dtype())?;
+                    *cached = Some(((h, w), s.clone()));
+                    s
+                }
+            }
+        };
         let weight = self.weight.to_dtype(x.dtype())?.reshape((c, k * k))?;
         let kernels = weight.matmul(&shifts)?.reshape((c, n, n))?;
         let columns = x.reshape((b, c, n))?.permute((1, 2, 0))?.contiguous()?; // (C, N, B)
@@ -259,7 +274,12 @@ mod tests {
             // Gradients with respect to the input, the weight and the bias, through both forms.
             let grads = |matmul: bool| {
                 let (xv, wv, bv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&weight).unwrap(), Var::from_tensor(&bias).unwrap());
-                let conv = DepthwiseConv2d { weight: wv.as_tensor().clone(), bias: Some(bv.as_tensor().clone()), kernel: k };
+                let conv = DepthwiseConv2d {
+                    weight: wv.as_tensor().clone(),
+                    bias: Some(bv.as_tensor().clone()),
+                    kernel: k,
+                    shifts: Arc::default(),
+                };
                 let y = if matmul { conv.forward_matmul(xv.as_tensor()) } else { conv.forward_taps(xv.as_tensor()) }.unwrap();
                 // A non-uniform upstream gradient: weight the outputs by a fixed pattern.
                 let loss = (&y * randn(&[2, c, h, w], 14)).unwrap().sum_all().unwrap();
