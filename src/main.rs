@@ -121,6 +121,9 @@ struct BenchArgs {
     device: String,
     #[arg(long, default_value_t = 20)]
     iters: usize,
+    /// Baseline log from the same run (`baseline NAME: X ms` lines): print our ratio to it.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
 }
 
 const DEFAULT_MODEL: &str = "tiny-shapes";
@@ -244,7 +247,12 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     if args.iters == 0 {
         return Err(Error::usage("--iters must be at least 1"));
     }
-    visgen::bench::run(&visgen::bench::BenchOptions { device: args.device, case: args.case, iters: args.iters })
+    visgen::bench::run(&visgen::bench::BenchOptions {
+        device: args.device,
+        case: args.case,
+        iters: args.iters,
+        baseline: args.baseline,
+    })
 }
 
 fn run_eval_shapes(args: EvalShapesArgs) -> Result<()> {

@@ -38,7 +38,11 @@ struct Inputs {
 }
 
 fn random_inputs(c: &Case, dev: &Device) -> Inputs {
-    let rnd = |n: usize| Tensor::randn(0f32, 1.0, (c.b, c.h, n, c.d), dev).unwrap().to_dtype(c.dtype).unwrap();
+    // curand refuses to fill zero elements: an empty key sequence is made with zeros.
+    let rnd = |n: usize| match n {
+        0 => Tensor::zeros((c.b, c.h, 0, c.d), c.dtype, dev).unwrap(),
+        _ => Tensor::randn(0f32, 1.0, (c.b, c.h, n, c.d), dev).unwrap().to_dtype(c.dtype).unwrap(),
+    };
     let extra = (c.ne > 0).then(|| (rnd(c.ne), rnd(c.ne)));
     let mask = c.mask.then(|| {
         // Keep each key with probability ~0.7; key 0 is always kept so no row is fully masked.
@@ -61,16 +65,23 @@ fn naive(inp: &Inputs, scale: f64, dtype: DType, dev: &Device) -> (Tensor, Tenso
     let (q, mut k, mut v) = (cast(&inp.q), cast(&inp.k), cast(&inp.v));
     let (b, _, _, _) = q.dims4().unwrap();
     let nk = k.dim(2).unwrap();
+    // The key mask is assembled on the CPU: candle's CUDA fill and concatenation kernels refuse
+    // zero-sized launches (the case of no main keys, only extra ones).
     let mut keep = match &inp.mask {
-        Some(m) => m.to_device(dev).unwrap().to_dtype(DType::F32).unwrap(),
-        None => Tensor::ones((b, nk), DType::F32, dev).unwrap(),
+        Some(m) => m.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap(),
+        None => Tensor::ones((b, nk), DType::F32, &Device::Cpu).unwrap(),
     };
     if let Some((k2, v2)) = &inp.extra {
         let ne = k2.dim(2).unwrap();
-        k = Tensor::cat(&[&k, &cast(k2)], 2).unwrap();
-        v = Tensor::cat(&[&v, &cast(v2)], 2).unwrap();
-        keep = Tensor::cat(&[&keep, &Tensor::ones((b, ne), DType::F32, dev).unwrap()], 1).unwrap();
+        if nk == 0 {
+            (k, v) = (cast(k2), cast(v2));
+        } else {
+            k = Tensor::cat(&[&k, &cast(k2)], 2).unwrap();
+            v = Tensor::cat(&[&v, &cast(v2)], 2).unwrap();
+        }
+        keep = Tensor::cat(&[&keep, &Tensor::ones((b, ne), DType::F32, &Device::Cpu).unwrap()], 1).unwrap();
     }
+    let keep = keep.to_device(dev).unwrap();
     let n_all = keep.dim(1).unwrap();
     // additive bias: 0 where kept, -inf where masked; (B, 1, 1, N)
     let neg_inf = Tensor::full(f32::NEG_INFINITY, (b, n_all), dev).unwrap();

@@ -379,5 +379,5 @@ fn bad_inputs_are_refused() {
 fn bench() {
     let iters = std::env::var("BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
     let case = std::env::var("BENCH_CASE").ok();
-    visgen::bench::run(&visgen::bench::BenchOptions { device: "cuda".into(), case, iters }).unwrap();
+    visgen::bench::run(&visgen::bench::BenchOptions { device: "cuda".into(), case, iters, baseline: None }).unwrap();
 }

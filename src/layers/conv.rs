@@ -32,6 +32,19 @@ impl DepthwiseConv2d {
         Ok(Self { weight, bias, kernel, shifts: Arc::default() })
     }
 
+    pub fn kernel(&self) -> usize {
+        self.kernel
+    }
+
+    /// `(C, 1, k, k)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// `x`: `(B, C, H, W)` -> `(B, C, H, W)`. On the GPU, small grids take [`Self::forward_matmul`]
     /// (a few batched GEMMs, fast to train through); otherwise [`Self::forward_taps`].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -22,6 +22,46 @@ pub fn modulation_chunks(table: &Tensor, temb: &Tensor, n: usize) -> Result<Vec<
     Ok((0..n).map(|i| summed.narrow(1, i, 1)).collect::<candle_core::Result<Vec<_>>>()?)
 }
 
+/// `LayerNorm(x) * (1 + scale) + shift` (no-affine LayerNorm): SANA's norm + modulation. On the GPU
+/// one fused kernel (layers/cuda), rounding once; elsewhere, and while gradients are recorded, the
+/// tensor ops of [`norm_modulate_reference`].
+pub fn norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda::fused_kernels_apply(x) && x.dim(candle_core::D::Minus1)? <= super::cuda::NORM_MAX_CHANNELS {
+        return super::cuda::layer_norm_modulate(x, shift, scale, eps);
+    }
+    norm_modulate_reference(x, shift, scale, eps)
+}
+
+/// [`norm_modulate`] as tensor ops: the LayerNorm in f32, the modulation in `x`'s dtype.
+pub fn norm_modulate_reference(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    modulate(&super::norm::layer_norm_no_affine(x, eps)?, shift, scale)
+}
+
+/// `x + (y + bias) * gate`: a DiT block's gated residual with the bias of the projection that made
+/// `y` folded in. `x`, `y`: `(B, N, C)`; `bias`: `(C,)`; `gate`: `(B, 1, C)`. On the GPU one fused
+/// kernel (rounding once); elsewhere, and while gradients are recorded, tensor ops.
+pub fn gated_residual(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, gate: Option<&Tensor>) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda::fused_kernels_apply(x) {
+        return super::cuda::gated_residual(x, y, bias, gate);
+    }
+    gated_residual_reference(x, y, bias, gate)
+}
+
+/// [`gated_residual`] as tensor ops.
+pub fn gated_residual_reference(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, gate: Option<&Tensor>) -> Result<Tensor> {
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y.clone(),
+    };
+    let y = match gate {
+        Some(g) => y.broadcast_mul(g)?,
+        None => y,
+    };
+    Ok((x + y)?)
+}
+
 /// `x * (1 + scale) + shift`, with `shift`, `scale` broadcast over tokens.
 pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     Ok(x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?)

@@ -243,6 +243,8 @@ impl SanaPipeline {
         // The schedulers give the model's conditioning values as diffusers does (DPM-Solver's are
         // truncated to integers there); the pipeline only scales them.
         let timesteps = scheduler.timesteps().to_vec();
+        // The text's keys and values are the same at every step: computed once.
+        let text = self.transformer.text_context(text, mask)?;
         for (i, &t) in timesteps.iter().enumerate() {
             if progress(Progress { stage: Stage::Denoise, step: i, total: steps }) == Flow::Cancel {
                 return Err(Error::Cancelled);
@@ -250,7 +252,7 @@ impl SanaPipeline {
             let model_in = if use_cfg { Tensor::cat(&[&x, &x], 0)? } else { x.clone() };
             let b = model_in.dim(0)?;
             let timestep = Tensor::full((t * timestep_scale) as f32, b, &self.device)?;
-            let v = self.transformer.forward(&model_in.to_dtype(self.dtype)?, &timestep, text, mask, None)?;
+            let v = self.transformer.forward_with_text(&model_in.to_dtype(self.dtype)?, &timestep, &text, None)?;
             let v = v.to_dtype(DType::F32)?;
             let v = if use_cfg {
                 let half = b / 2;
@@ -296,6 +298,7 @@ impl SanaPipeline {
             .transpose()?;
         let mut x = (noise * scheduler.init_noise_sigma())?;
         let mut denoised = x.clone();
+        let text = self.transformer.text_context(text, mask)?;
         for (i, &s) in scheduler.timesteps().to_vec().iter().enumerate() {
             if progress(Progress { stage: Stage::Denoise, step: i, total: steps }) == Flow::Cancel {
                 return Err(Error::Cancelled);
@@ -304,7 +307,7 @@ impl SanaPipeline {
             // diffusers' SanaSprintPipeline passes the TrigFlow time as is: no `timestep_scale`.
             let t = ScmScheduler::model_time(s);
             let timestep = Tensor::full(t as f32, b, &self.device)?;
-            let v = self.transformer.forward(&x_in.to_dtype(self.dtype)?, &timestep, text, mask, guidance.as_ref())?;
+            let v = self.transformer.forward_with_text(&x_in.to_dtype(self.dtype)?, &timestep, &text, guidance.as_ref())?;
             let f = scheduler.trigflow_output(&x_in, &v.to_dtype(DType::F32)?, s)?;
             let fresh = seeded_normal(seed.wrapping_add(1 + i as u64), x.shape().clone(), &self.device)?;
             let step = scheduler.step(&f, i, &x, &fresh)?;

@@ -35,6 +35,41 @@ impl SplitMix64 {
     fn symmetric(&mut self) -> f32 {
         ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
+
+    /// The generator after `n` draws: SplitMix64's state only advances by a constant per draw.
+    fn skipped(seed: u64, n: u64) -> Self {
+        SplitMix64(seed.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+    }
+}
+
+/// `count` uniform values in [-bound, bound) from the stream `seed`. Full-size models have billions
+/// of weights, so chunks of the stream are drawn on all cores; the values do not depend on the
+/// number of threads.
+fn uniform_values(seed: u64, count: usize, bound: f32) -> Vec<f32> {
+    const CHUNK: usize = 1 << 20;
+    let mut values = vec![0f32; count];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if count < 2 * CHUNK || threads == 1 {
+        let mut rng = SplitMix64(seed);
+        values.iter_mut().for_each(|v| *v = rng.symmetric() * bound);
+        return values;
+    }
+    let chunks: Vec<(usize, &mut [f32])> = values.chunks_mut(CHUNK).enumerate().collect();
+    let per_thread = chunks.len().div_ceil(threads);
+    let mut chunks = chunks.into_iter();
+    std::thread::scope(|scope| loop {
+        let batch: Vec<_> = chunks.by_ref().take(per_thread).collect();
+        if batch.is_empty() {
+            break;
+        }
+        scope.spawn(move || {
+            for (index, chunk) in batch {
+                let mut rng = SplitMix64::skipped(seed, (index * CHUNK) as u64);
+                chunk.iter_mut().for_each(|v| *v = rng.symmetric() * bound);
+            }
+        });
+    });
+    values
 }
 
 fn name_hash(name: &str) -> u64 {
@@ -57,8 +92,7 @@ impl candle_nn::var_builder::SimpleBackend for RandomBackend {
         // Fan-in: every dim but the first (out features / out channels).
         let fan_in: usize = if dims.len() <= 1 { 1 } else { dims[1..].iter().product::<usize>().max(1) };
         let bound = if dims.len() <= 1 { 0.02 } else { (3.0 / fan_in as f32).sqrt() };
-        let mut rng = SplitMix64(self.seed ^ name_hash(name));
-        let values: Vec<f32> = (0..count).map(|_| rng.symmetric() * bound).collect();
+        let values = uniform_values(self.seed ^ name_hash(name), count, bound);
         Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)
     }
 
@@ -109,6 +143,14 @@ mod tests {
         assert!(a.iter().flatten().all(|v| v.abs() <= bound));
         let ones = vb.get(8, "norm1.weight").unwrap().to_vec1::<f32>().unwrap();
         assert!(ones.iter().all(|v| *v == 1.0));
+    }
+
+    #[test]
+    fn parallel_draws_equal_one_stream() {
+        let count = 5 * (1 << 20) + 17;
+        let mut rng = SplitMix64(99);
+        let serial: Vec<f32> = (0..count).map(|_| rng.symmetric() * 0.5).collect();
+        assert_eq!(uniform_values(99, count, 0.5), serial);
     }
 
     #[test]

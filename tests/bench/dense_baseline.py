@@ -1,4 +1,4 @@
-"""cuDNN SDPA baseline for the dense attention kernel, on the shapes of examples/bench_dense.rs.
+"""cuDNN SDPA baseline for the dense attention kernel, on the shapes of `gen bench dense`.
 
 Run on the H200 in the same device call as our benchmark:  python3 tests/bench/dense_baseline.py
 Prints one line per shape: ms (median of 30 timed calls with CUDA events, after 5 warm-ups) and TFLOP/s

@@ -410,37 +410,3 @@ fn fill_ptrs<T: CudaDType + DeviceRepr>(
     Ok(())
 }
 
-/// One benchmark line: the median over `reps` samples of the time per call, each sample timing
-/// `CALLS_PER_SAMPLE` back-to-back calls between two CUDA events (host overhead overlaps the
-/// GPU), after `warmup` calls; random bf16 inputs (B, H, N, D), self-attention without mask.
-#[derive(Debug, Clone, Copy)]
-pub struct BenchResult {
-    pub ms: f64,
-    pub tflops: f64,
-}
-
-pub fn bench(dev: &CudaDevice, b: usize, h: usize, n: usize, d: usize, warmup: usize, reps: usize) -> Result<BenchResult> {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
-    let device = candle_core::Device::Cuda(dev.clone());
-    let make = || -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, (b, h, n, d), &device)?.to_dtype(DType::BF16)?) };
-    let (q, k, v) = (make()?, make()?, make()?);
-    let scale = 1.0 / (d as f64).sqrt();
-    for _ in 0..warmup {
-        forward(&q, &k, &v, None, None, scale)?;
-    }
-    let stream = dev.cuda_stream();
-    const CALLS_PER_SAMPLE: usize = 4;
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let e0 = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| err(format!("{e:?}")))?;
-        for _ in 0..CALLS_PER_SAMPLE {
-            forward(&q, &k, &v, None, None, scale)?;
-        }
-        let e1 = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| err(format!("{e:?}")))?;
-        times.push(e0.elapsed_ms(&e1).map_err(|e| err(format!("{e:?}")))? as f64 / CALLS_PER_SAMPLE as f64);
-    }
-    times.sort_by(|a, b| a.total_cmp(b));
-    let ms = times[times.len() / 2];
-    let tflops = 4.0 * (b * h) as f64 * (n as f64) * (n as f64) * d as f64 / (ms * 1e-3) / 1e12;
-    Ok(BenchResult { ms, tflops })
-}

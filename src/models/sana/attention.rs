@@ -6,13 +6,13 @@
 //! - `attn2`, cross-attention to the text (softmax, text padding mask): all projections biased.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{linear, linear_b, Linear, VarBuilder};
+use candle_nn::{linear, Linear, VarBuilder};
 
 use super::config::{QkNorm, SanaConfig};
 use crate::attention::plan::{AttentionPlan, LayerRef};
 use crate::attention::{attend, AttentionInput, Backend, LayerShape, Role};
 use crate::error::Result;
-use crate::layers::RmsNorm;
+use crate::layers::{project, RmsNorm};
 
 /// qk-norm eps (diffusers `Attention(eps=1e-5)`).
 const QK_NORM_EPS: f64 = 1e-5;
@@ -39,41 +39,48 @@ fn qk_norms(kind: Option<QkNorm>, q_dim: usize, k_dim: usize, vb: &VarBuilder) -
     })
 }
 
-/// The projections and the resolved backend of one attention layer.
-#[derive(Debug, Clone)]
-struct Projections {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
-    qk_norm: Option<(RmsNorm, RmsNorm)>,
-    heads: usize,
-    backend: Backend,
+/// A Linear layer whose weight is the row-wise concatenation of several checkpoint Linears (q, k, v
+/// of self-attention; k, v of cross-attention): one GEMM instead of several on the same input.
+fn fused_linear(in_dim: usize, outs: &[(usize, &str)], bias: bool, vb: &VarBuilder) -> Result<Linear> {
+    let weights = outs.iter().map(|(out, name)| vb.pp(*name).get((*out, in_dim), "weight")).collect::<candle_core::Result<Vec<_>>>()?;
+    let bias = if bias {
+        let biases = outs.iter().map(|(out, name)| vb.pp(*name).get(*out, "bias")).collect::<candle_core::Result<Vec<_>>>()?;
+        Some(Tensor::cat(&biases, 0)?)
+    } else {
+        None
+    };
+    Ok(Linear::new(Tensor::cat(&weights, 0)?, bias))
 }
 
-impl Projections {
-    /// Projects, normalizes and splits heads: `(B, H, N, d)` each. q, k, v keep the input dtype;
-    /// the backends compute in f32 internally.
-    fn qkv(&self, x: &Tensor, context: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let mut q = self.to_q.forward(x)?;
-        let mut k = self.to_k.forward(context)?;
-        let v = self.to_v.forward(context)?;
-        if let Some((norm_q, norm_k)) = &self.qk_norm {
-            q = norm_q.forward(&q)?;
-            k = norm_k.forward(&k)?;
-        }
-        Ok((split_heads(&q, self.heads)?, split_heads(&k, self.heads)?, split_heads(&v, self.heads)?))
-    }
+/// `(B, N, parts·C)` -> the `i`-th of `parts` blocks of C channels, as `(B, heads, N, d)`: a view,
+/// no copy (the reshape comes before the narrow, while the tensor is still contiguous).
+fn head_view(x: &Tensor, part: usize, width: usize, heads: usize) -> Result<Tensor> {
+    let (b, n, all) = x.dims3()?;
+    let parts = all / width;
+    let x = x.reshape((b, n, parts, heads, width / heads))?;
+    Ok(x.narrow(2, part, 1)?.squeeze(2)?.transpose(1, 2)?)
+}
 
-    fn output(&self, o: &Tensor, dtype: DType) -> Result<Tensor> {
-        Ok(self.to_out.forward(&merge_heads(&o.to_dtype(dtype)?)?)?)
+/// The output projection, optionally without its bias for a caller that folds it into the gated
+/// residual (`layers::gated_residual`).
+fn output(to_out: &Linear, o: &Tensor, dtype: DType, with_bias: bool) -> Result<Tensor> {
+    let merged = merge_heads(&o.to_dtype(dtype)?)?;
+    if with_bias {
+        Ok(to_out.forward(&merged)?)
+    } else {
+        project(&merged, to_out.weight())
     }
 }
 
 /// `attn1`: self-attention over the image tokens.
 #[derive(Debug, Clone)]
 pub struct SanaSelfAttention {
-    proj: Projections,
+    /// `to_q`, `to_k`, `to_v` concatenated: `(3C, C)`.
+    qkv: Linear,
+    to_out: Linear,
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
+    heads: usize,
+    backend: Backend,
 }
 
 impl SanaSelfAttention {
@@ -92,23 +99,17 @@ impl SanaSelfAttention {
         };
         let backend = plan.resolve(&LayerRef { index, name: &name, role: Role::SelfAttention }, &shape)?;
         Ok(Self {
-            proj: Projections {
-                to_q: linear_b(c, c, cfg.attention_bias, vb.pp("to_q"))?,
-                to_k: linear_b(c, c, cfg.attention_bias, vb.pp("to_k"))?,
-                to_v: linear_b(c, c, cfg.attention_bias, vb.pp("to_v"))?,
-                to_out: linear(c, c, vb.pp("to_out").pp("0"))?,
-                qk_norm: qk_norms(cfg.qk_norm, c, c, &vb)?,
-                heads: cfg.num_attention_heads,
-                backend,
-            },
+            qkv: fused_linear(c, &[(c, "to_q"), (c, "to_k"), (c, "to_v")], cfg.attention_bias, &vb)?,
+            to_out: linear(c, c, vb.pp("to_out").pp("0"))?,
+            qk_norm: qk_norms(cfg.qk_norm, c, c, &vb)?,
+            heads: cfg.num_attention_heads,
+            backend,
         })
     }
 
     /// `x`: `(B, N, C)` tokens of a `grid = [h, w]` -> `(B, N, C)`.
     pub fn forward(&self, x: &Tensor, grid: [usize; 2]) -> Result<Tensor> {
-        let (q, k, v) = self.proj.qkv(x, x)?;
-        let o = attend(&self.proj.backend, &AttentionInput::new(&q, &k, &v).grid(Some(&grid)))?;
-        let out = self.proj.output(&o, x.dtype())?;
+        let out = self.attend(x, grid, true)?;
         // diffusers clips the linear-attention output to the f16 range in f16.
         if x.dtype() == DType::F16 {
             return Ok(out.clamp(-65504f32, 65504f32)?);
@@ -116,15 +117,50 @@ impl SanaSelfAttention {
         Ok(out)
     }
 
-    pub fn backend(&self) -> &Backend {
-        &self.proj.backend
+    /// [`Self::forward`] without the output projection's bias, and that bias, for the block's
+    /// fused gated residual. Not for f16 (the clip comes after the bias).
+    pub fn forward_unbiased(&self, x: &Tensor, grid: [usize; 2]) -> Result<(Tensor, Option<&Tensor>)> {
+        Ok((self.attend(x, grid, false)?, self.to_out.bias()))
     }
+
+    fn attend(&self, x: &Tensor, grid: [usize; 2], with_bias: bool) -> Result<Tensor> {
+        let c = x.dim(2)?;
+        let qkv = self.qkv.forward(x)?;
+        let (q, k, v) = match &self.qk_norm {
+            None => (head_view(&qkv, 0, c, self.heads)?, head_view(&qkv, 1, c, self.heads)?, head_view(&qkv, 2, c, self.heads)?),
+            Some((norm_q, norm_k)) => {
+                let q = norm_q.forward(&qkv.narrow(2, 0, c)?)?;
+                let k = norm_k.forward(&qkv.narrow(2, c, c)?)?;
+                (split_heads(&q, self.heads)?, split_heads(&k, self.heads)?, head_view(&qkv, 2, c, self.heads)?)
+            }
+        };
+        let o = attend(&self.backend, &AttentionInput::new(&q, &k, &v).grid(Some(&grid)))?;
+        output(&self.to_out, &o, x.dtype(), with_bias)
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+}
+
+/// The text side of a cross-attention layer: keys and values `(B, heads, L, d)` (views), computed
+/// once per prompt and reused at every denoising step (the text does not change between steps).
+#[derive(Debug, Clone)]
+pub struct TextKv {
+    k: Tensor,
+    v: Tensor,
 }
 
 /// `attn2`: cross-attention from the image tokens to the text tokens.
 #[derive(Debug, Clone)]
 pub struct SanaCrossAttention {
-    proj: Projections,
+    to_q: Linear,
+    /// `to_k`, `to_v` concatenated: `(2·inner, C_text)`.
+    kv: Linear,
+    to_out: Linear,
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
+    heads: usize,
+    backend: Backend,
 }
 
 impl SanaCrossAttention {
@@ -142,28 +178,52 @@ impl SanaCrossAttention {
         };
         let backend = plan.resolve(&LayerRef { index, name: &name, role: Role::Cross }, &shape)?;
         Ok(Self {
-            proj: Projections {
-                to_q: linear(c, inner, vb.pp("to_q"))?,
-                to_k: linear(cfg.cross_attention_dim, inner, vb.pp("to_k"))?,
-                to_v: linear(cfg.cross_attention_dim, inner, vb.pp("to_v"))?,
-                to_out: linear(inner, c, vb.pp("to_out").pp("0"))?,
-                qk_norm: qk_norms(cfg.qk_norm, inner, inner, &vb)?,
-                heads: cfg.num_cross_attention_heads,
-                backend,
-            },
+            to_q: linear(c, inner, vb.pp("to_q"))?,
+            kv: fused_linear(cfg.cross_attention_dim, &[(inner, "to_k"), (inner, "to_v")], true, &vb)?,
+            to_out: linear(inner, c, vb.pp("to_out").pp("0"))?,
+            qk_norm: qk_norms(cfg.qk_norm, inner, inner, &vb)?,
+            heads: cfg.num_cross_attention_heads,
+            backend,
         })
+    }
+
+    /// The keys and values of `text` `(B, L, C)`.
+    pub fn text_kv(&self, text: &Tensor) -> Result<TextKv> {
+        let kv = self.kv.forward(text)?;
+        let inner = kv.dim(2)? / 2;
+        let k = match &self.qk_norm {
+            Some((_, norm_k)) => split_heads(&norm_k.forward(&kv.narrow(2, 0, inner)?)?, self.heads)?,
+            None => head_view(&kv, 0, inner, self.heads)?,
+        };
+        Ok(TextKv { k, v: head_view(&kv, 1, inner, self.heads)? })
     }
 
     /// `x`: `(B, N, C)`, `text`: `(B, L, C)`, `text_mask`: `(B, L)`, nonzero = keep -> `(B, N, C)`.
     /// Padded keys are excluded. (diffusers adds a -10000 bias instead: the same result unless
     /// every key of a row is padding, where diffusers averages all keys.)
     pub fn forward(&self, x: &Tensor, text: &Tensor, text_mask: Option<&Tensor>) -> Result<Tensor> {
-        let (q, k, v) = self.proj.qkv(x, text)?;
-        let o = attend(&self.proj.backend, &AttentionInput::new(&q, &k, &v).key_mask(text_mask))?;
-        self.proj.output(&o, x.dtype())
+        self.forward_cached(x, &self.text_kv(text)?, text_mask, true)
+    }
+
+    /// [`Self::forward`] with the text's keys and values from [`Self::text_kv`]; `with_bias: false`
+    /// leaves out the output projection's bias (see [`Self::output_bias`]).
+    pub fn forward_cached(&self, x: &Tensor, text: &TextKv, text_mask: Option<&Tensor>, with_bias: bool) -> Result<Tensor> {
+        let q = self.to_q.forward(x)?;
+        let q = match &self.qk_norm {
+            Some((norm_q, _)) => norm_q.forward(&q)?,
+            None => q,
+        };
+        let inner = q.dim(2)?;
+        let q = head_view(&q, 0, inner, self.heads)?;
+        let o = attend(&self.backend, &AttentionInput::new(&q, &text.k, &text.v).key_mask(text_mask))?;
+        output(&self.to_out, &o, x.dtype(), with_bias)
+    }
+
+    pub fn output_bias(&self) -> Option<&Tensor> {
+        self.to_out.bias()
     }
 
     pub fn backend(&self) -> &Backend {
-        &self.proj.backend
+        &self.backend
     }
 }

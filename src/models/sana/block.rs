@@ -10,11 +10,11 @@
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
-use super::attention::{SanaCrossAttention, SanaSelfAttention};
+use super::attention::{SanaCrossAttention, SanaSelfAttention, TextKv};
 use super::config::SanaConfig;
 use crate::attention::plan::AttentionPlan;
 use crate::error::Result;
-use crate::layers::{layer_norm_no_affine, modulate, modulation_chunks, GluMbConv};
+use crate::layers::{gated_residual, modulation_chunks, norm_modulate, GluMbConv};
 
 #[derive(Debug, Clone)]
 pub struct SanaBlock {
@@ -41,21 +41,32 @@ impl SanaBlock {
 
     /// `x`: `(B, h·w, C)`; `temb`: `(B, 6C)`; `text`: `(B, L, C)`; `text_mask`: `(B, L)`.
     pub fn forward(&self, x: &Tensor, temb: &Tensor, text: &Tensor, text_mask: Option<&Tensor>, grid: [usize; 2]) -> Result<Tensor> {
+        self.forward_cached(x, temb, &self.attn2.text_kv(text)?, text_mask, grid)
+    }
+
+    /// [`Self::forward`] with the text's keys and values computed once per prompt
+    /// ([`SanaCrossAttention::text_kv`]). The residual adds take the projections' biases and the
+    /// gates in one fused op each (`layers::gated_residual`).
+    pub fn forward_cached(&self, x: &Tensor, temb: &Tensor, text: &TextKv, text_mask: Option<&Tensor>, grid: [usize; 2]) -> Result<Tensor> {
         let m = modulation_chunks(&self.scale_shift_table, temb, 6)?;
         let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
         let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
 
-        let h = modulate(&layer_norm_no_affine(x, self.norm_eps)?, shift_msa, scale_msa)?.to_dtype(x.dtype())?;
-        let attn = self.attn1.forward(&h, grid)?;
-        let x = (x + attn.broadcast_mul(gate_msa)?)?;
+        let h = norm_modulate(x, shift_msa, scale_msa, self.norm_eps)?.to_dtype(x.dtype())?;
+        let x = if x.dtype() == DType::F16 {
+            // The f16 clip of the attention output comes after its bias: no folding.
+            gated_residual(x, &self.attn1.forward(&h, grid)?, None, Some(gate_msa))?
+        } else {
+            let (attn, bias) = self.attn1.forward_unbiased(&h, grid)?;
+            gated_residual(x, &attn, bias, Some(gate_msa))?
+        };
 
-        let x = (&x + self.attn2.forward(&x, text, text_mask)?)?;
+        let cross = self.attn2.forward_cached(&x, text, text_mask, false)?;
+        let x = gated_residual(&x, &cross, self.attn2.output_bias(), None)?;
 
-        let h = modulate(&layer_norm_no_affine(&x, self.norm_eps)?, shift_mlp, scale_mlp)?;
-        let (b, n, c) = h.dims3()?;
-        let image = h.transpose(1, 2)?.reshape((b, c, grid[0], grid[1]))?;
-        let ff = self.ff.forward(&image)?.reshape((b, c, n))?.transpose(1, 2)?;
-        Ok((x + ff.broadcast_mul(gate_mlp)?)?)
+        let h = norm_modulate(&x, shift_mlp, scale_mlp, self.norm_eps)?;
+        let ff = self.ff.forward_tokens(&h, grid)?;
+        gated_residual(&x, &ff, None, Some(gate_mlp))
     }
 
     pub fn self_attention(&self) -> &SanaSelfAttention {

@@ -8,4 +8,4 @@ pub mod config;
 pub mod transformer;
 
 pub use config::{QkNorm, SanaConfig};
-pub use transformer::SanaTransformer;
+pub use transformer::{SanaTransformer, TextContext};

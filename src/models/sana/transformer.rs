@@ -4,12 +4,13 @@
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
 
+use super::attention::TextKv;
 use super::block::SanaBlock;
 use super::config::SanaConfig;
 use crate::attention::plan::AttentionPlan;
 use crate::error::{Error, Result};
 use crate::layers::{
-    layer_norm_no_affine, modulate, modulation_chunks, AdaLayerNormSingle, CaptionProjection, PatchEmbed, RmsNorm,
+    modulation_chunks, norm_modulate, AdaLayerNormSingle, CaptionProjection, PatchEmbed, RmsNorm,
     TimestepGuidanceEmbedding,
 };
 
@@ -23,6 +24,14 @@ const CAPTION_NORM_EPS: f64 = 1e-5;
 enum TimeEmbed {
     Timestep(AdaLayerNormSingle),
     TimestepGuidance(TimestepGuidanceEmbedding),
+}
+
+/// What [`SanaTransformer::text_context`] computes once per prompt.
+#[derive(Debug, Clone)]
+pub struct TextContext {
+    batch: usize,
+    mask: Tensor,
+    kv: Vec<TextKv>,
 }
 
 #[derive(Debug, Clone)]
@@ -85,6 +94,22 @@ impl SanaTransformer {
         &self.blocks
     }
 
+    /// The text side of every step, computed once per prompt: the projected, normalized caption's
+    /// keys and values for each block's cross-attention, and the mask as f32.
+    /// - `text`: `(B, L, caption_channels)`; `text_mask`: `(B, L)`, nonzero = real token.
+    pub fn text_context(&self, text: &Tensor, text_mask: &Tensor) -> Result<TextContext> {
+        let (b, l, tc) = text.dims3().map_err(|_| Error::Usage(format!("text must be (B, L, C), got {:?}", text.dims())))?;
+        if tc != self.cfg.caption_channels {
+            return Err(Error::Usage(format!("text {:?} must have {} channels", text.dims(), self.cfg.caption_channels)));
+        }
+        if text_mask.dims() != [b, l] {
+            return Err(Error::Usage(format!("text mask must be ({b}, {l}), got {:?}", text_mask.dims())));
+        }
+        let caption = self.caption_norm.forward(&self.caption_projection.forward(&text.to_dtype(self.dtype)?.contiguous()?)?)?;
+        let kv = self.blocks.iter().map(|block| block.cross_attention().text_kv(&caption)).collect::<Result<Vec<_>>>()?;
+        Ok(TextContext { batch: b, mask: text_mask.to_dtype(DType::F32)?, kv })
+    }
+
     /// Predicts the flow velocity.
     /// - `latents`: `(B, in_channels, H, W)`, H and W divisible by the patch size;
     /// - `timestep`: `(B,)` (already multiplied by `timestep_scale`, as diffusers' pipeline does);
@@ -101,6 +126,18 @@ impl SanaTransformer {
         text_mask: &Tensor,
         guidance: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.forward_with_text(latents, timestep, &self.text_context(text, text_mask)?, guidance)
+    }
+
+    /// [`Self::forward`] with the text side from [`Self::text_context`] (a sampler calls this at
+    /// every step with the same context).
+    pub fn forward_with_text(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+        text: &TextContext,
+        guidance: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, cin, h, w) = latents
             .dims4()
             .map_err(|_| Error::Usage(format!("latents must be (B, C, H, W), got {:?}", latents.dims())))?;
@@ -114,16 +151,8 @@ impl SanaTransformer {
         if timestep.dims() != [b] {
             return Err(Error::Usage(format!("timestep must be ({b},), got {:?}", timestep.dims())));
         }
-        let (tb, l, tc) = text.dims3().map_err(|_| Error::Usage(format!("text must be (B, L, C), got {:?}", text.dims())))?;
-        if tb != b || tc != self.cfg.caption_channels {
-            return Err(Error::Usage(format!(
-                "text {:?} must be ({b}, L, {}) to match the latents",
-                text.dims(),
-                self.cfg.caption_channels
-            )));
-        }
-        if text_mask.dims() != [b, l] {
-            return Err(Error::Usage(format!("text mask must be ({b}, {l}), got {:?}", text_mask.dims())));
+        if text.batch != b {
+            return Err(Error::Usage(format!("the text has batch {} but the latents {b}", text.batch)));
         }
         let grid = [h / p, w / p];
 
@@ -143,17 +172,14 @@ impl SanaTransformer {
                 return Err(Error::Usage("this model (guidance_embeds) needs a guidance value".into()))
             }
         };
-        let text = self.caption_norm.forward(&self.caption_projection.forward(&text.to_dtype(self.dtype)?.contiguous()?)?)?;
-        let mask = text_mask.to_dtype(DType::F32)?;
-
         let mut x = x;
-        for block in &self.blocks {
-            x = block.forward(&x, &temb, &text, Some(&mask), grid)?;
+        for (block, kv) in self.blocks.iter().zip(&text.kv) {
+            x = block.forward_cached(&x, &temb, kv, Some(&text.mask), grid)?;
         }
 
         // Final layer: shift first, then scale, from the embedded timestep (not the 6C vector).
         let m = modulation_chunks(&self.scale_shift_table, &embedded, 2)?;
-        let x = modulate(&layer_norm_no_affine(&x, NORM_OUT_EPS)?, &m[0], &m[1])?;
+        let x = norm_modulate(&x, &m[0], &m[1], NORM_OUT_EPS)?;
         let x = self.proj_out.forward(&x)?;
 
         // Unpatchify: proj_out channels are (ph, pw, c) with c fastest.

@@ -2,7 +2,8 @@
 //!
 //! On CUDA: the GPU (name, SMs, memory), the device copy rate and a bf16 4096³ candle matmul (the
 //! two ceilings), then the attention cases. Times are CUDA-event medians over `iters` runs after
-//! warm-up. Cases: `copy`, `matmul`, `linear` (our linear-attention kernels); `None` runs all.
+//! warm-up. Cases: `copy`, `matmul`, `dense` and `linear` (our attention kernels), `sana` (a whole
+//! SANA-1600M step and image with random weights, [`sana`]); `None` runs all but `sana`.
 
 use crate::error::{Error, Result};
 
@@ -14,16 +15,22 @@ pub struct BenchOptions {
     pub case: Option<String>,
     /// Timed runs per measurement (after warm-up).
     pub iters: usize,
+    /// A file of `baseline NAME: VALUE ms` lines measured in the same run (the PyTorch scripts
+    /// under tests/bench/): cases print their ratio to the matching line.
+    pub baseline: Option<std::path::PathBuf>,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        Self { device: "cuda".into(), case: None, iters: 20 }
+        Self { device: "cuda".into(), case: None, iters: 20, baseline: None }
     }
 }
 
 /// The cases `run` knows.
-pub const CASES: [&str; 3] = ["copy", "matmul", "linear"];
+pub const CASES: [&str; 5] = ["copy", "matmul", "dense", "linear", "sana"];
+
+#[cfg(feature = "cuda")]
+mod sana;
 
 enum Target {
     Cpu,
@@ -67,7 +74,25 @@ fn cuda_run(opts: &BenchOptions, ordinal: usize) -> Result<()> {
 }
 
 fn wants(opts: &BenchOptions, case: &str) -> bool {
-    opts.case.as_deref().is_none_or(|c| c == case)
+    match opts.case.as_deref() {
+        // The whole-model case takes minutes and tens of GB: only when named.
+        None => case != "sana",
+        Some(c) => c == case,
+    }
+}
+
+/// `baseline NAME: VALUE ms` lines of a baseline log, by NAME.
+pub fn read_baselines(path: &std::path::Path) -> Result<std::collections::HashMap<String, f64>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::usage(format!("cannot read baseline log `{}`: {e}", path.display())))?;
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("baseline ")?;
+            let (name, value) = rest.split_once(": ")?;
+            let ms = value.split_whitespace().next()?.parse::<f64>().ok()?;
+            Some((name.trim().to_string(), ms))
+        })
+        .collect())
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -98,8 +123,8 @@ mod cpu {
             let ms = median(times);
             println!("matmul f32 {n}³ (cpu): {ms:.3} ms, {:.1} GFLOP/s", 2.0 * (n as f64).powi(3) / ms / 1e6);
         }
-        if wants(opts, "linear") || wants(opts, "copy") {
-            println!("(copy and linear run on CUDA only: --device cuda)");
+        if ["copy", "dense", "linear", "sana"].iter().any(|case| wants(opts, case)) {
+            println!("(copy, dense, linear and sana run on CUDA only: --device cuda)");
         }
         Ok(())
     }
@@ -112,11 +137,26 @@ mod gpu {
     use candle_core::cuda_backend::CudaDevice;
     use candle_core::{DType, Device, Tensor};
 
+    use crate::attention::cuda::dense;
     use crate::attention::cuda::linear::{self, KernelOptions, OutConfig, Passes};
+
+    type Baselines = std::collections::HashMap<String, f64>;
     use crate::attention::Rope;
 
     /// Median milliseconds of `f` over `iters` runs after `warmup`, by CUDA events on the stream.
-    pub fn time_ms(dev: &CudaDevice, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    pub fn time_ms(dev: &CudaDevice, warmup: usize, iters: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
+        time_ms_per_call(dev, warmup, iters, 1, f)
+    }
+
+    /// [`time_ms`] with `calls` back-to-back calls per sample, divided by `calls`: for a single
+    /// kernel, so the host's work between launches overlaps the previous launch, as in a model.
+    pub fn time_ms_per_call(
+        dev: &CudaDevice,
+        warmup: usize,
+        iters: usize,
+        calls: usize,
+        mut f: impl FnMut() -> Result<()>,
+    ) -> Result<f64> {
         let stream = dev.cuda_stream();
         let ev = |e| Error::Other(format!("cuda event: {e:?}"));
         for _ in 0..warmup {
@@ -125,10 +165,12 @@ mod gpu {
         let mut times = Vec::with_capacity(iters);
         for _ in 0..iters {
             let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(ev)?;
-            f()?;
+            for _ in 0..calls {
+                f()?;
+            }
             let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(ev)?;
             end.synchronize().map_err(ev)?;
-            times.push(start.elapsed_ms(&end).map_err(ev)? as f64);
+            times.push(start.elapsed_ms(&end).map_err(ev)? as f64 / calls as f64);
         }
         Ok(median(times))
     }
@@ -169,20 +211,54 @@ mod gpu {
             })?;
             println!("matmul bf16 {n}³ (candle/cuBLAS): {ms:.3} ms, {:.0} TFLOP/s", 2.0 * (n as f64).powi(3) / ms / 1e9);
         }
+        let baselines = opts.baseline.as_deref().map(read_baselines).transpose()?.unwrap_or_default();
+        if wants(opts, "dense") {
+            dense_cases(&device, &dev, opts.iters, &baselines)?;
+        }
         if wants(opts, "linear") {
-            linear_cases(&device, &dev, opts.iters)?;
+            linear_cases(&device, &dev, opts.iters, &baselines)?;
+        }
+        if wants(opts, "sana") {
+            super::sana::run(&device, &dev, ordinal, opts.iters, &baselines)?;
         }
         Ok(())
     }
 
-    /// The shapes of the linear-attention goal: (B, H, N, D).
-    pub const LINEAR_SHAPES: [(usize, usize, usize, usize); 4] =
+    /// The shapes of the attention goals (issue 3): (B, H, N, D).
+    pub const ATTENTION_SHAPES: [(usize, usize, usize, usize); 4] =
         [(1, 24, 4608, 128), (1, 24, 16896, 128), (1, 20, 32760, 112), (2, 16, 8192, 64)];
 
-    fn linear_cases(device: &Device, dev: &CudaDevice, iters: usize) -> Result<()> {
-        println!("linear attention (bytes = read q, k, v + write o; TB/s = bytes / time):");
-        println!("{:<26} {:<6} {:<12} {:>9} {:>8}", "shape", "dtype", "variant", "ms", "TB/s");
-        for &(b, h, n, d) in &LINEAR_SHAPES {
+    /// `baseline / ours`, or "-" when the baseline log has no such line.
+    fn ratio(baselines: &Baselines, name: &str, ms: f64) -> String {
+        baselines.get(name).map_or("-".into(), |b| format!("{:.2}", b / ms))
+    }
+
+    /// Our dense flash-attention kernel, bf16, no mask; ratio to `baseline cudnn SHAPE` lines
+    /// (tests/bench/dense_baseline.py).
+    fn dense_cases(device: &Device, dev: &CudaDevice, iters: usize, baselines: &Baselines) -> Result<()> {
+        println!("dense attention (FLOP = 4·B·H·N²·D):");
+        println!("{:<26} {:>9} {:>8} {:>10} {:>13}", "shape", "ms", "TFLOP/s", "cuDNN ms", "cuDNN / ours");
+        for &(b, h, n, d) in &ATTENTION_SHAPES {
+            let make = || -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, (b, h, n, d), device)?.to_dtype(DType::BF16)?) };
+            let (q, k, v) = (make()?, make()?, make()?);
+            let scale = 1.0 / (d as f64).sqrt();
+            let ms = time_ms_per_call(dev, 3, iters, 4, || {
+                dense::forward(&q, &k, &v, None, None, scale)?;
+                Ok(())
+            })?;
+            let shape = format!("B{b} H{h} N{n} D{d}");
+            let tflops = 4.0 * (b * h) as f64 * (n * n * d) as f64 / ms / 1e9;
+            let key = format!("cudnn {shape}");
+            let cudnn = baselines.get(&key).map_or("-".into(), |c| format!("{c:.3}"));
+            println!("{shape:<26} {ms:>9.3} {tflops:>8.0} {cudnn:>10} {:>13}", ratio(baselines, &key, ms));
+        }
+        Ok(())
+    }
+
+    fn linear_cases(device: &Device, dev: &CudaDevice, iters: usize, baselines: &Baselines) -> Result<()> {
+        println!("linear attention (bytes = read q, k, v + write o; TB/s = bytes / time; eager = PyTorch, same run):");
+        println!("{:<26} {:<6} {:<12} {:>9} {:>8} {:>13}", "shape", "dtype", "variant", "ms", "TB/s", "eager / ours");
+        for &(b, h, n, d) in &ATTENTION_SHAPES {
             let q = Tensor::randn(0f32, 1.0, (b, h, n, d), device)?.to_dtype(DType::BF16)?;
             let k = Tensor::randn(0f32, 1.0, (b, h, n, d), device)?.to_dtype(DType::BF16)?;
             let v = Tensor::randn(0f32, 1.0, (b, h, n, d), device)?.to_dtype(DType::BF16)?;
@@ -190,29 +266,32 @@ mod gpu {
             let shape = format!("B{b} H{h} N{n} D{d}");
             let base = KernelOptions::new(1e-15);
             let mut variants: Vec<(&str, Option<Rope>, KernelOptions, usize)> = vec![
-                ("split", None, base, n),
-                ("single", None, KernelOptions { split_state: false, ..base }, n),
-                ("split v1", None, KernelOptions { out_config: OutConfig::V1, ..base }, n),
-                ("split v3", None, KernelOptions { out_config: OutConfig::V3, ..base }, n),
-                ("single v3", None, KernelOptions { out_config: OutConfig::V3, split_state: false, ..base }, n),
-                ("out v3", None, KernelOptions { out_config: OutConfig::V3, passes: Passes::OutOnly, ..base }, n),
+                ("v3 single", None, base, n),
+                ("v3 split", None, KernelOptions { split_state: true, ..base }, n),
+                ("v2 split", None, KernelOptions { out_config: OutConfig::V2, split_state: true, ..base }, n),
+                ("v1 split", None, KernelOptions { out_config: OutConfig::V1, split_state: true, ..base }, n),
                 ("state pass", None, KernelOptions { passes: Passes::StateOnly, ..base }, n),
-                ("out pass", None, KernelOptions { passes: Passes::OutOnly, ..base }, n),
+                ("out pass v3", None, KernelOptions { passes: Passes::OutOnly, ..base }, n),
             ];
             if d == 112 {
                 // SANA-Video: RoPE numerator, and the chunk-causal form over 4 chunks.
                 let rope = rope_tables(device, n, d)?;
-                variants.push(("rope+split", Some(rope.clone()), base, n));
+                variants.push(("rope", Some(rope.clone()), base, n));
                 variants.push(("rope chunk/4", Some(rope), base, n.div_ceil(4)));
             }
             for (label, rope, o, chunk) in variants {
-                let ms = time_ms(dev, 3, iters, || {
+                let ms = time_ms_per_call(dev, 3, iters, 4, || {
                     linear::run(&q, &k, &v, rope.as_ref(), None, chunk, &o)?;
                     Ok(())
                 })?;
                 // The single passes move half the bytes each (k, v in; q in, o out).
                 let moved = if o.passes == Passes::Both { bytes } else { bytes / 2.0 };
-                println!("{shape:<26} {:<6} {label:<12} {ms:>9.4} {:>8.3}", "bf16", moved / ms / 1e9);
+                let eager = match label {
+                    "rope" => ratio(baselines, &format!("eager rope {shape}"), ms),
+                    _ if o.passes == Passes::Both && chunk == n => ratio(baselines, &format!("eager plain {shape}"), ms),
+                    _ => "".into(),
+                };
+                println!("{shape:<26} {:<6} {label:<12} {ms:>9.4} {:>8.3} {eager:>13}", "bf16", moved / ms / 1e9);
             }
         }
         Ok(())
@@ -244,7 +323,7 @@ mod tests {
 
     #[test]
     fn bad_options_are_usage_errors() {
-        let opts = |case: Option<&str>, iters| BenchOptions { device: "cpu".into(), case: case.map(String::from), iters };
+        let opts = |case: Option<&str>, iters| BenchOptions { device: "cpu".into(), case: case.map(String::from), iters, baseline: None };
         assert!(matches!(run(&opts(Some("nope"), 1)), Err(Error::Usage(_))));
         assert!(matches!(run(&opts(None, 0)), Err(Error::Usage(_))));
     }
@@ -252,7 +331,7 @@ mod tests {
     #[cfg(not(feature = "cuda"))]
     #[test]
     fn cuda_without_the_feature_says_how_to_rebuild() {
-        let opts = BenchOptions { device: "cuda".into(), case: None, iters: 1 };
+        let opts = BenchOptions { device: "cuda".into(), case: None, iters: 1, baseline: None };
         match run(&opts) {
             Err(Error::Usage(msg)) => assert!(msg.contains("--features cuda"), "{msg}"),
             other => panic!("expected a usage error, got {other:?}"),
@@ -261,7 +340,7 @@ mod tests {
 
     #[test]
     fn cpu_matmul_case_runs() {
-        let opts = BenchOptions { device: "cpu".into(), case: Some("matmul".into()), iters: 1 };
+        let opts = BenchOptions { device: "cpu".into(), case: Some("matmul".into()), iters: 1, baseline: None };
         run(&opts).unwrap();
     }
 }

@@ -1,0 +1,99 @@
+// LayerNorm without affine parameters, then AdaLN modulation, in one pass (SANA's norm1 / norm2 /
+// norm_out):
+//
+//   y[r, :] = (x[r, :] - mean) / sqrt(var + eps) · (1 + scale[b, :]) + shift[b, :],   b = r / rows_per_batch
+//
+// x, y: (rows, C) in T (bf16 / f16 / f32); shift, scale: (B, C) rows in T, `mod_stride` elements
+// apart (views into the (B, 6, C) modulation table need no copy); statistics in f32, two-pass
+// (mean, then the mean of squared deviations from registers: no cancellation). One block per row;
+// each thread keeps its C / THREADS elements in registers between the passes.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace norm_modulate {
+
+template <typename T> __device__ __forceinline__ float to_f32(T v);
+template <> __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f32(float v) { return v; }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half from_f32(float v) { return __float2half(v); }
+template <> __device__ __forceinline__ float from_f32(float v) { return v; }
+
+constexpr int THREADS = 256;
+// Elements per thread kept in registers: C <= THREADS · PER_THREAD (8192).
+constexpr int PER_THREAD = 32;
+
+struct Layout {
+    int rows, channels, rows_per_batch;
+    float eps;
+    long long mod_stride;  // elements between the shift (and scale) rows of consecutive batches
+};
+
+// Sum over the block; every thread gets the result.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();  // scratch may still be read from the previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < THREADS / 32; ++w) total += scratch[w];
+    return total;
+}
+
+template <typename T>
+__device__ void layer_norm_modulate(const T* __restrict__ x, const T* __restrict__ shift, const T* __restrict__ scale,
+                                    T* __restrict__ y, Layout L) {
+    __shared__ float scratch[THREADS / 32];
+    const int r = blockIdx.x;
+    const int b = r / L.rows_per_batch;
+    const T* row = x + (size_t)r * L.channels;
+
+    // load: this thread's elements, strided by THREADS (coalesced)
+    float v[PER_THREAD];
+    float sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < PER_THREAD; ++k) {
+        const int c = threadIdx.x + k * THREADS;
+        v[k] = c < L.channels ? to_f32(row[c]) : 0.f;
+        sum += v[k];
+    }
+    // compute: mean, then the biased variance from the centered values
+    const float mean = block_sum(sum, scratch) / L.channels;
+    float sq = 0.f;
+#pragma unroll
+    for (int k = 0; k < PER_THREAD; ++k) {
+        const int c = threadIdx.x + k * THREADS;
+        const float d = c < L.channels ? v[k] - mean : 0.f;
+        sq += d * d;
+    }
+    const float rstd = rsqrtf(block_sum(sq, scratch) / L.channels + L.eps);
+
+    // store: (x - mean) · rstd · (1 + scale) + shift
+    T* out = y + (size_t)r * L.channels;
+    const T* sh = shift + (size_t)b * L.mod_stride;
+    const T* sc = scale + (size_t)b * L.mod_stride;
+#pragma unroll
+    for (int k = 0; k < PER_THREAD; ++k) {
+        const int c = threadIdx.x + k * THREADS;
+        if (c < L.channels) out[c] = from_f32<T>((v[k] - mean) * rstd * (1.f + to_f32(sc[c])) + to_f32(sh[c]));
+    }
+}
+
+}  // namespace norm_modulate
+
+#define NORM_MODULATE_KERNEL(NAME, T)                                                             \
+    extern "C" __global__ void __launch_bounds__(norm_modulate::THREADS)                          \
+        NAME(const T* x, const T* shift, const T* scale, T* y, norm_modulate::Layout L) {         \
+        norm_modulate::layer_norm_modulate<T>(x, shift, scale, y, L);                             \
+    }
+
+NORM_MODULATE_KERNEL(layer_norm_modulate_bf16, __nv_bfloat16)
+NORM_MODULATE_KERNEL(layer_norm_modulate_f16, __half)
+NORM_MODULATE_KERNEL(layer_norm_modulate_f32, float)
