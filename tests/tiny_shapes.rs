@@ -106,9 +106,9 @@ fn time_grid_runs_from_noise_to_the_picture() {
 }
 
 /// Single-object prompts with fixed seeds, scored by the independent shapes scorer. The shipped
-/// model is weak (two short training runs): when measured it drew a blob of the asked color for
-/// 3 of 8 prompts and passed the full check (a blob of the asked color, shape and size)
-/// for 2 of 8. The bars sit below that; untrained or broken weights score 0 on both.
+/// model is weak (about 5 minutes of training): when measured it drew a blob of the asked color
+/// for 2 of 8 prompts and passed the full check (a blob of the asked color, shape and size) for
+/// 1 of 8. The bars sit at that; untrained or broken weights score 0 on both.
 #[test]
 fn model_draws_single_objects_the_scorer_accepts() {
     let prompts = [
