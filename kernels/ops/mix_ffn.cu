@@ -8,20 +8,12 @@
 // Unfused, this is ~20 passes over a tensor of 2C·H·W elements; here it is one read of u and one
 // write of out. Memory-bound: the 18 MACs per output are free beside the bytes.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "elem.cuh"
 
 namespace mix_ffn {
 
-template <typename T> __device__ __forceinline__ float to_f32(T v);
-template <> __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <> __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f32(float v) { return v; }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32(float v) { return __float2bfloat16(v); }
-template <> __device__ __forceinline__ __half from_f32(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ float from_f32(float v) { return v; }
+using ops::from_f32;
+using ops::to_f32;
 
 // Fast division: the error (2 ulp) is far below the bf16/f16 rounding of the output.
 __device__ __forceinline__ float silu(float v) { return __fdividef(v, 1.f + __expf(-v)); }

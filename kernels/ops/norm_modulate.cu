@@ -8,20 +8,12 @@
 // (mean, then the mean of squared deviations from registers: no cancellation). One block per row;
 // each thread keeps its C / THREADS elements in registers between the passes.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "elem.cuh"
 
 namespace norm_modulate {
 
-template <typename T> __device__ __forceinline__ float to_f32(T v);
-template <> __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <> __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f32(float v) { return v; }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32(float v) { return __float2bfloat16(v); }
-template <> __device__ __forceinline__ __half from_f32(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ float from_f32(float v) { return v; }
+using ops::from_f32;
+using ops::to_f32;
 
 constexpr int THREADS = 256;
 // Elements per thread kept in registers: C <= THREADS · PER_THREAD (8192).

@@ -7,20 +7,12 @@
 // and stores are coalesced. Two passes over the channels (the sum of squares, then the scaled
 // values): the second re-reads x, mostly from L2 for the planes of a block. f32 math, one rounding.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "elem.cuh"
 
 namespace rms_norm {
 
-template <typename T> __device__ __forceinline__ float to_f32(T v);
-template <> __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <> __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f32(float v) { return v; }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32(float v) { return __float2bfloat16(v); }
-template <> __device__ __forceinline__ __half from_f32(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ float from_f32(float v) { return v; }
+using ops::from_f32;
+using ops::to_f32;
 
 constexpr int THREADS = 256;
 
