@@ -1,0 +1,62 @@
+//! 3×3 convolutions as im2col (kernels/ops/im2col.cu) + one tensor-core GEMM.
+
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::{DType, Tensor};
+
+use super::{launch_err, suffix};
+use crate::attention::cuda::{cuda_device, into_tensor, CudaRead};
+use crate::error::{Error, Result};
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct Im2colLayout {
+    batch: i32,
+    channels: i32,
+    height: i32,
+    width: i32,
+}
+unsafe impl DeviceRepr for Im2colLayout {}
+
+/// A 3×3 convolution with stride 1 and padding 1 as im2col + one batched GEMM whose output is
+/// already NCHW: `x` `(B, C, H, W)` bf16/f16, `weight` `(C_out, C, 3, 3)`, `bias` `(C_out,)`.
+/// `None` when the grid of the im2col kernel would not fit (B·C·9 rows > 65535).
+pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let what = "3x3 convolution (im2col + GEMM)";
+    let (b, c, h, w) = x.dims4()?;
+    let (c_out, c_in, kh, kw) = weight.dims4()?;
+    if (c_in, kh, kw) != (c, 3, 3) {
+        return Err(Error::Other(format!("{what}: weight {:?} does not fit input {:?}", weight.dims(), x.dims())));
+    }
+    if b * c * 9 > 65535 || h * w == 0 {
+        return Ok(None);
+    }
+    let col = match x.dtype() {
+        DType::BF16 => im2col_typed::<half::bf16>(x, (b, c, h, w))?,
+        DType::F16 => im2col_typed::<half::f16>(x, (b, c, h, w))?,
+        _ => return Ok(None),
+    };
+    // (C_out, C·9) x (B, C·9, H·W) -> (B, C_out, H·W)
+    let w2 = weight.to_dtype(x.dtype())?.reshape((c_out, c * 9))?;
+    let mut y = w2.broadcast_matmul(&col)?;
+    if let Some(bias) = bias {
+        y = y.broadcast_add(&bias.to_dtype(x.dtype())?.reshape((1, c_out, 1))?)?;
+    }
+    Ok(Some(y.reshape((b, c_out, h, w))?))
+}
+
+fn im2col_typed<T: CudaDType + DeviceRepr>(x: &Tensor, (b, c, h, w): (usize, usize, usize, usize)) -> Result<Tensor> {
+    let what = "im2col";
+    let dev: CudaDevice = cuda_device(x, what)?;
+    let kernel = crate::kernels::load(&dev, "ops/im2col", &format!("im2col3x3_{}", suffix(x.dtype(), what)?))?;
+    let x = x.contiguous()?;
+    let layout = Im2colLayout { batch: b as i32, channels: c as i32, height: h as i32, width: w as i32 };
+    let mut col = unsafe { dev.alloc::<T>(b * c * 9 * h * w)? };
+    let rx = CudaRead::new(&x)?;
+    let vx = rx.view::<T>()?;
+    let cfg = LaunchConfig { grid_dim: ((h * w).div_ceil(256) as u32, (b * c * 9) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut launch = kernel.builder();
+    launch.arg(&vx).arg(&mut col).arg(&layout);
+    unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
+    Ok(into_tensor(col, &dev, (b, c * 9, h * w)))
+}
