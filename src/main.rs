@@ -81,6 +81,10 @@ struct GenerateArgs {
     width: Option<usize>,
     #[arg(long)]
     height: Option<usize>,
+    /// Generate at exactly --width x --height instead of SANA's closest trained size resized to it
+    /// (diffusers' `use_resolution_binning=False`).
+    #[arg(long)]
+    no_resolution_binning: bool,
     /// cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -164,6 +168,7 @@ fn image_request(args: &GenerateArgs) -> ImageRequest {
         cfg: args.cfg,
         seed: args.seed,
         count: 1,
+        resolution_binning: !args.no_resolution_binning,
     }
 }
 

@@ -37,6 +37,7 @@ fn bad_input_is_a_clear_error() {
     assert_usage_error(&["image", "--prompt", "a cat", "--device", "tpu", "--out", out], "tpu");
     assert_usage_error(&["image", "--prompt", "a cat", "--dtype", "f8", "--out", out], "f8");
     assert_usage_error(&["image", "--prompt", "a cat", "--steps", "0", "--out", out], "steps");
+    assert_usage_error(&["image", "--prompt", "a cat", "--width", "99999", "--out", out], "16384");
     assert_usage_error(&["image", "--prompt", "a cat", "--model", "/no/spec.toml", "--out", out], "/no/spec.toml");
     // clap's own usage errors also exit 2
     let (code, _, _) = gen(&["image"]);

@@ -4,6 +4,7 @@
 //! The request types are shared by the CLI and library users.
 
 pub mod request;
+pub mod resolution_bins;
 pub mod sana;
 pub mod tiny_shapes;
 

@@ -5,7 +5,7 @@ use candle_core::{DType, Device};
 use crate::error::{Error, Result};
 
 /// One text-to-image job. Unset fields take the pipeline spec's defaults.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImageRequest {
     pub prompt: String,
     pub negative_prompt: Option<String>,
@@ -16,11 +16,34 @@ pub struct ImageRequest {
     pub seed: u64,
     /// Images per prompt.
     pub count: usize,
+    /// Models trained on a set of sizes (SANA) generate at the trained size of the closest aspect
+    /// ratio and resize the picture to the request, as diffusers does by default
+    /// (`use_resolution_binning`); `false` generates at exactly the requested size.
+    pub resolution_binning: bool,
+}
+
+/// The largest width or height a request may ask for.
+pub const MAX_SIDE: usize = 16384;
+
+impl Default for ImageRequest {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: None,
+            width: None,
+            height: None,
+            steps: None,
+            cfg: None,
+            seed: 0,
+            count: 1,
+            resolution_binning: true,
+        }
+    }
 }
 
 impl ImageRequest {
     pub fn new(prompt: impl Into<String>) -> Self {
-        Self { prompt: prompt.into(), count: 1, ..Default::default() }
+        Self { prompt: prompt.into(), ..Default::default() }
     }
     pub fn size(mut self, width: usize, height: usize) -> Self {
         self.width = Some(width);
@@ -37,6 +60,10 @@ impl ImageRequest {
     }
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = seed;
+        self
+    }
+    pub fn resolution_binning(mut self, on: bool) -> Self {
+        self.resolution_binning = on;
         self
     }
     pub fn negative_prompt(mut self, text: impl Into<String>) -> Self {
@@ -59,6 +86,9 @@ impl ImageRequest {
         }
         if self.width == Some(0) || self.height == Some(0) {
             return Err(Error::usage("--width and --height must be positive"));
+        }
+        if self.width.max(self.height).is_some_and(|side| side > MAX_SIDE) {
+            return Err(Error::usage(format!("--width and --height must be at most {MAX_SIDE}")));
         }
         if self.count == 0 {
             return Err(Error::usage("the image count must be at least 1"));

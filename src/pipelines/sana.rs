@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
 use super::request::{Flow, Progress, Stage};
+use super::resolution_bins::{resize_and_crop, ResolutionBins};
 use super::{ImageRequest, LoadOptions};
 use crate::attention::plan::AttentionPlan;
 use crate::error::{Error, Result};
@@ -117,11 +118,33 @@ impl SanaPipeline {
         progress: &mut dyn FnMut(Progress) -> Flow,
     ) -> Result<Vec<RgbImage>> {
         request.validate()?;
-        let (width, height) = self.image_size(request)?;
-        let (channels, h, w) = self.latent_shape(width, height);
+        let (width, height) = self.image_size(request);
+        let (gen_width, gen_height) = self.generation_size(request, width, height)?;
+        let (channels, h, w) = self.latent_shape(gen_width, gen_height);
         let noise = seeded_normal(request.seed, (request.count, channels, h, w), &self.device)?;
-        let output = self.generate_from_latents(request, noise, progress)?;
-        to_images(&output.pixels)
+        let at_bin = request.clone().size(gen_width, gen_height);
+        let output = self.generate_from_latents(&at_bin, noise, progress)?;
+        if (gen_width, gen_height) == (width, height) {
+            to_images(&output.pixels)
+        } else {
+            to_images(&resize_and_crop(&output.pixels, height, width)?)
+        }
+    }
+
+    /// The size the model draws at: with resolution binning, the trained size whose aspect ratio is
+    /// closest to the request's (models without a bin table draw at the request's size).
+    fn generation_size(&self, request: &ImageRequest, width: usize, height: usize) -> Result<(usize, usize)> {
+        let bins = ResolutionBins::for_sample_size(self.transformer.config().sample_size);
+        match bins.filter(|_| request.resolution_binning) {
+            Some(bins) => {
+                let (h, w) = bins.closest(height, width);
+                Ok((w, h))
+            }
+            None => {
+                ImageRequest::check_size(width, height, self.pixels_per_token(), &self.name)?;
+                Ok((width, height))
+            }
+        }
     }
 
     /// The whole pipeline from given initial latents `(count, C, h, w)` (diffusers' `latents=`
@@ -198,11 +221,8 @@ impl SanaPipeline {
         Ok(SanaOutput { latents, pixels })
     }
 
-    fn image_size(&self, request: &ImageRequest) -> Result<(usize, usize)> {
-        let width = request.width.unwrap_or(self.default_size.0);
-        let height = request.height.unwrap_or(self.default_size.1);
-        ImageRequest::check_size(width, height, self.pixels_per_token(), &self.name)?;
-        Ok((width, height))
+    fn image_size(&self, request: &ImageRequest) -> (usize, usize) {
+        (request.width.unwrap_or(self.default_size.0), request.height.unwrap_or(self.default_size.1))
     }
 
     fn vae_dtype(&self) -> DType {
