@@ -269,9 +269,14 @@ __device__ __forceinline__ void importance(const PsaImpTcArgs& a) {
     for (int qi = 0; qi < cta_qblocks; ++qi) {
         float part = 0.f;
         for (int j = ctid; j < kb; j += kConsumerThreads) {
+            // R was written long ago (mostly evicted to HBM): all 32 loads in flight at once.
+            const float* col = r_cta + (int64_t)qi * 32 * kb + j;
+            float x[32];
+#pragma unroll
+            for (int r = 0; r < 32; ++r) x[r] = col[(int64_t)r * kb];
             float s = 0.f;  // every exp is > 0 (the row max is finite)
-#pragma unroll 8
-            for (int r = qi * 32; r < qi * 32 + 32; ++r) s = fmaxf(s, expf(r_cta[(int64_t)r * kb + j] - s_m[r]));
+#pragma unroll
+            for (int r = 0; r < 32; ++r) s = fmaxf(s, expf(x[r] - s_m[qi * 32 + r]));
             part += s;
             keys[qi * len + j] = __float_as_uint(s);  // S, normalized below
         }
