@@ -132,6 +132,17 @@ fn main() -> anyhow::Result<()> {
         let rnd = || -> anyhow::Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, (b, h, n, d), &device)?.to_dtype(DType::BF16)?) };
         let (q, k, v) = (rnd()?, rnd()?, rnd()?);
         let scale = 1.0 / (d as f64).sqrt();
+        // The wgmma importance kernel (v3) first, on its own: printed before anything else runs.
+        let tc_ms = time(3, &mut || {
+            psa::importance_ranked_tc(&q, &k, &p, scale)?;
+            Ok(())
+        })?;
+        let (qb, kb) = (n.div_ceil(128), n.div_ceil(64));
+        let gemm_flops = 2.0 * (b * h * qb * 32 * kb * 16 * d) as f64;
+        println!(
+            "PSA importance v3 (gather + wgmma kernel with the ranking fused): {tc_ms:.3} ms, {:.0} TFLOP/s on the sampled GEMM",
+            gemm_flops / (tc_ms * 1e-3) / 1e12
+        );
         let total_ms = time(3, &mut || {
             psa::forward(&q, &k, &v, &p)?;
             Ok(())
@@ -149,23 +160,49 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         })?;
         let (imp, ranked) = psa::importance_ranked(&q, &k, &p, scale)?;
+        let (imp_v2, ranked_v2) = psa::importance_ranked_fused(&q, &k, &p, scale)?;
         let sort_ms = time(3, &mut || {
-            imp.arg_sort_last_dim(false)?;
+            imp_v2.arg_sort_last_dim(false)?;
             Ok(())
         })?;
-        // The fused kernel's work: sampled GEMM FLOPs, and the sampled keys each CTA gathers.
-        let (qb, kb) = (n.div_ceil(128), n.div_ceil(64));
-        let gemm_flops = 2.0 * (b * h * qb * 32 * kb * 16 * d) as f64;
         println!(
-            "PSA importance: fused kernel + arg_sort {fused_ms:.3} ms (arg_sort alone {sort_ms:.3} ms, kernel ~{:.3} ms, \
+            "PSA importance v2: fused kernel + arg_sort {fused_ms:.3} ms (arg_sort alone {sort_ms:.3} ms, kernel ~{:.3} ms, \
              {:.0} TFLOP/s on the sampled GEMM); candle-ops path {ops_ms:.3} ms",
             fused_ms - sort_ms,
             gemm_flops / ((fused_ms - sort_ms).max(1e-6) * 1e-3) / 1e12
         );
+        // v3 against v2 on this shape: importance difference and the kept (top 35%) blocks.
+        {
+            let a = imp.flatten_all()?.to_vec1::<f32>()?;
+            let c = imp_v2.flatten_all()?.to_vec1::<f32>()?;
+            let max_diff = a.iter().zip(&c).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let peak = c.iter().cloned().fold(0f32, f32::max);
+            let (r3, r2) = (ranked.flatten_all()?.to_vec1::<u32>()?, ranked_v2.flatten_all()?.to_vec1::<u32>()?);
+            let keep = psa::schedule(kb, &p).iter().map(|&(_, s, nb)| s + nb).max().unwrap_or(0);
+            let mut same = 0usize;
+            for (x, y) in r3.chunks(kb).zip(r2.chunks(kb)) {
+                let mut x: Vec<u32> = x[..keep].to_vec();
+                let mut y: Vec<u32> = y[..keep].to_vec();
+                x.sort_unstable();
+                y.sort_unstable();
+                same += (x == y) as usize;
+            }
+            println!(
+                "PSA importance v3 vs v2: max |diff| {max_diff:.2e} (peak {peak:.2e}); same kept set (top {keep} of {kb}) in {same} of {} rows",
+                r3.len() / kb
+            );
+        }
         let attention_ms = time(3, &mut || {
             psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false)?;
             Ok(())
         })?;
+        std::env::set_var("VISGEN_PSA_SERIAL_PRODUCER", "1");
+        let serial_ms = time(3, &mut || {
+            psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false)?;
+            Ok(())
+        });
+        std::env::remove_var("VISGEN_PSA_SERIAL_PRODUCER");
+        println!("PSA pool + attention: lane-parallel producer {attention_ms:.3} ms, v1 one-thread producer {:.3} ms", serial_ms?);
         let dense_ms = time(1, &mut || {
             dense::forward(&q, &k, &v, None, None, scale)?;
             Ok(())

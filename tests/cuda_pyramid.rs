@@ -6,10 +6,13 @@
 //!   `reference_with_levels` with the level mask of that ranking (CPU, same inputs); error at
 //!   most 2x a naive low-precision implementation (the same mixed-level softmax as one masked
 //!   softmax over [k, k/2, k/4, k/8] with bias ln p, candle ops in bf16/f16) + a floor; outputs
-//!   poisoned; no NaN.
-//! - `importance_matches_reference` (H200): the fused importance kernel and the candle-ops path
-//!   against `importance_with_samples` (8 shapes: ragged N, every head dim, bf16 and f16); the
-//!   dispatch picks the fused kernel; the ranking is a descending permutation of each row.
+//!   poisoned; no NaN; reruns and the v1 one-thread producer (VISGEN_PSA_SERIAL_PRODUCER)
+//!   bit-identical to the lane-parallel producer.
+//! - `importance_matches_reference` (H200): the wgmma importance kernel (v3), the mma.sync
+//!   kernel (v2) and the candle-ops path against `importance_with_samples` (9 shapes: ragged N
+//!   up to 33000, every head dim, bf16 and f16); the dispatch picks the wgmma kernel; its fused
+//!   ranking is exactly the stable descending order of its importance (ties by index), the v2
+//!   ranking (arg_sort) a descending permutation.
 //!
 //! Run on the H200: `cargo test --release --features cuda --test cuda_pyramid`.
 #![cfg(feature = "cuda")]
@@ -146,6 +149,12 @@ fn check(b: usize, h: usize, n: usize, d: usize, dtype: DType, p: &PyramidParams
     let (o, lse) = psa::forward_with_ranking(&q, &k, &v, &ranked, p, true).map_err(|e| e.to_string())?;
     let (o2, _) = psa::forward_with_ranking(&q, &k, &v, &ranked, p, true).map_err(|e| e.to_string())?;
     let rerun = errors(&to_cpu_f32(&o), &to_cpu_f32(&o2)).0;
+    // The v1 one-thread producer fills the same shared memory: bit-identical output.
+    std::env::set_var("VISGEN_PSA_SERIAL_PRODUCER", "1");
+    let serial = psa::forward_with_ranking(&q, &k, &v, &ranked, p, true);
+    std::env::remove_var("VISGEN_PSA_SERIAL_PRODUCER");
+    let (o3, lse3) = serial.map_err(|e| e.to_string())?;
+    let producers = errors(&to_cpu_f32(&o), &to_cpu_f32(&o3)).0.max(errors(&to_cpu_f32(&lse), &to_cpu_f32(&lse3)).0);
     let (o, lse) = (to_cpu_f32(&o), to_cpu_f32(&lse));
     let what = format!("{dtype:?} B{b} H{h} N{n} D{d} levels {:?}", p.levels);
     if count_nan(&o) + count_nan(&lse) > 0 {
@@ -162,6 +171,9 @@ fn check(b: usize, h: usize, n: usize, d: usize, dtype: DType, p: &PyramidParams
     println!("{what}: density {:.3} max {max_ours:.2e} (naive {max_low:.2e}) rel {rel_ours:.2e} (naive {rel_low:.2e})", mask.density());
     if rerun != 0.0 {
         return Err(format!("{what}: two runs differ by {rerun}"));
+    }
+    if producers != 0.0 {
+        return Err(format!("{what}: the lane-parallel and one-thread producers differ by {producers}"));
     }
     if max_ours > 2.0 * max_low + 1e-5 || rel_ours > 2.0 * rel_low + 1e-6 {
         return Err(format!("{what}: error max {max_ours} rel {rel_ours} > 2 x naive (max {max_low}, rel {rel_low})"));
@@ -199,30 +211,59 @@ fn check_importance(b: usize, h: usize, n: usize, d: usize, dtype: DType, scale:
     if !psa::fused_importance_serves(dtype, d, n, &p) {
         return Err(format!("{what}: the fused kernel should serve this shape"));
     }
+    if !psa::tc_importance_serves(dtype, d, b * h, n, &p) {
+        return Err(format!("{what}: the wgmma kernel should serve this shape"));
+    }
     let (imp, ranked) = psa::importance_ranked_fused(&q, &k, &p, scale).map_err(|e| e.to_string())?;
+    let (imp_tc, ranked_tc) = psa::importance_ranked_tc(&q, &k, &p, scale).map_err(|e| e.to_string())?;
     let (imp_ops, _) = psa::importance_ranked_ops(&q, &k, &p, scale).map_err(|e| e.to_string())?;
-    let (imp_dispatch, _) = psa::importance_ranked(&q, &k, &p, scale).map_err(|e| e.to_string())?;
+    let (imp_dispatch, ranked_dispatch) = psa::importance_ranked(&q, &k, &p, scale).map_err(|e| e.to_string())?;
     let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
     let want = pyramid::importance_with_samples(&cpu(&q), &cpu(&k), &p, &pyramid::sample_positions(&p, b, h)).unwrap();
     let imp = to_cpu_f32(&imp);
+    let imp_tc = to_cpu_f32(&imp_tc);
     let (max, rel) = errors(&imp, &want);
+    let (max_tc, rel_tc) = errors(&imp_tc, &want);
     let (max_ops, rel_ops) = errors(&to_cpu_f32(&imp_ops), &want);
     let peak = want.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    println!("importance {what}: fused max {max:.2e} rel {rel:.2e}; ops max {max_ops:.2e} rel {rel_ops:.2e}; peak {peak:.2e}");
-    if count_nan(&imp) > 0 {
+    let kb_ops = n.div_ceil(64);
+    println!(
+        "importance {what}: wgmma max {max_tc:.2e} rel {rel_tc:.2e}; fused max {max:.2e} rel {rel:.2e}; ops max {max_ops:.2e} rel {rel_ops:.2e}; peak {peak:.2e}"
+    );
+    if count_nan(&imp) + count_nan(&imp_tc) > 0 {
         return Err(format!("{what}: non-finite importance"));
     }
     // f32 accumulation of the same rounded inputs: far tighter than the ops path's rounded scores.
     if max > 1e-3 * peak || rel > 1e-3 {
         return Err(format!("{what}: fused importance error max {max} rel {rel} (peak {peak})"));
     }
-    if max_ops > 0.02 * peak || rel_ops > 0.01 {
+    if max_tc > 1e-3 * peak || rel_tc > 1e-3 {
+        return Err(format!("{what}: wgmma importance error max {max_tc} rel {rel_tc} (peak {peak})"));
+    }
+    // The ops path (CPU / fallback) rounds scores to bf16/f16: absolute errors that do not
+    // shrink with the small importances of long rows (N 33000: 1.0e-4 at a peak of 3.8e-3, rel
+    // 6e-3, device_run4.log), so its max bound holds for rows of <= 128 blocks.
+    if (kb_ops <= 128 && max_ops > 0.02 * peak) || rel_ops > 0.01 {
         return Err(format!("{what}: ops importance error max {max_ops} rel {rel_ops} (peak {peak})"));
     }
-    if errors(&to_cpu_f32(&imp_dispatch), &imp).0 != 0.0 {
-        return Err(format!("{what}: importance_ranked did not dispatch to the fused kernel"));
+    if errors(&to_cpu_f32(&imp_dispatch), &imp_tc).0 != 0.0 {
+        return Err(format!("{what}: importance_ranked did not dispatch to the wgmma kernel"));
     }
     let kb = n.div_ceil(64);
+    // The fused ranking is exactly the oracle's stable descending order of the kernel's own
+    // importance (ties by index), and the dispatch returns it.
+    let imp_tc = imp_tc.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let ranked_tc = ranked_tc.flatten_all().unwrap().to_vec1::<u32>().unwrap();
+    if ranked_dispatch.flatten_all().unwrap().to_vec1::<u32>().unwrap() != ranked_tc {
+        return Err(format!("{what}: the dispatch's ranking differs from the wgmma kernel's"));
+    }
+    for (i, (row, order)) in imp_tc.chunks(kb).zip(ranked_tc.chunks(kb)).enumerate() {
+        let mut want: Vec<u32> = (0..kb as u32).collect();
+        want.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+        if order != want.as_slice() {
+            return Err(format!("{what}: wgmma ranking of row {i} is not the stable descending order of its importance"));
+        }
+    }
     let imp = imp.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let ranked = ranked.flatten_all().unwrap().to_vec1::<u32>().unwrap();
     for (row, order) in imp.chunks(kb).zip(ranked.chunks(kb)) {
@@ -250,6 +291,8 @@ fn importance_matches_reference() {
         (1, 2, 100, 128, DType::BF16, 0.3),
         (1, 1, 4100, 64, DType::BF16, 0.125),
         (1, 2, 1000, 112, DType::F16, 0.05),
+        // 33 CTAs of 8 query blocks, the last with two; k_blocks 516 sorted as 1024
+        (1, 1, 33000, 64, DType::BF16, 0.125),
     ];
     let failures: Vec<String> = cases.into_iter().filter_map(|(b, h, n, d, dt, s)| check_importance(b, h, n, d, dt, s).err()).collect();
     assert!(failures.is_empty(), "{} failing cases:\n{}", failures.len(), failures.join("\n"));

@@ -31,7 +31,8 @@ struct PsaArgs {
     int64_t lse_stride[2];
     int32_t n, q_blocks, k_blocks, n_sched;
     float scale_log2;
-    int32_t unused[3];
+    int32_t serial_producer;  // 1: the v1 one-thread producer (comparison), 0: lane-parallel
+    int32_t unused[2];
 };
 static_assert(sizeof(PsaArgs) == 1280 && offsetof(PsaArgs, o) == 1152, "PsaArgs layout changed: update src/attention/cuda/pyramid.rs");
 
@@ -222,9 +223,44 @@ __device__ __forceinline__ void psa_fwd(const PsaArgs& a) {
 
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
-        if (tid == 0) {
-            const int H = gridDim.y;
-            const int32_t* ranked = a.ranked + (((int64_t)b * H + h) * a.q_blocks + qb) * a.k_blocks;
+        const int H = gridDim.y;
+        const int32_t* ranked = a.ranked + (((int64_t)b * H + h) * a.q_blocks + qb) * a.k_blocks;
+        if (a.serial_producer == 0 && tid < 32) {
+            // Lane-parallel producer (warp 0): lane `slot` looks up its block and issues its
+            // boxes, so a tile costs one round of ranked[] loads and TMA issues instead of 2p
+            // (x column blocks x K, V) dependent ones on one thread.
+            const int lane = tid;
+            if (lane == 0) {
+                mbar_expect_tx(q_full, L::kQBytes);
+                for (int c = 0; c < L::kColBlocks; ++c) tma_load(sQ + c * L::kQRows * 128, &a.q, q_full, c * 64, qb * 128, h, b);
+            }
+            for (int j = 0; j < a.n_sched; ++j) {
+                const int s = j % kStages;
+                const int entry = __ldg(a.schedule + j);
+                const int level = entry & 3, n_blocks = (entry >> 2) & 63, rank0 = entry >> 8;
+                const int rows = kBlockK >> level, cap = BN / rows;
+                // Every slot is loaded (copies of the last block past n_blocks): no stale rows, and
+                // the byte count is always a whole tile.
+                const int blk = lane < cap ? __ldg(ranked + rank0 + min(lane, n_blocks - 1)) : 0;
+                const unsigned last = __ballot_sync(0xffffffffu, lane < n_blocks && lane < cap && blk == a.k_blocks - 1);
+                if (j >= kStages) mbar_wait(&empty[s], (j / kStages - 1) & 1);
+                if (lane == 0) {
+                    last_slot[s] = last ? __ffs(last) - 1 : -1;  // ranked rows are permutations: one at most
+                    mbar_expect_tx(&k_full[s], L::kKVBytes);
+                    mbar_expect_tx(&v_full[s], L::kKVBytes);
+                }
+                __syncwarp();
+                if (lane < cap) {
+                    for (int c = 0; c < L::kColBlocks; ++c)
+                        tma_load(sK + s * L::kKVBytes + c * BN * 128 + lane * rows * 128, &a.k[level], &k_full[s], c * 64,
+                                 blk * rows, h, b);
+                    for (int c = 0; c < L::kColBlocks; ++c)
+                        tma_load(sV + s * L::kKVBytes + c * BN * 128 + lane * rows * 128, &a.v[level], &v_full[s], c * 64,
+                                 blk * rows, h, b);
+                }
+            }
+        } else if (a.serial_producer != 0 && tid == 0) {
+            // v1 producer (one thread), kept for comparison (VISGEN_PSA_SERIAL_PRODUCER=1).
             mbar_expect_tx(q_full, L::kQBytes);
             for (int c = 0; c < L::kColBlocks; ++c) tma_load(sQ + c * L::kQRows * 128, &a.q, q_full, c * 64, qb * 128, h, b);
             for (int j = 0; j < a.n_sched; ++j) {
@@ -237,8 +273,6 @@ __device__ __forceinline__ void psa_fwd(const PsaArgs& a) {
                 for (int slot = 0; slot < n_blocks; ++slot)
                     if (__ldg(ranked + rank0 + slot) == a.k_blocks - 1) ls = slot;
                 last_slot[s] = ls;
-                // Every slot is loaded (copies of the last block past n_blocks), so the stage
-                // holds no stale rows and the byte count is always a whole tile.
                 mbar_expect_tx(&k_full[s], L::kKVBytes);
                 for (int slot = 0; slot < cap; ++slot) {
                     const int blk = __ldg(ranked + rank0 + min(slot, n_blocks - 1));
