@@ -16,6 +16,7 @@ use super::transformer::{SanaTransformer, TextContext};
 use crate::error::Result;
 
 /// What a captured step is valid for.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct StepKey {
     latents: Vec<usize>,
@@ -180,7 +181,7 @@ impl StepGraphs {
         let static_guidance = guidance.map(|g| g.contiguous()?.copy()).transpose()?;
         let static_text = text.deep_copy()?;
         let output = sample_output.zeros_like()?;
-        dev.synchronize()?;
+        latents.device().synchronize()?;
         let graph = crate::cuda_graph::Graph::capture(dev, || {
             let y = model.forward_with_text(&static_latents, &static_timestep, &static_text, static_guidance.as_ref())?;
             output.slice_set(&y.contiguous()?, 0, 0)?;
