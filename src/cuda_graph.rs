@@ -53,6 +53,7 @@ mod imp {
     /// A captured, instantiated graph on the device's stream.
     pub struct Graph {
         graph: CudaGraph,
+        relaxed: bool,
     }
 
     // SAFETY: a CUDA graph and its executable instance are plain driver handles, usable from any
@@ -62,33 +63,48 @@ mod imp {
 
     impl Graph {
         /// Records what `body` enqueues on `dev`'s stream (nothing runs), then instantiates it.
-        /// `body` runs as under [`with_htod_cache`]. Errors (from `body`, from the capture or from the
-        /// instantiation) come back as `Err` with the reason; the stream is out of capture mode
-        /// again either way, and work enqueued before the call is unaffected.
-        pub fn capture<F: FnOnce() -> Result<()>>(dev: &CudaDevice, body: F) -> Result<Self> {
+        /// `body` runs as under [`with_htod_cache`]. First in thread-local mode, where an unsafe
+        /// call from this thread (a synchronous allocation, a synchronize, a query) fails the
+        /// capture instead of being recorded wrongly; if that fails, once more in relaxed mode,
+        /// which lets such calls through when they touch no stream (a query, a module load).
+        /// Errors (from `body`, from the capture or from the instantiation) come back as `Err` with
+        /// both reasons; the stream is out of capture mode again either way, and work enqueued
+        /// before the call is unaffected.
+        pub fn capture<F: FnMut() -> Result<()>>(dev: &CudaDevice, mut body: F) -> Result<Self> {
+            let strict = match Self::capture_in(dev, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL, &mut body) {
+                Ok(graph) => return Ok(graph),
+                Err(e) => e,
+            };
+            Self::capture_in(dev, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED, &mut body)
+                .map(|graph| Self { relaxed: true, ..graph })
+                .map_err(|relaxed| Error::Other(format!("{strict}; in relaxed mode: {relaxed}")))
+        }
+
+        /// Whether the capture needed relaxed mode.
+        pub fn relaxed(&self) -> bool {
+            self.relaxed
+        }
+
+        fn capture_in(dev: &CudaDevice, mode: sys::CUstreamCaptureMode, body: &mut dyn FnMut() -> Result<()>) -> Result<Self> {
             let stream = dev.cuda_stream();
             let ctx = stream.context().clone();
             let fail = |what: &str, e: &dyn std::fmt::Debug| Error::Other(format!("CUDA graph capture: {what}: {e:?}"));
             // Errors that drops recorded earlier are not the capture's.
             let _ = ctx.check_err();
             let _cache = dev.enable_cuda_graph_htod_cache();
-            // Thread-local mode: an unsafe call from this thread (a synchronous allocation, a
-            // synchronize, a query) fails the capture instead of being recorded wrongly.
-            stream
-                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                .map_err(|e| fail("begin", &e))?;
+            stream.begin_capture(mode).map_err(|e| fail("begin", &e))?;
             let body_result = body();
             // Always end the capture, also after a failed body: it takes the stream out of capture
             // mode (the partial graph is discarded).
             let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
             // Frees and event records inside the capture report their errors here.
             let recorded = ctx.check_err();
-            body_result?;
+            body_result.map_err(|e| Error::Other(format!("CUDA graph capture: the captured work failed: {e}")))?;
             let graph = ended.map_err(|e| fail("end / instantiate", &e))?;
             recorded.map_err(|e| fail("recorded during the capture", &e))?;
             let graph = graph.ok_or_else(|| Error::Other("CUDA graph capture: nothing was captured".into()))?;
             graph.upload().map_err(|e| fail("upload", &e))?;
-            Ok(Self { graph })
+            Ok(Self { graph, relaxed: false })
         }
 
         /// Enqueues one replay on the stream it was captured on.

@@ -94,6 +94,7 @@ fn replay_matches_eager(guidance_embeds: bool) {
         }
         assert_eq!(graphs.captures(), round + 1, "one capture per new shape");
     }
+    println!("captures needed relaxed mode: {}", graphs.relaxed());
 }
 
 #[test]

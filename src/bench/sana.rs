@@ -78,7 +78,11 @@ pub fn run(device: &Device, dev: &CudaDevice, ordinal: usize, iters: usize, base
     let first_ms = t0.elapsed().as_secs_f64() * 1e3;
     match graphs.take_fallback_reason() {
         Some(reason) => println!("CUDA graph capture FAILED, steps run eagerly: {reason}"),
-        None => println!("CUDA graph captured ({} capture, first call with warm-up + capture {first_ms:.1} ms)", graphs.captures()),
+        None => println!(
+            "CUDA graph captured ({} capture{}, first call = eager warm-up + capture: {first_ms:.1} ms)",
+            graphs.captures(),
+            if graphs.relaxed() { ", relaxed mode" } else { "" }
+        ),
     }
     let replay = graphs.forward(transformer, &latents, &timestep, &context, None)?;
     let again = eager()?;

@@ -71,6 +71,7 @@ pub struct StepGraphs {
     failed: Option<String>,
     reason_taken: bool,
     captures: usize,
+    relaxed: bool,
 }
 
 impl StepGraphs {
@@ -87,6 +88,11 @@ impl StepGraphs {
     /// How many graphs were captured so far (one per new shape).
     pub fn captures(&self) -> usize {
         self.captures
+    }
+
+    /// Whether a capture needed relaxed capture mode (see [`crate::cuda_graph::Graph::capture`]).
+    pub fn relaxed(&self) -> bool {
+        self.relaxed
     }
 
     /// Why graphs were given up, the first time it is asked after a failed capture; `None` after.
@@ -155,6 +161,7 @@ impl StepGraphs {
         let out = crate::cuda_graph::with_htod_cache(&dev, || model.forward_with_text(latents, timestep, text, guidance))?;
         match Self::capture(&dev, model, key, latents, timestep, text, guidance, &out) {
             Ok(captured) => {
+                self.relaxed |= captured.graph.relaxed();
                 self.captured = Some(captured);
                 self.captures += 1;
             }
