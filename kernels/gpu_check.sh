@@ -59,7 +59,7 @@ run() {
         /tmp/gen bench --device cuda --iters 30 matmul
         for t in cuda_dense cuda_linear cuda_ops cuda_graph; do
             echo "=== $t parity"
-            timeout 300 "/tmp/$t" --test-threads=1 2>&1 | grep -vE '^test .* \.\.\. ok$'
+            VISGEN_PIPELINES="$PWD/pipelines" timeout 300 "/tmp/$t" --test-threads=1 2>&1 | grep -vE '^test .* \.\.\. ok$'
         done
         if [ "${SKIP_KERNEL_BENCH:-0}" != 1 ]; then
         echo "=== dense: cuDNN SDPA baseline, then ours"

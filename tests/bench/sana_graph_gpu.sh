@@ -13,9 +13,9 @@ export LD_LIBRARY_PATH="${libdirs}/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
         chmod +x "/tmp/$n"
     done
     echo "=== cuda_graph parity"
-    timeout 150 /tmp/cuda_graph --test-threads=1 --nocapture 2>&1 | tail -45
+    VISGEN_PIPELINES="$PWD/pipelines" timeout 150 /tmp/cuda_graph --test-threads=1 --nocapture 2>&1 | tail -45
     echo "=== cuda_ops parity"
-    timeout 100 /tmp/cuda_ops --test-threads=1 2>&1 | grep -vE '^test .* \.\.\. ok$'
+    VISGEN_PIPELINES="$PWD/pipelines" timeout 100 /tmp/cuda_ops --test-threads=1 2>&1 | grep -vE '^test .* \.\.\. ok$'
     echo "=== SANA-1600M: diffusers eager baseline, then ours"
     python3 -m pip install -q --no-index --no-deps --target /tmp/site "$here"/whl/*.whl
     PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 timeout 220 python3 "$here/sana_baseline.py" --iters 10 | tee /tmp/sana_baseline.log
