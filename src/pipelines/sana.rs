@@ -109,8 +109,9 @@ impl SanaPipeline {
     }
 
     /// Turns CUDA graph replay of the denoising step on or off (on by default on CUDA, unless
-    /// `VISGEN_CUDA_GRAPHS=0`; the CLI's `--no-cuda-graphs`). Graphs change no result: a step
-    /// replayed from a graph equals the eager step bit for bit. Turning them off frees the graph.
+    /// `VISGEN_CUDA_GRAPHS=0`; the CLI's `--no-cuda-graphs`). Graphs change no result: a replay
+    /// runs the eager step's kernels on the same values (equal bit for bit wherever the kernels are
+    /// deterministic; tests/cuda_graph.rs). Turning them off frees the graph.
     pub fn set_cuda_graphs(&mut self, on: bool) {
         let graphs = self.graphs.get_mut().unwrap_or_else(|e| e.into_inner());
         *graphs = StepGraphs::new(on && self.device.is_cuda());

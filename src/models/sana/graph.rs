@@ -1,9 +1,11 @@
 //! The SANA denoising step as a replayed CUDA graph ([`crate::cuda_graph`]).
 //!
 //! [`StepGraphs::forward`] is [`SanaTransformer::forward_with_text`] with the same arguments and
-//! the same result, bit for bit. On CUDA, the first call for a shape (batch, latent size, text
-//! length, dtypes, guidance or not) runs eagerly once (which warms up cuBLAS, cuDNN, the kernel
-//! modules and candle's parameter uploads), then records one step that reads the graph's own input
+//! the same result: the same kernels on the same values (bit for bit where the kernels are
+//! deterministic; the full-size linear attention sums with float atomics). On CUDA, the first
+//! call for a shape (batch, latent size, text length, dtypes, guidance or not) runs eagerly once
+//! (which warms up cuBLAS, cuDNN, the kernel modules and candle's parameter uploads), then records
+//! one step that reads the graph's own input
 //! buffers and writes its own output buffer. Later calls of that shape copy the inputs in, launch
 //! the graph and copy the output out: 4 launches instead of ~1,500. The text context is copied into
 //! the graph's buffers when it changes (a new prompt), so one capture serves every image of a shape.
