@@ -23,7 +23,7 @@ pack() {
     # GPU_FEATURES=cuda,cudnn adds cuDNN convolutions (the DC-AE decoder).
     local features="${GPU_FEATURES:-cuda}"
     cargo build --release --features "$features" --bin gen
-    cargo test --release --features "$features" --no-run --test cuda_dense --test cuda_linear --test cuda_ops --message-format=json \
+    cargo test --release --features "$features" --no-run --test cuda_dense --test cuda_linear --test cuda_ops --test cuda_graph --message-format=json \
         | python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
@@ -57,9 +57,9 @@ run() {
         echo "=== gen bench (device, copy, matmul)"
         /tmp/gen bench --device cuda --iters 30 copy
         /tmp/gen bench --device cuda --iters 30 matmul
-        for t in cuda_dense cuda_linear cuda_ops; do
+        for t in cuda_dense cuda_linear cuda_ops cuda_graph; do
             echo "=== $t parity"
-            timeout 300 "/tmp/$t" --test-threads=1 2>&1 | grep -vE '^test .* \.\.\. ok$'
+            VISGEN_PIPELINES="$PWD/pipelines" timeout 300 "/tmp/$t" --test-threads=1 2>&1 | grep -vE '^test .* \.\.\. ok$'
         done
         if [ "${SKIP_KERNEL_BENCH:-0}" != 1 ]; then
         echo "=== dense: cuDNN SDPA baseline, then ours"

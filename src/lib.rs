@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod bench;
+pub mod cuda_graph;
 pub mod data;
 pub mod error;
 pub mod eval;

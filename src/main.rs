@@ -95,6 +95,10 @@ struct GenerateArgs {
     /// `0-3=neighborhood,kernel=7x7`. Repeatable; later ones win.
     #[arg(long = "attention", value_name = "LAYER=BACKEND")]
     attention: Vec<String>,
+    /// Run every denoising step eagerly instead of replaying it from a CUDA graph (the result is
+    /// the same; graphs only cut launch overhead). Also: VISGEN_CUDA_GRAPHS=0.
+    #[arg(long)]
+    no_cuda_graphs: bool,
 }
 
 #[derive(Args)]
@@ -221,7 +225,10 @@ fn run_image(args: ImageArgs) -> Result<()> {
     let request = image_request(&args.common);
     request.validate()?;
     check_output(&args.out, &["png", "jpg", "jpeg"])?;
-    let pipeline = Pipeline::load(&args.common.model, &load_options(&args.common)?)?;
+    let mut pipeline = Pipeline::load(&args.common.model, &load_options(&args.common)?)?;
+    if let (Pipeline::Sana(sana), true) = (&mut pipeline, args.common.no_cuda_graphs) {
+        sana.set_cuda_graphs(false);
+    }
     let images = pipeline.generate(&request, &mut progress_bar())?;
     let image = images.into_iter().next().ok_or_else(|| Error::Other("the pipeline returned no image".into()))?;
     image.save(&args.out).map_err(|e| Error::usage(format!("cannot write `{}`: {e}", args.out.display())))?;

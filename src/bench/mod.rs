@@ -178,6 +178,7 @@ mod gpu {
     pub fn run(opts: &BenchOptions, ordinal: usize) -> Result<()> {
         let device = Device::new_cuda(ordinal)?;
         let dev = device.as_cuda_device()?.clone();
+        crate::cuda_graph::prepare_device(&dev);
         let ctx = dev.cuda_stream().context().clone();
         let drv = |e| Error::Other(format!("cuda driver: {e:?}"));
         let name = ctx.name().map_err(drv)?;

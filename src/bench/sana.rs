@@ -16,7 +16,8 @@ use super::gpu::time_ms;
 use crate::attention::{attend, AttentionInput};
 use crate::error::{Error, Result};
 use crate::layers::{gated_residual, norm_modulate, project, GluMbConv};
-use crate::models::sana::SanaConfig;
+use crate::models::sana::{SanaConfig, SanaTransformer, StepGraphs};
+use crate::schedulers::{FlowDpmSolver, FlowDpmSolverConfig, Scheduler};
 use crate::pipelines::sana::SanaPipeline;
 use crate::pipelines::{attention_plan, DeviceChoice, Flow, ImageRequest, LoadOptions, Progress, Stage};
 use crate::weights::random::random_var_builder;
@@ -57,42 +58,120 @@ pub fn run(device: &Device, dev: &CudaDevice, ordinal: usize, iters: usize, base
     );
     println!("{:<44} {:>10} {:>14} {:>18}", "what (batch 2, 1024², 300 text tokens)", "ours ms", "diffusers ms", "ours / diffusers");
 
-    // One transformer step, as the CFG loop calls it.
+    // One transformer step, as the CFG loop calls it: eager, then replayed from a CUDA graph.
     let latents = Tensor::randn(0f32, 1.0, (BATCH, cfg.in_channels, LATENT_SIDE, LATENT_SIDE), device)?.to_dtype(DType::BF16)?;
     let timestep = Tensor::full(500f32, BATCH, device)?;
     let text = Tensor::randn(0f32, 1.0, (BATCH, TEXT_TOKENS, cfg.caption_channels), device)?.to_dtype(DType::BF16)?;
     let mask = text_mask(device)?;
     let context = transformer.text_context(&text, &mask)?;
-    let ms = time_ms(dev, 3, iters, || {
-        transformer.forward_with_text(&latents, &timestep, &context, None)?;
-        Ok(())
-    })?;
-    row("transformer step (as the sampler calls it)", ms, baselines, "step");
+    let eager = || transformer.forward_with_text(&latents, &timestep, &context, None);
+    let ms = time_ms(dev, 3, iters, || Ok(drop(eager()?)))?;
+    row("transformer step, eager", ms, baselines, "step");
     // Host time to enqueue one step: when it is close to the step's GPU time, the step is bound by
     // launches, not by the GPU.
+    row("  host time to enqueue one step", host_ms(device, iters, || Ok(drop(eager()?)))?, baselines, "-");
+
+    let mut graphs = StepGraphs::new(true);
+    let t0 = Instant::now();
+    let first = graphs.forward(transformer, &latents, &timestep, &context, None)?;
     device.synchronize()?;
-    let mut host = Vec::new();
-    for _ in 0..iters {
-        let t0 = Instant::now();
-        transformer.forward_with_text(&latents, &timestep, &context, None)?;
-        host.push(t0.elapsed().as_secs_f64() * 1e3);
-        device.synchronize()?;
+    let first_ms = t0.elapsed().as_secs_f64() * 1e3;
+    match graphs.take_fallback_reason() {
+        Some(reason) => println!("CUDA graph capture FAILED, steps run eagerly: {reason}"),
+        None => println!(
+            "CUDA graph captured ({} capture{}, first call = eager warm-up + capture: {first_ms:.1} ms)",
+            graphs.captures(),
+            if graphs.relaxed() { ", relaxed mode" } else { "" }
+        ),
     }
-    row("  host time to enqueue one step", super::median(host), baselines, "-");
+    let replay = graphs.forward(transformer, &latents, &timestep, &context, None)?;
+    let again = eager()?;
+    println!(
+        "  max |replay - eager| {:.3e}, max |eager - eager| {:.3e} (linear attention sums its state with atomics)",
+        max_abs_diff(&replay, &first)?,
+        max_abs_diff(&again, &first)?
+    );
+    let ms = time_ms(dev, 3, iters, || Ok(drop(graphs.forward(transformer, &latents, &timestep, &context, None)?)))?;
+    row("transformer step, CUDA graph replay", ms, baselines, "step");
+    let host = host_ms(device, iters, || Ok(drop(graphs.forward(transformer, &latents, &timestep, &context, None)?)))?;
+    row("  host time to enqueue one replay", host, baselines, "-");
+    drop(graphs);
+
     let ms = time_ms(dev, 3, iters, || {
         transformer.forward(&latents, &timestep, &text, &mask, None)?;
         Ok(())
     })?;
-    row("transformer step + text projections (per call)", ms, baselines, "step");
+    row("transformer step + text projections (per call)", ms, baselines, "-");
     let ms = time_ms(dev, 3, iters, || {
         transformer.text_context(&text, &mask)?;
         Ok(())
     })?;
     row("  text context (once per image)", ms, baselines, "-");
 
+    outside_blocks(device, dev, iters, transformer, &latents, &timestep)?;
     block_parts(device, dev, iters, &pipeline, &cfg, baselines)?;
-    whole_image(device, &pipeline, baselines)?;
+    let mut pipeline = pipeline;
+    whole_image(device, &pipeline, baselines, "with CUDA graphs")?;
+    pipeline.set_cuda_graphs(false);
+    whole_image(device, &pipeline, baselines, "eager")?;
+    if std::env::var("VISGEN_BENCH_SKIP_DECODER").is_ok_and(|v| v == "1") {
+        return Ok(());
+    }
     decoder_parts(device, dev, iters)
+}
+
+/// Median host milliseconds that `f` takes to return (to enqueue its work), the stream drained
+/// before each call.
+fn host_ms(device: &Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut host = Vec::new();
+    for _ in 0..iters {
+        device.synchronize()?;
+        let t0 = Instant::now();
+        f()?;
+        host.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    device.synchronize()?;
+    Ok(super::median(host))
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?.flatten_all()?.max(0)?;
+    Ok(d.to_scalar::<f32>()? as f64)
+}
+
+/// The step's work outside the 20 blocks, each part timed alone on the step's shapes: where the
+/// difference between a step and 20 blocks goes when it is not launch gaps.
+fn outside_blocks(device: &Device, dev: &CudaDevice, iters: usize, transformer: &SanaTransformer, latents: &Tensor, timestep: &Tensor) -> Result<()> {
+    let none = HashMap::new();
+    let (x, _temb, embedded) = transformer.embed(latents, timestep, None)?;
+    let ms = time_ms(dev, 3, iters, || Ok(drop(transformer.embed(latents, timestep, None)?)))?;
+    row("outside the blocks: patch + time embedding", ms, &none, "-");
+    let side = (LATENT_SIDE, LATENT_SIDE);
+    let ms = time_ms(dev, 3, iters, || Ok(drop(transformer.final_layer(&x, &embedded, side)?)))?;
+    row("  final norm + projection + unpatchify", ms, &none, "-");
+    // The sampler's own work per step (f32 latents of one image): CFG batch, dtype casts, CFG
+    // combine and one DPM-Solver++ step.
+    let z = Tensor::randn(0f32, 1.0, (1, latents.dim(1)?, LATENT_SIDE, LATENT_SIDE), device)?;
+    let v = Tensor::randn(0f32, 1.0, (BATCH, latents.dim(1)?, LATENT_SIDE, LATENT_SIDE), device)?.to_dtype(DType::BF16)?;
+    let ms = time_ms(dev, 3, iters, || {
+        let model_in = Tensor::cat(&[&z, &z], 0)?.to_dtype(DType::BF16)?;
+        let v = v.to_dtype(DType::F32)?;
+        let (v_neg, v_pos) = (v.narrow(0, 0, 1)?, v.narrow(0, 1, 1)?);
+        drop(((&v_neg + ((v_pos - &v_neg)? * 4.5)?)?, model_in));
+        Ok(())
+    })?;
+    row("  CFG batch + casts + CFG combine", ms, &none, "-");
+    let mut scheduler = FlowDpmSolver::new(FlowDpmSolverConfig { flow_shift: 3.0, ..FlowDpmSolverConfig::sana() }, IMAGE_STEPS)?;
+    let mut i = 0;
+    let v1 = v.narrow(0, 0, 1)?.to_dtype(DType::F32)?;
+    let ms = time_ms(dev, 3, iters.min(IMAGE_STEPS - 4), || {
+        drop(scheduler.step(&v1, i, &z)?);
+        i += 1;
+        Ok(())
+    })?;
+    row("  scheduler step (DPM-Solver++)", ms, &none, "-");
+    Ok(())
 }
 
 /// `(B, L)` f32: the first [`REAL_TEXT_TOKENS`] are real, the rest padding.
@@ -243,7 +322,7 @@ fn decoder_parts(device: &Device, dev: &CudaDevice, iters: usize) -> Result<()> 
 
 /// A whole 20-step image, timed twice (the first run pays for one-time set-up), with each stage's
 /// time taken at the progress reports (the stream is synchronized there).
-fn whole_image(device: &Device, pipeline: &SanaPipeline, baselines: &HashMap<String, f64>) -> Result<()> {
+fn whole_image(device: &Device, pipeline: &SanaPipeline, baselines: &HashMap<String, f64>, how: &str) -> Result<()> {
     let request = ImageRequest::new("a cat sitting on a windowsill at sunset, detailed photograph")
         .size(LATENT_SIDE * 32, LATENT_SIDE * 32)
         .steps(IMAGE_STEPS)
@@ -273,7 +352,7 @@ fn whole_image(device: &Device, pipeline: &SanaPipeline, baselines: &HashMap<Str
         last = (total, encode, denoise, decode);
     }
     let (total, encode, denoise, decode) = last;
-    row(&format!("whole image, {IMAGE_STEPS} steps (second run)"), total, baselines, "image");
+    row(&format!("whole image, {IMAGE_STEPS} steps, {how} (second run)"), total, baselines, "image");
     row("  text encoder (Gemma-2-2B, prompt + negative)", encode, baselines, "text_encoder");
     row(&format!("  denoise ({IMAGE_STEPS} CFG steps + scheduler)"), denoise, baselines, "denoise");
     row("  decode (DC-AE f32c32, 1024²) + to 8-bit", decode, baselines, "decode");

@@ -86,7 +86,20 @@ impl PatchEmbed {
         if h % p != 0 || w % p != 0 {
             return Err(Error::Usage(format!("latent {h}x{w} is not divisible by the patch size {p}")));
         }
-        let tokens = self.proj.forward(x)?.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
+        let tokens = if p == 1 {
+            // A 1x1 patch is a per-pixel linear map: one GEMM over the tokens. (As a cuDNN
+            // convolution it cost ~5 ms per call on the H200, nearly all host time in cuDNN's
+            // per-call algorithm heuristics: more than a whole SANA block.)
+            let (_, cin, _, _) = x.dims4()?;
+            let weight = self.proj.weight().reshape((self.embed_dim, cin))?;
+            let tokens = super::project(&x.flatten_from(2)?.transpose(1, 2)?, &weight)?;
+            match self.proj.bias() {
+                Some(bias) => tokens.broadcast_add(bias)?,
+                None => tokens,
+            }
+        } else {
+            self.proj.forward(x)?.flatten_from(2)?.transpose(1, 2)?.contiguous()?
+        };
         match self.pos_embed {
             None => Ok(tokens),
             Some((base, scale)) => {

@@ -155,6 +155,8 @@ impl DeviceChoice {
                 let device = Device::new_cuda(n).map_err(|e| Error::usage(format!("cannot open CUDA device {n}: {e}")))?;
                 #[cfg(feature = "cuda")]
                 if let Device::Cuda(dev) = &device {
+                    // One stream: cudarc's per-allocation events are never used (see cuda_graph.rs).
+                    crate::cuda_graph::prepare_device(dev);
                     // Sampler steps allocate per call; keep freed memory pooled (see kernels.rs).
                     crate::kernels::keep_freed_memory(dev)?;
                 }

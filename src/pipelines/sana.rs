@@ -10,7 +10,7 @@ use super::{ImageRequest, LoadOptions};
 use crate::attention::plan::AttentionPlan;
 use crate::error::{Error, Result};
 use crate::models::dcae::{AutoencoderDc, DcAeConfig, TilingConfig};
-use crate::models::sana::{SanaConfig, SanaTransformer};
+use crate::models::sana::{SanaConfig, SanaTransformer, StepGraphs, TextContext};
 use crate::models::text::{
     Gemma2Config, Gemma2Encoder, GemmaTokenizer, PromptEmbeddings, SanaPromptConfig, SanaTextEncoder,
 };
@@ -21,6 +21,9 @@ use crate::spec::PipelineSpec;
 use crate::weights::hub::HubConfig;
 use crate::weights::random::{random_var_builder, seeded_normal};
 use crate::weights::{ModelRepo, ModelSource};
+
+/// `VISGEN_CUDA_GRAPHS=0` in the environment turns CUDA graph replay of the denoising step off.
+const CUDA_GRAPHS_ENV: &str = "VISGEN_CUDA_GRAPHS";
 
 /// Images up to this many pixels per side are decoded untiled, as diffusers does by default.
 const UNTILED_DECODE_MAX_SIDE: usize = 2048;
@@ -53,6 +56,8 @@ pub struct SanaPipeline {
     default_negative: String,
     device: Device,
     dtype: DType,
+    /// The denoising step's CUDA graphs, kept across images (one capture per shape).
+    graphs: std::sync::Mutex<StepGraphs>,
 }
 
 impl SanaPipeline {
@@ -92,6 +97,9 @@ impl SanaPipeline {
             sampling,
             default_size: (spec.defaults.width.unwrap_or(1024), spec.defaults.height.unwrap_or(1024)),
             default_negative: spec.defaults.negative_prompt.clone().unwrap_or_default(),
+            graphs: std::sync::Mutex::new(StepGraphs::new(
+                device.is_cuda() && std::env::var(CUDA_GRAPHS_ENV).map_or(true, |v| v != "0"),
+            )),
             device,
             dtype,
         })
@@ -99,6 +107,35 @@ impl SanaPipeline {
 
     pub fn transformer(&self) -> &SanaTransformer {
         &self.transformer
+    }
+
+    /// Turns CUDA graph replay of the denoising step on or off (on by default on CUDA, unless
+    /// `VISGEN_CUDA_GRAPHS=0`; the CLI's `--no-cuda-graphs`). Graphs change no result: a replay
+    /// runs the eager step's kernels on the same values (equal bit for bit wherever the kernels are
+    /// deterministic; tests/cuda_graph.rs). Turning them off frees the graph.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        let graphs = self.graphs.get_mut().unwrap_or_else(|e| e.into_inner());
+        *graphs = StepGraphs::new(on && self.device.is_cuda());
+    }
+
+    pub fn cuda_graphs(&self) -> bool {
+        self.graphs.lock().map(|g| g.enabled()).unwrap_or(false)
+    }
+
+    /// How many step graphs were captured so far (one per new shape; 0 when eager).
+    pub fn cuda_graph_captures(&self) -> usize {
+        self.graphs.lock().map(|g| g.captures()).unwrap_or(0)
+    }
+
+    /// The step through the pipeline's graphs: [`SanaTransformer::forward_with_text`]'s result.
+    /// If a capture fails, the step runs eagerly and the reason is printed once.
+    fn step(&self, latents: &Tensor, timestep: &Tensor, text: &TextContext, guidance: Option<&Tensor>) -> Result<Tensor> {
+        let mut graphs = self.graphs.lock().map_err(|_| Error::Other("the step graphs' lock is poisoned".into()))?;
+        let v = graphs.forward(&self.transformer, latents, timestep, text, guidance)?;
+        if let Some(reason) = graphs.take_fallback_reason() {
+            eprintln!("warning: CUDA graphs off, running the SANA step eagerly: {reason}");
+        }
+        Ok(v)
     }
 
     /// Pixels per latent token: the VAE's compression times the transformer's patch.
@@ -272,7 +309,7 @@ impl SanaPipeline {
             let model_in = if use_cfg { Tensor::cat(&[&x, &x], 0)? } else { x.clone() };
             let b = model_in.dim(0)?;
             let timestep = Tensor::full((t * timestep_scale) as f32, b, &self.device)?;
-            let v = self.transformer.forward_with_text(&model_in.to_dtype(self.dtype)?, &timestep, &text, None)?;
+            let v = self.step(&model_in.to_dtype(self.dtype)?, &timestep, &text, None)?;
             let v = v.to_dtype(DType::F32)?;
             let v = if use_cfg {
                 let half = b / 2;
@@ -327,7 +364,7 @@ impl SanaPipeline {
             // diffusers' SanaSprintPipeline passes the TrigFlow time as is: no `timestep_scale`.
             let t = ScmScheduler::model_time(s);
             let timestep = Tensor::full(t as f32, b, &self.device)?;
-            let v = self.transformer.forward_with_text(&x_in.to_dtype(self.dtype)?, &timestep, &text, guidance.as_ref())?;
+            let v = self.step(&x_in.to_dtype(self.dtype)?, &timestep, &text, guidance.as_ref())?;
             let f = scheduler.trigflow_output(&x_in, &v.to_dtype(DType::F32)?, s)?;
             let fresh = seeded_normal(seed.wrapping_add(1 + i as u64), x.shape().clone(), &self.device)?;
             let step = scheduler.step(&f, i, &x, &fresh)?;

@@ -145,8 +145,45 @@ impl SanaSelfAttention {
 /// once per prompt and reused at every denoising step (the text does not change between steps).
 #[derive(Debug, Clone)]
 pub struct TextKv {
+    /// The fused k|v projection `(B, L, 2·inner)`, contiguous: the storage `v` (and `k` without
+    /// qk-norm) are views of.
+    kv: Tensor,
+    /// With qk-norm: the normalized keys `(B, heads, L, d)`, contiguous; `k` is this tensor.
+    k_normed: Option<Tensor>,
+    heads: usize,
     k: Tensor,
     v: Tensor,
+}
+
+impl TextKv {
+    fn from_parts(kv: Tensor, k_normed: Option<Tensor>, heads: usize) -> Result<Self> {
+        let inner = kv.dim(2)? / 2;
+        let k = match &k_normed {
+            Some(k) => k.clone(),
+            None => head_view(&kv, 0, inner, heads)?,
+        };
+        let v = head_view(&kv, 1, inner, heads)?;
+        Ok(Self { kv, k_normed, heads, k, v })
+    }
+
+    /// A copy in fresh device memory, with the same layout (a CUDA graph reads its own copy).
+    pub(crate) fn deep_copy(&self) -> Result<Self> {
+        Self::from_parts(self.kv.copy()?, self.k_normed.as_ref().map(|k| k.copy()).transpose()?, self.heads)
+    }
+
+    /// Overwrites this text's values in place with `src`'s (same shapes): every view of this
+    /// storage, a captured graph's included, reads the new text.
+    pub(crate) fn copy_from(&self, src: &TextKv) -> Result<()> {
+        self.kv.slice_set(&src.kv, 0, 0)?;
+        if let (Some(dst), Some(src)) = (&self.k_normed, &src.k_normed) {
+            dst.slice_set(src, 0, 0)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn dims(&self) -> &[usize] {
+        self.kv.dims()
+    }
 }
 
 /// `attn2`: cross-attention from the image tokens to the text tokens.
@@ -187,13 +224,13 @@ impl SanaCrossAttention {
 
     /// The keys and values of `text` `(B, L, C)`.
     pub fn text_kv(&self, text: &Tensor) -> Result<TextKv> {
-        let kv = self.kv.forward(text)?;
+        let kv = self.kv.forward(text)?.contiguous()?;
         let inner = kv.dim(2)? / 2;
-        let k = match &self.qk_norm {
-            Some((_, norm_k)) => split_heads(&norm_k.forward(&kv.narrow(2, 0, inner)?)?, self.heads)?,
-            None => head_view(&kv, 0, inner, self.heads)?,
+        let k_normed = match &self.qk_norm {
+            Some((_, norm_k)) => Some(split_heads(&norm_k.forward(&kv.narrow(2, 0, inner)?)?, self.heads)?),
+            None => None,
         };
-        Ok(TextKv { k, v: head_view(&kv, 1, inner, self.heads)? })
+        TextKv::from_parts(kv, k_normed, self.heads)
     }
 
     /// `x`: `(B, N, C)`, `text`: `(B, L, C)`, `text_mask`: `(B, L)`, nonzero = keep -> `(B, N, C)`.

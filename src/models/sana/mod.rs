@@ -5,7 +5,9 @@
 pub mod attention;
 pub mod block;
 pub mod config;
+pub mod graph;
 pub mod transformer;
 
 pub use config::{QkNorm, SanaConfig};
+pub use graph::StepGraphs;
 pub use transformer::{SanaTransformer, TextContext};

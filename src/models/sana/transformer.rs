@@ -32,6 +32,52 @@ pub struct TextContext {
     batch: usize,
     mask: Tensor,
     kv: Vec<TextKv>,
+    /// Unique per computed context (clones share it): what a CUDA graph checks to know whether
+    /// the text it holds is this one.
+    id: u64,
+}
+
+fn next_context_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+impl TextContext {
+    /// `(batch, text tokens)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.batch, self.mask.dim(1).unwrap_or(0))
+    }
+
+    /// Identifies this context (and its clones): a context made by another
+    /// [`SanaTransformer::text_context`] call, or a deep copy, has another id.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// A copy in fresh device memory with the same layouts, for a CUDA graph to read.
+    pub(crate) fn deep_copy(&self) -> Result<Self> {
+        Ok(Self {
+            batch: self.batch,
+            mask: self.mask.copy()?,
+            kv: self.kv.iter().map(TextKv::deep_copy).collect::<Result<Vec<_>>>()?,
+            id: next_context_id(),
+        })
+    }
+
+    /// Overwrites this context's values in place with `src`'s; the shapes must agree.
+    pub(crate) fn copy_from(&self, src: &TextContext) -> Result<()> {
+        let same = self.mask.dims() == src.mask.dims()
+            && self.kv.len() == src.kv.len()
+            && self.kv.iter().zip(&src.kv).all(|(a, b)| a.dims() == b.dims());
+        if !same {
+            return Err(Error::Other("text context copy: the shapes differ".into()));
+        }
+        self.mask.slice_set(&src.mask, 0, 0)?;
+        for (dst, src) in self.kv.iter().zip(&src.kv) {
+            dst.copy_from(src)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -107,7 +153,7 @@ impl SanaTransformer {
         }
         let caption = self.caption_norm.forward(&self.caption_projection.forward(&text.to_dtype(self.dtype)?.contiguous()?)?)?;
         let kv = self.blocks.iter().map(|block| block.cross_attention().text_kv(&caption)).collect::<Result<Vec<_>>>()?;
-        Ok(TextContext { batch: b, mask: text_mask.to_dtype(DType::F32)?, kv })
+        Ok(TextContext { batch: b, mask: text_mask.to_dtype(DType::F32)?.contiguous()?, kv, id: next_context_id() })
     }
 
     /// Predicts the flow velocity.
@@ -156,6 +202,17 @@ impl SanaTransformer {
         }
         let grid = [h / p, w / p];
 
+        let (mut x, temb, embedded) = self.embed(latents, timestep, guidance)?;
+        for (block, kv) in self.blocks.iter().zip(&text.kv) {
+            x = block.forward_cached(&x, &temb, kv, Some(&text.mask), grid)?;
+        }
+        self.final_layer(&x, &embedded, (h, w))
+    }
+
+    /// The step's input side: patch-embedded tokens `(B, h·w, C)`, the blocks' modulation
+    /// `(B, 6C)` and the embedded timestep `(B, C)` (inputs as in [`Self::forward`], checked there).
+    pub fn embed(&self, latents: &Tensor, timestep: &Tensor, guidance: Option<&Tensor>) -> Result<(Tensor, Tensor, Tensor)> {
+        let b = latents.dim(0)?;
         let x = self.patch_embed.forward(&latents.to_dtype(self.dtype)?)?;
         let (temb, embedded) = match (&self.time_embed, guidance) {
             (TimeEmbed::Timestep(te), None) => te.forward(timestep, self.dtype)?,
@@ -172,19 +229,23 @@ impl SanaTransformer {
                 return Err(Error::Usage("this model (guidance_embeds) needs a guidance value".into()))
             }
         };
-        let mut x = x;
-        for (block, kv) in self.blocks.iter().zip(&text.kv) {
-            x = block.forward_cached(&x, &temb, kv, Some(&text.mask), grid)?;
-        }
+        Ok((x, temb, embedded))
+    }
 
-        // Final layer: shift first, then scale, from the embedded timestep (not the 6C vector).
-        let m = modulation_chunks(&self.scale_shift_table, &embedded, 2)?;
-        let x = norm_modulate(&x, &m[0], &m[1], NORM_OUT_EPS)?;
+    /// The step's output side: the modulated final norm, the projection and the unpatchify of
+    /// the last block's tokens `x` `(B, h·w, C)` to `(B, out_channels, H, W)` for a latent of
+    /// `H x W`.
+    pub fn final_layer(&self, x: &Tensor, embedded: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let p = self.cfg.patch_size;
+        // Shift first, then scale, from the embedded timestep (not the 6C vector).
+        let m = modulation_chunks(&self.scale_shift_table, embedded, 2)?;
+        let x = norm_modulate(x, &m[0], &m[1], NORM_OUT_EPS)?;
         let x = self.proj_out.forward(&x)?;
 
         // Unpatchify: proj_out channels are (ph, pw, c) with c fastest.
         let cout = self.cfg.out_channels();
-        let (gh, gw) = (grid[0], grid[1]);
+        let (gh, gw) = (h / p, w / p);
         let x = x.reshape((b, gh, gw, p, p, cout))?.permute((0, 5, 1, 3, 2, 4))?;
         Ok(x.reshape((b, cout, h, w))?)
     }
