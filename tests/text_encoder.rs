@@ -225,3 +225,26 @@ fn hub_style_gemma2_2b_config_parses_to_the_preset() {
     assert_eq!(cfg.activation(), preset.activation());
     assert_eq!(cfg.rope_theta, Some(10000.0));
 }
+
+/// `encode_with_negative` runs prompt and negative in one padded pass when no sliding window can
+/// leave a row without keys (the real Gemma-2-2B's window is 4096): it must equal the two
+/// separate passes above, which are checked against diffusers.
+#[test]
+fn prompt_and_negative_in_one_pass_equal_two_passes() {
+    let (pos, neg) = prompts();
+    let source = ModelSource::parse(golden_dir().join("gemma_tiny").to_str().unwrap()).unwrap();
+    let repo = ModelRepo::open(&source, &HubConfig::from_env()).unwrap();
+    let mut cfg = Gemma2Config::from_json_file(&repo.component_config("text_encoder").unwrap()).unwrap();
+    cfg.sliding_window = Some(4096);
+    let weights = repo.open_weights("text_encoder", None).unwrap();
+    let model = weights.build(DType::F32, &Device::Cpu, |vb| Gemma2Encoder::new(&cfg, vb)).unwrap();
+    let tokenizer = GemmaTokenizer::from_file(&repo.tokenizer_json("tokenizer").unwrap()).unwrap();
+    let enc = SanaTextEncoder::new(tokenizer, model, SanaPromptConfig::default());
+    let (p, n) = enc.encode_with_negative(&refs(&pos), &refs(&neg)).unwrap();
+    let (p2, n2) = (enc.encode_prompts(&refs(&pos)).unwrap(), enc.encode_negative(&refs(&neg)).unwrap());
+    for (what, one, two) in [("prompt", &p, &p2), ("negative", &n, &n2)] {
+        let err = max_rel_err(&one.embeds, &two.embeds);
+        assert!(err <= 1e-5, "{what}: one pass vs two, max rel err {err:e}");
+        assert_eq!(as_i64_rows(&one.mask), as_i64_rows(&two.mask), "{what} mask");
+    }
+}

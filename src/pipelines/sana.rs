@@ -222,16 +222,15 @@ impl SanaPipeline {
 
         report(progress, Stage::Encode, 0, 1)?;
         let prompts = vec![request.prompt.as_str(); batch];
-        let positive = self.text.encode_prompts(&prompts)?;
         let sprint = self.sampling.kind == "scm";
         // diffusers: `do_classifier_free_guidance = guidance_scale > 1`
         let use_cfg = !sprint && cfg > 1.0;
         let conditioning = if use_cfg {
             let negative_text = request.negative_prompt.as_deref().unwrap_or(&self.default_negative);
-            let negative = self.text.encode_negative(&vec![negative_text; batch])?;
+            let (positive, negative) = self.text.encode_with_negative(&prompts, &vec![negative_text; batch])?;
             PromptEmbeddings::cfg_batch(&negative, &positive)?
         } else {
-            positive
+            self.text.encode_prompts(&prompts)?
         };
         let text = conditioning.embeds.to_dtype(self.dtype)?;
         let mask = conditioning.mask.clone();

@@ -135,16 +135,26 @@ impl Gemma2Config {
 #[derive(Debug, Clone)]
 struct RmsNorm {
     weight_plus_one: Tensor, // f32
+    /// `1 + weight` rounded to the model dtype, for candle's one-kernel norm on the GPU.
+    weight_plus_one_model_dtype: Tensor,
     eps: f64,
 }
 
 impl RmsNorm {
     fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         let weight_plus_one = (vb.get(dim, "weight")?.to_dtype(DType::F32)? + 1.0)?;
-        Ok(Self { weight_plus_one, eps })
+        let weight_plus_one_model_dtype = weight_plus_one.to_dtype(vb.dtype())?;
+        Ok(Self { weight_plus_one, weight_plus_one_model_dtype, eps })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // On the GPU the eight tensor ops below are eight launches per norm, four norms per layer:
+        // the encoder's time was the host enqueueing them. candle's fused norm accumulates in f32
+        // too; it scales by `1 + weight` in the model dtype (one more rounding than transformers'
+        // f32 product, at the model dtype's precision). The CPU keeps the exact f32 formula.
+        if x.device().is_cuda() && x.dtype() != DType::F32 {
+            return Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight_plus_one_model_dtype, self.eps as f32)?);
+        }
         let xf = x.to_dtype(DType::F32)?;
         let mean_sq = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = xf.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?;
@@ -158,9 +168,8 @@ fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<L
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// `q_proj`, `k_proj` and `v_proj` stacked into one projection (one GEMM instead of three).
+    qkv_proj: Linear,
     o_proj: Linear,
     num_heads: usize,
     num_kv_heads: usize,
@@ -177,10 +186,20 @@ impl Attention {
                 "Gemma-2: {h} heads do not group into {kv} key/value heads"
             )));
         }
+        let q_proj = linear(cfg.hidden_size, h * hd, cfg.attention_bias, vb.pp("q_proj"))?;
+        let k_proj = linear(cfg.hidden_size, kv * hd, cfg.attention_bias, vb.pp("k_proj"))?;
+        let v_proj = linear(cfg.hidden_size, kv * hd, cfg.attention_bias, vb.pp("v_proj"))?;
+        let stacked = |parts: [Option<&Tensor>; 3]| -> Result<Option<Tensor>> {
+            match parts {
+                [Some(q), Some(k), Some(v)] => Ok(Some(Tensor::cat(&[q, k, v], 0)?)),
+                _ => Ok(None),
+            }
+        };
+        let weight = stacked([Some(q_proj.weight()), Some(k_proj.weight()), Some(v_proj.weight())])?
+            .ok_or_else(|| Error::Other("Gemma-2: missing q/k/v weights".into()))?;
+        let bias = stacked([q_proj.bias(), k_proj.bias(), v_proj.bias()])?;
         Ok(Self {
-            q_proj: linear(cfg.hidden_size, h * hd, cfg.attention_bias, vb.pp("q_proj"))?,
-            k_proj: linear(cfg.hidden_size, kv * hd, cfg.attention_bias, vb.pp("k_proj"))?,
-            v_proj: linear(cfg.hidden_size, kv * hd, cfg.attention_bias, vb.pp("v_proj"))?,
+            qkv_proj: Linear::new(weight, bias),
             o_proj: linear(h * hd, cfg.hidden_size, cfg.attention_bias, vb.pp("o_proj"))?,
             num_heads: h,
             num_kv_heads: kv,
@@ -196,9 +215,11 @@ impl Attention {
         let heads = |t: Tensor, n: usize| -> Result<Tensor> {
             Ok(t.reshape((b, l, n, self.head_dim))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
-        let k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
-        let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?;
+        let qkv = self.qkv_proj.forward(x)?;
+        let (q_width, kv_width) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
+        let q = heads(qkv.narrow(D::Minus1, 0, q_width)?, self.num_heads)?;
+        let k = heads(qkv.narrow(D::Minus1, q_width, kv_width)?, self.num_kv_heads)?;
+        let v = heads(qkv.narrow(D::Minus1, q_width + kv_width, kv_width)?, self.num_kv_heads)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let groups = self.num_heads / self.num_kv_heads;

@@ -323,7 +323,49 @@ impl SanaTextEncoder {
                 prompts.len()
             )));
         }
-        Ok((self.encode_prompts(prompts)?, self.encode_negative(negative)?))
+        // One encoder pass for both (on the GPU the encoder's time is mostly launches, which a
+        // second pass doubles): the negative rows are right-padded to the positive budget. Gemma is
+        // causal, so padding after a row's last position changes none of its positions, with one
+        // exception: a padding position whose sliding window holds no real token has every key
+        // masked, and transformers then averages over ALL keys, the added padding included. Rows
+        // always start with BOS, so that needs a window shorter than the sequence: then, two passes.
+        let positive = self.tokenize_prompts(prompts)?;
+        let negative_tokens = self.tokenize_negative(negative)?;
+        let len = positive.len.max(negative_tokens.len);
+        if self.model.config().sliding_window.is_some_and(|window| window < len) {
+            return Ok((self.encode_prompts(prompts)?, self.encode_negative(negative)?));
+        }
+        let negative = negative_tokens;
+        let pad = |batch: TokenBatch| -> TokenBatch {
+            let widen = |rows: Vec<Vec<u32>>, fill: u32| {
+                rows.into_iter().map(move |mut row| {
+                    row.resize(len, fill);
+                    row
+                })
+            };
+            TokenBatch {
+                input_ids: widen(batch.input_ids, self.tokenizer.pad_id()).collect(),
+                mask: widen(batch.mask, 0).collect(),
+                len,
+            }
+        };
+        let (positive_len, rows) = (positive.len, prompts.len());
+        let (positive, negative) = (pad(positive), pad(negative));
+        let both = TokenBatch {
+            input_ids: [positive.input_ids, negative.input_ids].concat(),
+            mask: [positive.mask, negative.mask].concat(),
+            len,
+        };
+        let full = self.encode_tokens(&both)?;
+        let max_len = self.config.max_sequence_length;
+        let keep = select_indices(positive_len, max_len)?;
+        let keep = Tensor::from_vec(keep.iter().map(|&i| i as u32).collect::<Vec<_>>(), keep.len(), full.embeds.device())?;
+        let positive_rows = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(0, 0, rows)?.index_select(&keep.to_device(t.device())?, 1)?) };
+        let negative_rows = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(0, rows, rows)?.narrow(1, 0, max_len)?.contiguous()?) };
+        Ok((
+            PromptEmbeddings { embeds: positive_rows(&full.embeds)?, mask: positive_rows(&full.mask)? },
+            PromptEmbeddings { embeds: negative_rows(&full.embeds)?, mask: negative_rows(&full.mask)? },
+        ))
     }
 }
 
