@@ -143,6 +143,7 @@ impl SanaSelfAttention {
 
 /// The text side of a cross-attention layer: keys and values `(B, heads, L, d)` (views), computed
 /// once per prompt and reused at every denoising step (the text does not change between steps).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 #[derive(Debug, Clone)]
 pub struct TextKv {
     /// The fused k|v projection `(B, L, 2·inner)`, contiguous: the storage `v` (and `k` without
@@ -155,6 +156,8 @@ pub struct TextKv {
     v: Tensor,
 }
 
+// Only CUDA graphs copy text contexts.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 impl TextKv {
     fn from_parts(kv: Tensor, k_normed: Option<Tensor>, heads: usize) -> Result<Self> {
         let inner = kv.dim(2)? / 2;

@@ -28,6 +28,7 @@ struct StepKey {
     text: (usize, usize),
 }
 
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 impl StepKey {
     fn of(latents: &Tensor, timestep: &Tensor, text: &TextContext, guidance: Option<&Tensor>) -> Self {
         Self {

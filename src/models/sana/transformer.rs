@@ -27,6 +27,7 @@ enum TimeEmbed {
 }
 
 /// What [`SanaTransformer::text_context`] computes once per prompt.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 #[derive(Debug, Clone)]
 pub struct TextContext {
     batch: usize,
@@ -42,6 +43,7 @@ fn next_context_id() -> u64 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 impl TextContext {
     /// `(batch, text tokens)`.
     pub fn dims(&self) -> (usize, usize) {
