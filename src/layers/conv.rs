@@ -2,6 +2,7 @@
 //! per channel), grouped 1×1 convolutions, pixel (un)shuffle and channel repeat-interleave.
 //! Written with tensor ops only, so they run on every device.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{Module, Tensor};
@@ -162,6 +163,11 @@ impl GroupedPointwiseConv2d {
         Ok(Self { weight, groups })
     }
 
+    /// `(groups, out_per_group, in_per_group)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     /// `x`: `(B, C_in, H, W)` -> `(B, C_out, H, W)`, one matmul per group (batched).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
@@ -194,22 +200,75 @@ pub fn conv2d(
     })
 }
 
+/// Which GPU path serves the 3×3, stride-1, padding-1 convolutions in bf16/f16 (`gen bench dcae`
+/// times each; the others stay as references and fallbacks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conv3x3Path {
+    /// One implicit-GEMM kernel (kernels/ops/conv_igemm.cu): no im2col buffer, the nearest ×2
+    /// up-sampling of DC-AE's up blocks and the SiLU of its ResBlocks fused in.
+    Implicit,
+    /// im2col (kernels/ops/im2col.cu) + one cuBLAS GEMM: 9x the input written and read back.
+    Im2col,
+    /// candle's convolution (cuDNN with the `cudnn` feature, f32 compute for bf16).
+    Candle,
+}
+
+static CONV3X3_PATH: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the GPU path of 3×3 convolutions for the whole process (benchmarks; the default is
+/// [`Conv3x3Path::Implicit`]).
+pub fn set_conv3x3_path(path: Conv3x3Path) {
+    CONV3X3_PATH.store(path as u8, Ordering::Relaxed);
+}
+
+pub fn conv3x3_path() -> Conv3x3Path {
+    match CONV3X3_PATH.load(Ordering::Relaxed) {
+        0 => Conv3x3Path::Implicit,
+        1 => Conv3x3Path::Im2col,
+        _ => Conv3x3Path::Candle,
+    }
+}
+
 /// Runs a convolution made by [`conv2d`]. On the GPU, a 3×3, stride-1, padding-1 convolution in
-/// bf16/f16 runs as im2col + one tensor-core GEMM (layers/cuda): candle's CUDA convolution (its
-/// im2col, or cuDNN with f32 compute for bf16) took 15-18 ms for one 128-channel 3×3 conv at 1024².
+/// bf16/f16 runs on our kernels ([`Conv3x3Path`]): candle's CUDA convolution (its im2col, or cuDNN
+/// with f32 compute for bf16) took 15-18 ms for one 128-channel 3×3 conv at 1024².
 pub fn conv_forward(conv: &Conv2d, x: &Tensor) -> Result<Tensor> {
+    conv3x3_fused(conv, x, false, false)
+}
+
+/// `conv(upsample_nearest_2x(x))` when `upsample`, then SiLU when `silu`: on the GPU one kernel for
+/// a 3×3, stride-1, padding-1 convolution ([`Conv3x3Path::Implicit`]); elsewhere tensor ops.
+pub fn conv3x3_fused(conv: &Conv2d, x: &Tensor, upsample: bool, silu: bool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
         let cfg = conv.config();
         let (k_h, k_w) = (conv.weight().dim(2)?, conv.weight().dim(3)?);
         let plain = cfg.stride == 1 && cfg.padding == 1 && cfg.dilation == 1 && cfg.groups == 1 && (k_h, k_w) == (3, 3);
         if plain && super::cuda::fused_kernels_apply(x) {
-            if let Some(y) = super::cuda::conv3x3(x, conv.weight(), conv.bias())? {
-                return Ok(y);
+            match conv3x3_path() {
+                Conv3x3Path::Implicit => {
+                    if let Some(y) = super::cuda::conv3x3_implicit(x, conv.weight(), conv.bias(), upsample, silu)? {
+                        return Ok(y);
+                    }
+                }
+                Conv3x3Path::Im2col => {
+                    let x = if upsample { upsample_2x(x)? } else { x.clone() };
+                    if let Some(y) = super::cuda::conv3x3(&x, conv.weight(), conv.bias())? {
+                        return Ok(if silu { candle_nn::ops::silu(&y)? } else { y });
+                    }
+                }
+                Conv3x3Path::Candle => {}
             }
         }
     }
-    Ok(conv.forward(x)?)
+    let x = if upsample { upsample_2x(x)? } else { x.clone() };
+    let y = conv.forward(&x)?;
+    Ok(if silu { candle_nn::ops::silu(&y)? } else { y })
+}
+
+fn upsample_2x(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    Ok(x.upsample_nearest2d(2 * h, 2 * w)?)
 }
 
 /// Runs a candle module with the crate's error type.

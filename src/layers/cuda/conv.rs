@@ -60,3 +60,95 @@ fn im2col_typed<T: CudaDType + DeviceRepr>(x: &Tensor, (b, c, h, w): (usize, usi
     unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
     Ok(into_tensor(col, &dev, (b, c * 9, h * w)))
 }
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct ImplicitLayout {
+    batch: i32,
+    c_in: i32,
+    c_out: i32,
+    height: i32,
+    width: i32,
+    in_height: i32,
+    in_width: i32,
+    upsample: i32,
+    silu: i32,
+}
+unsafe impl DeviceRepr for ImplicitLayout {}
+
+/// kernels/ops/conv_igemm.cu's tile: output channels x pixels per block.
+const IGEMM_TILE: usize = 128;
+/// Input channels per K tile: the kernel needs a multiple.
+pub const IGEMM_CHANNEL_MULTIPLE: usize = 32;
+
+/// A 3×3, stride-1, padding-1 convolution as an implicit GEMM on the tensor cores (no im2col
+/// buffer): `x` `(B, C, H, W)` bf16/f16, `weight` `(C_out, C, 3, 3)`, `bias` `(C_out,)`. With
+/// `upsample`, the convolution runs on the nearest ×2 up-sampled `x` (output `(B, C_out, 2H, 2W)`)
+/// without building it; with `silu`, SiLU is applied to the biased output. `None` when the kernel
+/// does not serve the case (dtype, `C % 32 != 0`).
+pub fn conv3x3_implicit(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, upsample: bool, silu: bool) -> Result<Option<Tensor>> {
+    let what = "3x3 convolution (implicit GEMM)";
+    let (b, c, h, w) = x.dims4()?;
+    let (c_out, c_in, kh, kw) = weight.dims4()?;
+    if (c_in, kh, kw) != (c, 3, 3) {
+        return Err(Error::Other(format!("{what}: weight {:?} does not fit input {:?}", weight.dims(), x.dims())));
+    }
+    let (oh, ow) = if upsample { (2 * h, 2 * w) } else { (h, w) };
+    if c % IGEMM_CHANNEL_MULTIPLE != 0 || oh * ow == 0 || c_out == 0 || oh * ow > i32::MAX as usize / 2 {
+        return Ok(None);
+    }
+    match x.dtype() {
+        DType::BF16 => implicit_typed::<half::bf16>(x, weight, bias, (b, c, c_out, h, w), upsample, silu).map(Some),
+        DType::F16 => implicit_typed::<half::f16>(x, weight, bias, (b, c, c_out, h, w), upsample, silu).map(Some),
+        _ => Ok(None),
+    }
+}
+
+fn implicit_typed<T: CudaDType + DeviceRepr>(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    (b, c, c_out, h, w): (usize, usize, usize, usize, usize),
+    upsample: bool,
+    silu: bool,
+) -> Result<Tensor> {
+    let what = "3x3 convolution (implicit GEMM)";
+    let dev: CudaDevice = cuda_device(x, what)?;
+    let kernel = crate::kernels::load(&dev, "ops/conv_igemm", &format!("conv3x3_igemm_{}", suffix(x.dtype(), what)?))?;
+    let x = x.contiguous()?;
+    // (C_out, C, 3, 3) -> (C_out, 3, 3, C): K tap-major, 32 channels of one tap per K tile.
+    let wk = weight.to_dtype(x.dtype())?.permute((0, 2, 3, 1))?.contiguous()?;
+    let bias = bias.map(|t| t.to_dtype(DType::F32)?.contiguous()).transpose()?;
+    let (oh, ow) = if upsample { (2 * h, 2 * w) } else { (h, w) };
+    let layout = ImplicitLayout {
+        batch: b as i32,
+        c_in: c as i32,
+        c_out: c_out as i32,
+        height: oh as i32,
+        width: ow as i32,
+        in_height: h as i32,
+        in_width: w as i32,
+        upsample: i32::from(upsample),
+        silu: i32::from(silu),
+    };
+    let mut out = unsafe { dev.alloc::<T>(b * c_out * oh * ow)? };
+    let (rx, rw) = (CudaRead::new(&x)?, CudaRead::new(&wk)?);
+    let rb = bias.as_ref().map(CudaRead::new).transpose()?;
+    let (vx, vw) = (rx.view::<T>()?, rw.view::<T>()?);
+    let vb = rb.as_ref().map(|r| r.view::<f32>()).transpose()?;
+    let null: u64 = 0;
+    let cfg = LaunchConfig {
+        grid_dim: ((oh * ow).div_ceil(IGEMM_TILE) as u32, c_out.div_ceil(IGEMM_TILE) as u32, b as u32),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut launch = kernel.builder();
+    launch.arg(&vx).arg(&vw);
+    match &vb {
+        Some(v) => launch.arg(v),
+        None => launch.arg(&null),
+    };
+    launch.arg(&mut out).arg(&layout);
+    unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
+    Ok(into_tensor(out, &dev, (b, c_out, oh, ow)))
+}
