@@ -84,24 +84,28 @@ fn random_weights(build: impl Fn(VarBuilder) -> visgen::Result<()>) -> HashMap<S
 #[test]
 fn implicit_gemm_conv_matches_reference() {
     let dev = gpu();
-    // (batch, c_in, c_out, height, width, upsample, silu): tiles of 128 channels x 128 pixels with
-    // partial ones, one pixel, one row, DC-AE's conv_out (3 outputs), the up block's x2.
+    // (batch, c_in, c_out, height, width, upsample, silu, shortcut repeats): tiles of 128 channels
+    // x 128 pixels with partial ones, one pixel, one row, DC-AE's conv_out (3 outputs), the up
+    // block's x2 with and without its shortcut (4·c_out / c_in repeats).
     let cases = [
-        (1, 32, 64, 9, 13, false, false),
-        (2, 64, 130, 16, 20, false, true),
-        (1, 128, 3, 17, 33, false, false),
-        (1, 32, 40, 1, 1, false, false),
-        (1, 96, 32, 1, 150, false, true),
-        (1, 64, 32, 7, 11, true, false),
-        (2, 32, 160, 12, 8, true, true),
+        (1, 32, 64, 9, 13, false, false, None),
+        (2, 64, 130, 16, 20, false, true, None),
+        (1, 128, 3, 17, 33, false, false, None),
+        (1, 32, 40, 1, 1, false, false, None),
+        (1, 96, 32, 1, 150, false, true, None),
+        (1, 64, 32, 7, 11, true, false, None),
+        (2, 32, 160, 12, 8, true, true, None),
+        (1, 64, 32, 7, 11, true, false, Some(2)),
+        (2, 64, 64, 5, 9, true, false, Some(4)),
+        (1, 256, 128, 16, 8, true, false, Some(2)),
     ];
-    for &(b, ci, co, h, w, upsample, silu) in &cases {
+    for &(b, ci, co, h, w, upsample, silu, shortcut) in &cases {
         let weight = randn(&[co, ci, 3, 3], 1.0 / ((9 * ci) as f64).sqrt());
         let bias = randn(&[co], 0.2);
         let x = randn(&[b, ci, h, w], 1.0);
         let cfg = Conv2dConfig { padding: 1, stride: 1, dilation: 1, groups: 1, cudnn_fwd_algo: None };
         let cpu = Conv2d::new(weight.clone(), Some(bias.clone()), cfg);
-        let reference = conv3x3_fused(&cpu, &x, upsample, silu).unwrap();
+        let reference = conv3x3_fused(&cpu, &x, upsample, silu, shortcut).unwrap();
         let (oh, ow) = if upsample { (2 * h, 2 * w) } else { (h, w) };
         assert_eq!(reference.dims(), &[b, co, oh, ow]);
         for dtype in [DType::BF16, DType::F16] {
@@ -109,15 +113,15 @@ fn implicit_gemm_conv_matches_reference() {
             let conv = Conv2d::new(on(&weight), Some(on(&bias)), cfg);
             let xd = on(&x);
             set_conv3x3_path(Conv3x3Path::Implicit);
-            let ours = conv3x3_fused(&conv, &xd, upsample, silu).unwrap();
-            let naive = with_reference_only(|| conv3x3_fused(&conv, &xd, upsample, silu)).unwrap();
+            let ours = conv3x3_fused(&conv, &xd, upsample, silu, shortcut).unwrap();
+            let naive = with_reference_only(|| conv3x3_fused(&conv, &xd, upsample, silu, shortcut)).unwrap();
             assert_eq!(ours.dtype(), dtype);
-            let what = format!("conv3x3 implicit B{b} {ci}->{co} {h}x{w} up {upsample} silu {silu} {dtype:?}");
+            let what = format!("conv3x3 implicit B{b} {ci}->{co} {h}x{w} up {upsample} silu {silu} shortcut {shortcut:?} {dtype:?}");
             check(&what, dtype, errors(&ours, &reference), errors(&naive, &reference), max_abs(&reference));
             // The im2col path stays a served alternative.
             set_conv3x3_path(Conv3x3Path::Im2col);
-            let im2col = conv3x3_fused(&conv, &xd, upsample, silu).unwrap();
-            set_conv3x3_path(Conv3x3Path::Implicit);
+            let im2col = conv3x3_fused(&conv, &xd, upsample, silu, shortcut).unwrap();
+            set_conv3x3_path(Conv3x3Path::Auto);
             check(&format!("{what} (im2col)"), dtype, errors(&im2col, &reference), errors(&naive, &reference), max_abs(&reference));
         }
     }
@@ -172,11 +176,11 @@ fn small_config() -> DcAeConfig {
         latent_channels: 32,
         attention_head_dim: 32,
         decoder_block_types: vec![ResBlock, EfficientViTBlock, EfficientViTBlock],
-        decoder_block_out_channels: vec![32, 64, 96],
+        decoder_block_out_channels: vec![32, 64, 128],
         decoder_layers_per_block: vec![1, 2, 1],
         decoder_qkv_multiscales: vec![vec![], vec![3], vec![5]],
         encoder_block_types: vec![ResBlock, EfficientViTBlock, EfficientViTBlock],
-        encoder_block_out_channels: vec![32, 64, 96],
+        encoder_block_out_channels: vec![32, 64, 128],
         encoder_layers_per_block: vec![1, 1, 1],
         encoder_qkv_multiscales: vec![vec![], vec![3], vec![5]],
         ..DcAeConfig::f32c32_sana_1_0()

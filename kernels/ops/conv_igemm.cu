@@ -3,11 +3,17 @@
 //
 //   out[b, co, p] = bias[co] + Σ_{tap, ci} W[co, tap, ci] · in[b, ci, p shifted by tap]
 //
-// GEMM view: M = C_out, N = H·W pixels, K = 9·C_in ordered tap-major (the weight is passed
-// permuted to (C_out, 3, 3, C_in), so a 32-deep K tile is 32 input channels of one tap). The B tile
+// GEMM view: M = C_out, N = H·W pixels, K = 9·C_in ordered (channel chunk of 32, tap, channel):
+// the weight is passed permuted to (C_out, C_in / 32, 3·3, 32), so a 32-deep K tile is 32 input
+// channels of one tap, and the 9 taps of a chunk are consecutive K tiles: their B tiles are the
+// same 32 planes shifted, read from L1 (tap-major K re-read all C_in planes per tap: for 512
+// channels that left L1 and the conv ran slower than im2col + cuBLAS). The B tile
 // is gathered straight from the image: for a tap, pixel p reads p + dy·W + dx (zero outside), or,
 // with `upsample`, the nearest-×2 source pixel of an image of half the size (diffusers'
-// interpolate + conv of DCUpBlock2d, without materializing the 4x larger input).
+// interpolate + conv of DCUpBlock2d, without materializing the 4x larger input). With
+// `shortcut_repeats` > 0 (only with upsample) the epilogue adds DCUpBlock2d's shortcut,
+// pixel_shuffle(repeat_interleave(in, repeats), 2), read straight from the input:
+//   shortcut[co, y, x] = in[(4·co + 2·(y & 1) + (x & 1)) / repeats, y / 2, x / 2]
 //
 // Block: 128 (C_out) x 128 (pixels), 8 warps as 2 x 4, each a 64 x 32 tile of 16x16x16 WMMA bf16
 // fragments with f32 accumulation. K tiles of 32, double-buffered in shared memory with the next
@@ -32,6 +38,7 @@ struct Layout {
     int height, width;        // of the output (and of the conv's input grid)
     int in_height, in_width;  // of the stored input: height, width, or half of them with upsample
     int upsample, silu;
+    int shortcut_repeats;  // 0: none
 };
 
 __device__ __forceinline__ float silu(float v) { return __fdividef(v, 1.f + __expf(-v)); }
@@ -68,7 +75,7 @@ __device__ void conv3x3(const T* __restrict__ in, const T* __restrict__ w, const
             a_reg[r] = co < L.c_out ? *reinterpret_cast<const uint4*>(w + (size_t)co * K + k0 + col) : make_uint4(0, 0, 0, 0);
         }
         // B: channels ci0 + kb + 2r of tap `tap` at pixel p
-        const int tap = k0 / L.c_in, ci0 = k0 % L.c_in;
+        const int tap = kt % 9, ci0 = (kt / 9) * BK;
         const int sy = py + tap / 3 - 1, sx = px + tap % 3 - 1;
         const bool valid = sy >= 0 && sy < L.height && sx >= 0 && sx < L.width;
         const int src = L.upsample ? (sy >> 1) * L.in_width + (sx >> 1) : sy * L.width + sx;
@@ -136,6 +143,11 @@ __device__ void conv3x3(const T* __restrict__ in, const T* __restrict__ w, const
                 if (co < L.c_out && pp < pixels) {
                     float v = Cs[warp][row][colp] + (bias ? bias[co] : 0.f);
                     if (L.silu) v = silu(v);
+                    if (L.shortcut_repeats) {
+                        const int y = pp / L.width, x = pp % L.width;
+                        const int c = (4 * co + 2 * (y & 1) + (x & 1)) / L.shortcut_repeats;
+                        v += ops::to_f32(inb[(size_t)c * in_pixels + (y >> 1) * L.in_width + (x >> 1)]);
+                    }
                     outb[(size_t)co * pixels + pp] = from_f32<T>(v);
                 }
             }

@@ -17,7 +17,12 @@ use crate::models::dcae::{AutoencoderDc, DcAeConfig};
 use crate::weights::random::random_var_builder;
 
 const LATENT_SIDE: usize = 32;
-const PATHS: [(Conv3x3Path, &str); 3] = [(Conv3x3Path::Implicit, "implicit GEMM"), (Conv3x3Path::Im2col, "im2col + GEMM"), (Conv3x3Path::Candle, "candle")];
+const PATHS: [(Conv3x3Path, &str); 4] = [
+    (Conv3x3Path::Auto, "auto: faster of ours per shape"),
+    (Conv3x3Path::Implicit, "implicit GEMM"),
+    (Conv3x3Path::Im2col, "im2col + GEMM"),
+    (Conv3x3Path::Candle, "candle"),
+];
 
 fn row(what: &str, ms: f64, baselines: &HashMap<String, f64>, key: &str) {
     match baselines.get(&format!("diffusers {key}")) {
@@ -41,7 +46,7 @@ pub fn run(device: &Device, dev: &CudaDevice, iters: usize, baselines: &HashMap<
         })?;
         row(&format!("decode 1024² (3x3 convs: {name})"), ms, baselines, "decode");
     }
-    set_conv3x3_path(Conv3x3Path::Implicit);
+    set_conv3x3_path(Conv3x3Path::Auto);
     decoder_parts(device, dev, iters, baselines)
 }
 
@@ -59,16 +64,16 @@ fn decoder_parts(device: &Device, dev: &CudaDevice, iters: usize, baselines: &Ha
     let conv_out = conv2d(128, 3, 3, 1, 1, true, vb())?;
     for (path, name) in PATHS {
         set_conv3x3_path(path);
-        let ms = time_ms(dev, 1, iters, || Ok(drop(conv3x3_fused(&conv128, &x128, false, false)?)))?;
+        let ms = time_ms(dev, 1, iters, || Ok(drop(conv3x3_fused(&conv128, &x128, false, false, None)?)))?;
         row(&format!("conv 3x3 128->128 at 1024² ({name})"), ms, baselines, "conv128");
-        let ms = time_ms(dev, 1, iters, || Ok(drop(conv3x3_fused(&conv_up, &x256, true, false)?)))?;
-        row(&format!("  up x2 + conv 256->128 at 1024² ({name})"), ms, &none, "-");
-        let ms = time_ms(dev, 1, iters, || Ok(drop(conv3x3_fused(&conv512, &x512, false, false)?)))?;
+        let ms = time_ms(dev, 1, iters, || Ok(drop(conv3x3_fused(&conv_up, &x256, true, false, Some(2))?)))?;
+        row(&format!("  up x2 + conv 256->128 + shortcut at 1024² ({name})"), ms, &none, "-");
+        let ms = time_ms(dev, 1, iters, || Ok(drop(conv3x3_fused(&conv512, &x512, false, false, None)?)))?;
         row(&format!("  conv 512->512 at 256² ({name})"), ms, &none, "-");
-        let ms = time_ms(dev, 1, iters, || Ok(drop(conv3x3_fused(&conv_out, &x128, false, false)?)))?;
+        let ms = time_ms(dev, 1, iters, || Ok(drop(conv3x3_fused(&conv_out, &x128, false, false, None)?)))?;
         row(&format!("  conv_out 128->3 at 1024² ({name})"), ms, &none, "-");
     }
-    set_conv3x3_path(Conv3x3Path::Implicit);
+    set_conv3x3_path(Conv3x3Path::Auto);
 
     let res = ResBlock::new(128, vb())?;
     row("ResBlock 128ch at 1024² (x3)", time_ms(dev, 1, iters, || Ok(drop(res.forward(&x128)?)))?, baselines, "res128");

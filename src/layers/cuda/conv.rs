@@ -73,6 +73,7 @@ struct ImplicitLayout {
     in_width: i32,
     upsample: i32,
     silu: i32,
+    shortcut_repeats: i32,
 }
 unsafe impl DeviceRepr for ImplicitLayout {}
 
@@ -84,9 +85,18 @@ pub const IGEMM_CHANNEL_MULTIPLE: usize = 32;
 /// A 3×3, stride-1, padding-1 convolution as an implicit GEMM on the tensor cores (no im2col
 /// buffer): `x` `(B, C, H, W)` bf16/f16, `weight` `(C_out, C, 3, 3)`, `bias` `(C_out,)`. With
 /// `upsample`, the convolution runs on the nearest ×2 up-sampled `x` (output `(B, C_out, 2H, 2W)`)
-/// without building it; with `silu`, SiLU is applied to the biased output. `None` when the kernel
-/// does not serve the case (dtype, `C % 32 != 0`).
-pub fn conv3x3_implicit(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, upsample: bool, silu: bool) -> Result<Option<Tensor>> {
+/// without building it; with `silu`, SiLU is applied to the biased output; with
+/// `shortcut_repeats` (only with `upsample`), DC-AE's up-block shortcut
+/// `pixel_shuffle(repeat_interleave(x, r), 2)` is added. `None` when the kernel does not serve the
+/// case (dtype, `C % 32 != 0`).
+pub fn conv3x3_implicit(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    upsample: bool,
+    silu: bool,
+    shortcut_repeats: Option<usize>,
+) -> Result<Option<Tensor>> {
     let what = "3x3 convolution (implicit GEMM)";
     let (b, c, h, w) = x.dims4()?;
     let (c_out, c_in, kh, kw) = weight.dims4()?;
@@ -97,9 +107,14 @@ pub fn conv3x3_implicit(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, upsa
     if c % IGEMM_CHANNEL_MULTIPLE != 0 || oh * ow == 0 || c_out == 0 || oh * ow > i32::MAX as usize / 2 {
         return Ok(None);
     }
+    if let Some(r) = shortcut_repeats {
+        if !upsample || r == 0 || (4 * c_out) % r != 0 || 4 * c_out / r != c {
+            return Err(Error::Other(format!("{what}: shortcut of {c} channels repeated {r} times does not give 4 x {c_out}")));
+        }
+    }
     match x.dtype() {
-        DType::BF16 => implicit_typed::<half::bf16>(x, weight, bias, (b, c, c_out, h, w), upsample, silu).map(Some),
-        DType::F16 => implicit_typed::<half::f16>(x, weight, bias, (b, c, c_out, h, w), upsample, silu).map(Some),
+        DType::BF16 => implicit_typed::<half::bf16>(x, weight, bias, (b, c, c_out, h, w), upsample, silu, shortcut_repeats).map(Some),
+        DType::F16 => implicit_typed::<half::f16>(x, weight, bias, (b, c, c_out, h, w), upsample, silu, shortcut_repeats).map(Some),
         _ => Ok(None),
     }
 }
@@ -111,13 +126,20 @@ fn implicit_typed<T: CudaDType + DeviceRepr>(
     (b, c, c_out, h, w): (usize, usize, usize, usize, usize),
     upsample: bool,
     silu: bool,
+    shortcut_repeats: Option<usize>,
 ) -> Result<Tensor> {
     let what = "3x3 convolution (implicit GEMM)";
     let dev: CudaDevice = cuda_device(x, what)?;
     let kernel = crate::kernels::load(&dev, "ops/conv_igemm", &format!("conv3x3_igemm_{}", suffix(x.dtype(), what)?))?;
     let x = x.contiguous()?;
-    // (C_out, C, 3, 3) -> (C_out, 3, 3, C): K tap-major, 32 channels of one tap per K tile.
-    let wk = weight.to_dtype(x.dtype())?.permute((0, 2, 3, 1))?.contiguous()?;
+    // (C_out, C, 3, 3) -> (C_out, C / 32, 3·3, 32): a K tile is 32 channels of one tap, the 9 taps
+    // of a chunk of channels in a row.
+    let chunks = c / IGEMM_CHANNEL_MULTIPLE;
+    let wk = weight
+        .to_dtype(x.dtype())?
+        .reshape((c_out, chunks, IGEMM_CHANNEL_MULTIPLE, 9))?
+        .permute((0, 1, 3, 2))?
+        .contiguous()?;
     let bias = bias.map(|t| t.to_dtype(DType::F32)?.contiguous()).transpose()?;
     let (oh, ow) = if upsample { (2 * h, 2 * w) } else { (h, w) };
     let layout = ImplicitLayout {
@@ -130,6 +152,7 @@ fn implicit_typed<T: CudaDType + DeviceRepr>(
         in_width: w as i32,
         upsample: i32::from(upsample),
         silu: i32::from(silu),
+        shortcut_repeats: shortcut_repeats.unwrap_or(0) as i32,
     };
     let mut out = unsafe { dev.alloc::<T>(b * c_out * oh * ow)? };
     let (rx, rw) = (CudaRead::new(&x)?, CudaRead::new(&wk)?);

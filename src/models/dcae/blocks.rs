@@ -35,7 +35,7 @@ impl ResBlock {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = conv3x3_fused(&self.conv1, x, false, true)?;
+        let h = conv3x3_fused(&self.conv1, x, false, true, None)?;
         let h = self.norm.forward_channels_first(&conv_forward(&self.conv2, &h)?)?;
         Ok((h + x)?)
     }
@@ -343,11 +343,11 @@ impl UpBlock {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if self.interpolate {
-            conv3x3_fused(&self.conv, x, true, false)?
-        } else {
-            pixel_shuffle(&conv_forward(&self.conv, x)?, 2)?
-        };
+        if self.interpolate {
+            // One kernel on the GPU: up-sampling, convolution and shortcut.
+            return conv3x3_fused(&self.conv, x, true, false, Some(self.repeats));
+        }
+        let y = pixel_shuffle(&conv_forward(&self.conv, x)?, 2)?;
         let shortcut = pixel_shuffle(&repeat_interleave_channels(x, self.repeats)?, 2)?;
         Ok((y + shortcut)?)
     }
