@@ -118,11 +118,12 @@ fn implicit_gemm_conv_matches_reference() {
             assert_eq!(ours.dtype(), dtype);
             let what = format!("conv3x3 implicit B{b} {ci}->{co} {h}x{w} up {upsample} silu {silu} shortcut {shortcut:?} {dtype:?}");
             check(&what, dtype, errors(&ours, &reference), errors(&naive, &reference), max_abs(&reference));
-            // The im2col path stays a served alternative.
-            set_conv3x3_path(Conv3x3Path::Im2col);
-            let im2col = conv3x3_fused(&conv, &xd, upsample, silu, shortcut).unwrap();
-            set_conv3x3_path(Conv3x3Path::Auto);
-            check(&format!("{what} (im2col)"), dtype, errors(&im2col, &reference), errors(&naive, &reference), max_abs(&reference));
+            // The other paths that Auto may pick.
+            for path in [Conv3x3Path::ImplicitNhwc, Conv3x3Path::Im2col, Conv3x3Path::Auto] {
+                set_conv3x3_path(path);
+                let other = conv3x3_fused(&conv, &xd, upsample, silu, shortcut).unwrap();
+                check(&format!("{what} ({path:?})"), dtype, errors(&other, &reference), errors(&naive, &reference), max_abs(&reference));
+            }
         }
     }
 }

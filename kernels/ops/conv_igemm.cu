@@ -22,6 +22,8 @@
 
 #include <mma.h>
 
+#include <type_traits>
+
 #include "elem.cuh"
 
 namespace conv_igemm {
@@ -44,11 +46,16 @@ struct Layout {
 __device__ __forceinline__ float silu(float v) { return __fdividef(v, 1.f + __expf(-v)); }
 
 // grid: (ceil(H·W / BN), ceil(C_out / BM), batch); block: THREADS.
-template <typename T>
+// NHWC = false: `in` is NCHW; a thread gathers one pixel of 16 channel planes per K tile (16-bit
+// loads). NHWC = true: `in` is the same image channels-last (B, H, W, C) (transposed by the
+// caller); a thread copies two 16-byte runs of 8 channels of one pixel per K tile, and the B tile
+// is kept pixel-major in shared memory (a col-major WMMA operand), so loads and stores are 16 B.
+template <typename T, bool NHWC>
 __device__ void conv3x3(const T* __restrict__ in, const T* __restrict__ w, const float* __restrict__ bias,
                         T* __restrict__ out, Layout L) {
+    constexpr int B_ELEMS = NHWC ? BN * A_LD : BK * B_LD;  // pixel-major rows of BK (+8) or k-major rows of BN (+8)
     __shared__ __align__(128) T As[2][BM][A_LD];
-    __shared__ __align__(128) T Bs[2][BK][B_LD];
+    __shared__ __align__(128) T Bs[2][B_ELEMS];
     __shared__ __align__(128) float Cs[THREADS / 32][16][16];
 
     const int pixels = L.height * L.width, in_pixels = L.in_height * L.in_width;
@@ -56,13 +63,20 @@ __device__ void conv3x3(const T* __restrict__ in, const T* __restrict__ w, const
     const int K = 9 * L.c_in, k_tiles = K / BK;
     const T* inb = in + (size_t)b * L.c_in * in_pixels;
 
-    // This thread's B pixel (fixed) and K rows kb + 2r; its A rows: two 16-byte chunks.
-    const int bp = threadIdx.x % BN, kb = threadIdx.x / BN;
-    const int p = p0 + bp;
-    const int py = p < pixels ? p / L.width : -10, px = p < pixels ? p % L.width : -10;
+    // NCHW: this thread's B pixel (fixed) and K rows kb + 2r. NHWC: pixels (tid + 256r) / 4, run
+    // (tid % 4) of 8 channels. A: two 16-byte chunks of weight rows.
+    const int bp = NHWC ? threadIdx.x / 4 : threadIdx.x % BN, kb = NHWC ? (threadIdx.x % 4) * 8 : threadIdx.x / BN;
+    int py[2], px[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int p = p0 + bp + r * (THREADS / 4);
+        py[r] = p < pixels ? p / L.width : -10;
+        px[r] = p < pixels ? p % L.width : -10;
+    }
 
     uint4 a_reg[2];
-    unsigned short b_reg[B_PER_THREAD];  // raw 16-bit elements: no conversions on the way through
+    uint4 bv_reg[2];                                     // NHWC
+    unsigned short b_reg[NHWC ? 1 : B_PER_THREAD];        // NCHW: raw 16-bit elements
 
     auto load_global = [&](int kt) {
         const int k0 = kt * BK;
@@ -74,14 +88,26 @@ __device__ void conv3x3(const T* __restrict__ in, const T* __restrict__ w, const
             const int co = co0 + row;
             a_reg[r] = co < L.c_out ? *reinterpret_cast<const uint4*>(w + (size_t)co * K + k0 + col) : make_uint4(0, 0, 0, 0);
         }
-        // B: channels ci0 + kb + 2r of tap `tap` at pixel p
         const int tap = kt % 9, ci0 = (kt / 9) * BK;
-        const int sy = py + tap / 3 - 1, sx = px + tap % 3 - 1;
-        const bool valid = sy >= 0 && sy < L.height && sx >= 0 && sx < L.width;
-        const int src = L.upsample ? (sy >> 1) * L.in_width + (sx >> 1) : sy * L.width + sx;
-        const unsigned short* col = reinterpret_cast<const unsigned short*>(inb) + (size_t)(ci0 + kb) * in_pixels + src;
+        const int dy = tap / 3 - 1, dx = tap % 3 - 1;
+        if constexpr (NHWC) {
+            // B: channels ci0 + kb .. + 8 of tap `tap` at two pixels
 #pragma unroll
-        for (int r = 0; r < B_PER_THREAD; ++r) b_reg[r] = valid ? col[(size_t)(2 * r) * in_pixels] : (unsigned short)0;
+            for (int r = 0; r < 2; ++r) {
+                const int sy = py[r] + dy, sx = px[r] + dx;
+                const bool valid = sy >= 0 && sy < L.height && sx >= 0 && sx < L.width;
+                const int src = L.upsample ? (sy >> 1) * L.in_width + (sx >> 1) : sy * L.width + sx;
+                bv_reg[r] = valid ? *reinterpret_cast<const uint4*>(inb + (size_t)src * L.c_in + ci0 + kb) : make_uint4(0, 0, 0, 0);
+            }
+        } else {
+            // B: channels ci0 + kb + 2r of tap `tap` at pixel p
+            const int sy = py[0] + dy, sx = px[0] + dx;
+            const bool valid = sy >= 0 && sy < L.height && sx >= 0 && sx < L.width;
+            const int src = L.upsample ? (sy >> 1) * L.in_width + (sx >> 1) : sy * L.width + sx;
+            const unsigned short* col = reinterpret_cast<const unsigned short*>(inb) + (size_t)(ci0 + kb) * in_pixels + src;
+#pragma unroll
+            for (int r = 0; r < B_PER_THREAD; ++r) b_reg[r] = valid ? col[(size_t)(2 * r) * in_pixels] : (unsigned short)0;
+        }
     };
     auto store_shared = [&](int buf) {
 #pragma unroll
@@ -89,8 +115,13 @@ __device__ void conv3x3(const T* __restrict__ in, const T* __restrict__ w, const
             const int chunk = threadIdx.x + r * THREADS;
             *reinterpret_cast<uint4*>(&As[buf][chunk / 4][(chunk % 4) * 8]) = a_reg[r];
         }
+        if constexpr (NHWC) {
 #pragma unroll
-        for (int r = 0; r < B_PER_THREAD; ++r) reinterpret_cast<unsigned short*>(&Bs[buf][kb + 2 * r][0])[bp] = b_reg[r];
+            for (int r = 0; r < 2; ++r) *reinterpret_cast<uint4*>(&Bs[buf][(bp + r * (THREADS / 4)) * A_LD + kb]) = bv_reg[r];
+        } else {
+#pragma unroll
+            for (int r = 0; r < B_PER_THREAD; ++r) reinterpret_cast<unsigned short*>(&Bs[buf][(kb + 2 * r) * B_LD])[bp] = b_reg[r];
+        }
     };
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -106,6 +137,7 @@ __device__ void conv3x3(const T* __restrict__ in, const T* __restrict__ w, const
     store_shared(0);
     __syncthreads();
 
+    using BLayout = typename std::conditional<NHWC, wmma::col_major, wmma::row_major>::type;
     for (int kt = 0; kt < k_tiles; ++kt) {
         const int buf = kt & 1;
         if (kt + 1 < k_tiles) load_global(kt + 1);
@@ -113,11 +145,14 @@ __device__ void conv3x3(const T* __restrict__ in, const T* __restrict__ w, const
 #pragma unroll
         for (int ks = 0; ks < BK; ks += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[4];
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb[2];
 #pragma unroll
             for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(fa[i], &As[buf][wm + 16 * i][ks], A_LD);
 #pragma unroll
-            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &Bs[buf][ks][wn + 16 * j], B_LD);
+            for (int j = 0; j < 2; ++j) {
+                if constexpr (NHWC) wmma::load_matrix_sync(fb[j], &Bs[buf][(wn + 16 * j) * A_LD + ks], A_LD);
+                else wmma::load_matrix_sync(fb[j], &Bs[buf][ks * B_LD + wn + 16 * j], B_LD);
+            }
 #pragma unroll
             for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -146,7 +181,8 @@ __device__ void conv3x3(const T* __restrict__ in, const T* __restrict__ w, const
                     if (L.shortcut_repeats) {
                         const int y = pp / L.width, x = pp % L.width;
                         const int c = (4 * co + 2 * (y & 1) + (x & 1)) / L.shortcut_repeats;
-                        v += ops::to_f32(inb[(size_t)c * in_pixels + (y >> 1) * L.in_width + (x >> 1)]);
+                        const int sp = (y >> 1) * L.in_width + (x >> 1);
+                        v += ops::to_f32(NHWC ? inb[(size_t)sp * L.c_in + c] : inb[(size_t)c * in_pixels + sp]);
                     }
                     outb[(size_t)co * pixels + pp] = from_f32<T>(v);
                 }
@@ -157,11 +193,42 @@ __device__ void conv3x3(const T* __restrict__ in, const T* __restrict__ w, const
 
 }  // namespace conv_igemm
 
-#define CONV_IGEMM_KERNEL(NAME, T)                                                                          \
+#define CONV_IGEMM_KERNEL(NAME, T, NHWC)                                                                    \
     extern "C" __global__ void __launch_bounds__(conv_igemm::THREADS, 2)                                     \
         NAME(const T* in, const T* w, const float* bias, T* out, conv_igemm::Layout L) {                    \
-        conv_igemm::conv3x3<T>(in, w, bias, out, L);                                                        \
+        conv_igemm::conv3x3<T, NHWC>(in, w, bias, out, L);                                                  \
     }
 
-CONV_IGEMM_KERNEL(conv3x3_igemm_bf16, __nv_bfloat16)
-CONV_IGEMM_KERNEL(conv3x3_igemm_f16, __half)
+CONV_IGEMM_KERNEL(conv3x3_igemm_bf16, __nv_bfloat16, false)
+CONV_IGEMM_KERNEL(conv3x3_igemm_f16, __half, false)
+CONV_IGEMM_KERNEL(conv3x3_igemm_nhwc_bf16, __nv_bfloat16, true)
+CONV_IGEMM_KERNEL(conv3x3_igemm_nhwc_f16, __half, true)
+
+// NCHW -> NHWC through a 32x32 shared tile (coalesced both ways). grid: (ceil(HW / 32), ceil(C / 32),
+// B); block: (32, 8).
+template <typename T>
+__device__ void nchw_to_nhwc(const T* __restrict__ in, T* __restrict__ out, int channels, int pixels) {
+    __shared__ T tile[32][33];
+    const int p0 = blockIdx.x * 32, c0 = blockIdx.y * 32, b = blockIdx.z;
+    const T* ib = in + (size_t)b * channels * pixels;
+    T* ob = out + (size_t)b * channels * pixels;
+#pragma unroll
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        const int c = c0 + i, p = p0 + threadIdx.x;
+        if (c < channels && p < pixels) tile[i][threadIdx.x] = ib[(size_t)c * pixels + p];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        const int p = p0 + i, c = c0 + threadIdx.x;
+        if (c < channels && p < pixels) ob[(size_t)p * channels + c] = tile[threadIdx.x][i];
+    }
+}
+
+#define NCHW_TO_NHWC_KERNEL(NAME, T)                                                                     \
+    extern "C" __global__ void __launch_bounds__(256) NAME(const T* in, T* out, int channels, int pixels) { \
+        nchw_to_nhwc<T>(in, out, channels, pixels);                                                      \
+    }
+
+NCHW_TO_NHWC_KERNEL(nchw_to_nhwc_bf16, __nv_bfloat16)
+NCHW_TO_NHWC_KERNEL(nchw_to_nhwc_f16, __half)

@@ -17,9 +17,10 @@ use crate::models::dcae::{AutoencoderDc, DcAeConfig};
 use crate::weights::random::random_var_builder;
 
 const LATENT_SIDE: usize = 32;
-const PATHS: [(Conv3x3Path, &str); 4] = [
-    (Conv3x3Path::Auto, "auto: faster of ours per shape"),
+const PATHS: [(Conv3x3Path, &str); 5] = [
+    (Conv3x3Path::Auto, "auto: fastest of ours per shape"),
     (Conv3x3Path::Implicit, "implicit GEMM"),
+    (Conv3x3Path::ImplicitNhwc, "NHWC copy + implicit GEMM"),
     (Conv3x3Path::Im2col, "im2col + GEMM"),
     (Conv3x3Path::Candle, "candle"),
 ];

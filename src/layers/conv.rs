@@ -204,12 +204,15 @@ pub fn conv2d(
 /// times each; the others stay as references and fallbacks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Conv3x3Path {
-    /// Per shape, the faster of [`Self::Implicit`] and [`Self::Im2col`], timed once at the first
+    /// Per shape, the fastest of [`Self::Implicit`], [`Self::ImplicitNhwc`] and [`Self::Im2col`], timed once at the first
     /// call of that shape (CUDA events) and remembered for the process.
     Auto,
     /// One implicit-GEMM kernel (kernels/ops/conv_igemm.cu): no im2col buffer, the nearest ×2
     /// up-sampling and shortcut of DC-AE's up blocks and the SiLU of its ResBlocks fused in.
     Implicit,
+    /// [`Self::Implicit`] reading a channels-last copy of the input (one transpose kernel first):
+    /// 16-byte loads of 8 channels instead of 16-bit gathers across channel planes.
+    ImplicitNhwc,
     /// im2col (kernels/ops/im2col.cu) + one cuBLAS GEMM: 9x the input written and read back.
     Im2col,
     /// candle's convolution (cuDNN with the `cudnn` feature, f32 compute for bf16).
@@ -228,7 +231,8 @@ pub fn conv3x3_path() -> Conv3x3Path {
     match CONV3X3_PATH.load(Ordering::Relaxed) {
         0 => Conv3x3Path::Auto,
         1 => Conv3x3Path::Implicit,
-        2 => Conv3x3Path::Im2col,
+        2 => Conv3x3Path::ImplicitNhwc,
+        3 => Conv3x3Path::Im2col,
         _ => Conv3x3Path::Candle,
     }
 }
@@ -251,7 +255,8 @@ pub fn conv3x3_fused(conv: &Conv2d, x: &Tensor, upsample: bool, silu: bool, shor
         let (k_h, k_w) = (conv.weight().dim(2)?, conv.weight().dim(3)?);
         let plain = cfg.stride == 1 && cfg.padding == 1 && cfg.dilation == 1 && cfg.groups == 1 && (k_h, k_w) == (3, 3);
         if plain && super::cuda::fused_kernels_apply(x) {
-            let implicit = || super::cuda::conv3x3_implicit(x, conv.weight(), conv.bias(), upsample, silu, shortcut_repeats);
+            let implicit = || super::cuda::conv3x3_implicit(x, conv.weight(), conv.bias(), upsample, silu, shortcut_repeats, false);
+            let implicit_nhwc = || super::cuda::conv3x3_implicit(x, conv.weight(), conv.bias(), upsample, silu, shortcut_repeats, true);
             let im2col = || -> Result<Option<Tensor>> {
                 let xu = if upsample { upsample_2x(x)? } else { x.clone() };
                 match super::cuda::conv3x3(&xu, conv.weight(), conv.bias())? {
@@ -260,11 +265,17 @@ pub fn conv3x3_fused(conv: &Conv2d, x: &Tensor, upsample: bool, silu: bool, shor
                 }
             };
             let path = match conv3x3_path() {
-                Conv3x3Path::Auto => autotune::choose(x, conv.weight(), (upsample, silu, shortcut_repeats), &implicit, &im2col)?,
+                Conv3x3Path::Auto => autotune::choose(
+                    x,
+                    conv.weight(),
+                    (upsample, silu, shortcut_repeats),
+                    &[(Conv3x3Path::Implicit, &implicit), (Conv3x3Path::ImplicitNhwc, &implicit_nhwc), (Conv3x3Path::Im2col, &im2col)],
+                )?,
                 other => other,
             };
             let y = match path {
                 Conv3x3Path::Implicit => implicit()?,
+                Conv3x3Path::ImplicitNhwc => implicit_nhwc()?,
                 Conv3x3Path::Im2col => im2col()?,
                 _ => None,
             };
@@ -310,26 +321,24 @@ mod autotune {
         CACHE.get_or_init(|| Mutex::new(HashMap::new()))
     }
 
-    pub fn choose(
-        x: &Tensor,
-        weight: &Tensor,
-        epilogue: (bool, bool, Option<usize>),
-        implicit: &dyn Fn() -> Result<Option<Tensor>>,
-        im2col: &dyn Fn() -> Result<Option<Tensor>>,
-    ) -> Result<Conv3x3Path> {
+    pub type Candidate<'a> = (Conv3x3Path, &'a dyn Fn() -> Result<Option<Tensor>>);
+
+    pub fn choose(x: &Tensor, weight: &Tensor, epilogue: (bool, bool, Option<usize>), candidates: &[Candidate]) -> Result<Conv3x3Path> {
         let key = (x.dims().to_vec(), weight.dims().to_vec(), x.dtype(), epilogue);
         let poisoned = || Error::Other("conv autotune cache poisoned".into());
         if let Some(p) = cache().lock().map_err(|_| poisoned())?.get(&key) {
             return Ok(*p);
         }
-        let implicit_ms = time(x, implicit)?;
-        let im2col_ms = time(x, im2col)?;
-        let path = match (implicit_ms, im2col_ms) {
-            (Some(a), Some(b)) if b < a => Conv3x3Path::Im2col,
-            (Some(_), _) => Conv3x3Path::Implicit,
-            (None, Some(_)) => Conv3x3Path::Im2col,
-            (None, None) => Conv3x3Path::Candle,
-        };
+        // Candle (cuDNN or its im2col) when none of ours serves.
+        let mut best = (f64::INFINITY, Conv3x3Path::Candle);
+        for (path, f) in candidates {
+            if let Some(ms) = time(x, *f)? {
+                if ms < best.0 {
+                    best = (ms, *path);
+                }
+            }
+        }
+        let path = best.1;
         cache().lock().map_err(|_| poisoned())?.insert(key, path);
         Ok(path)
     }

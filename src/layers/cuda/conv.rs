@@ -88,7 +88,8 @@ pub const IGEMM_CHANNEL_MULTIPLE: usize = 32;
 /// without building it; with `silu`, SiLU is applied to the biased output; with
 /// `shortcut_repeats` (only with `upsample`), DC-AE's up-block shortcut
 /// `pixel_shuffle(repeat_interleave(x, r), 2)` is added. `None` when the kernel does not serve the
-/// case (dtype, `C % 32 != 0`).
+/// case (dtype, `C % 32 != 0`). With `channels_last`, `x` is first transposed to NHWC by one
+/// kernel and the GEMM reads 16-byte runs of channels (fewer, wider loads than the NCHW gather).
 pub fn conv3x3_implicit(
     x: &Tensor,
     weight: &Tensor,
@@ -96,6 +97,7 @@ pub fn conv3x3_implicit(
     upsample: bool,
     silu: bool,
     shortcut_repeats: Option<usize>,
+    channels_last: bool,
 ) -> Result<Option<Tensor>> {
     let what = "3x3 convolution (implicit GEMM)";
     let (b, c, h, w) = x.dims4()?;
@@ -113,8 +115,8 @@ pub fn conv3x3_implicit(
         }
     }
     match x.dtype() {
-        DType::BF16 => implicit_typed::<half::bf16>(x, weight, bias, (b, c, c_out, h, w), upsample, silu, shortcut_repeats).map(Some),
-        DType::F16 => implicit_typed::<half::f16>(x, weight, bias, (b, c, c_out, h, w), upsample, silu, shortcut_repeats).map(Some),
+        DType::BF16 => implicit_typed::<half::bf16>(x, weight, bias, (b, c, c_out, h, w), upsample, silu, shortcut_repeats, channels_last).map(Some),
+        DType::F16 => implicit_typed::<half::f16>(x, weight, bias, (b, c, c_out, h, w), upsample, silu, shortcut_repeats, channels_last).map(Some),
         _ => Ok(None),
     }
 }
@@ -127,11 +129,15 @@ fn implicit_typed<T: CudaDType + DeviceRepr>(
     upsample: bool,
     silu: bool,
     shortcut_repeats: Option<usize>,
+    channels_last: bool,
 ) -> Result<Tensor> {
     let what = "3x3 convolution (implicit GEMM)";
     let dev: CudaDevice = cuda_device(x, what)?;
-    let kernel = crate::kernels::load(&dev, "ops/conv_igemm", &format!("conv3x3_igemm_{}", suffix(x.dtype(), what)?))?;
+    let sfx = suffix(x.dtype(), what)?;
+    let name = if channels_last { format!("conv3x3_igemm_nhwc_{sfx}") } else { format!("conv3x3_igemm_{sfx}") };
+    let kernel = crate::kernels::load(&dev, "ops/conv_igemm", &name)?;
     let x = x.contiguous()?;
+    let x = if channels_last { nchw_to_nhwc::<T>(&x, &dev, (b, c, h * w))? } else { x };
     // (C_out, C, 3, 3) -> (C_out, C / 32, 3·3, 32): a K tile is 32 channels of one tap, the 9 taps
     // of a chunk of channels in a row.
     let chunks = c / IGEMM_CHANNEL_MULTIPLE;
@@ -174,4 +180,19 @@ fn implicit_typed<T: CudaDType + DeviceRepr>(
     launch.arg(&mut out).arg(&layout);
     unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
     Ok(into_tensor(out, &dev, (b, c_out, oh, ow)))
+}
+
+/// `(B, C, H, W)` contiguous -> the same elements channels-last, as a flat `(B·H·W·C,)` tensor.
+fn nchw_to_nhwc<T: CudaDType + DeviceRepr>(x: &Tensor, dev: &CudaDevice, (b, c, pixels): (usize, usize, usize)) -> Result<Tensor> {
+    let what = "NCHW -> NHWC";
+    let kernel = crate::kernels::load(dev, "ops/conv_igemm", &format!("nchw_to_nhwc_{}", suffix(x.dtype(), what)?))?;
+    let mut out = unsafe { dev.alloc::<T>(b * c * pixels)? };
+    let rx = CudaRead::new(x)?;
+    let vx = rx.view::<T>()?;
+    let (c32, p32) = (c as i32, pixels as i32);
+    let cfg = LaunchConfig { grid_dim: (pixels.div_ceil(32) as u32, c.div_ceil(32) as u32, b as u32), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+    let mut launch = kernel.builder();
+    launch.arg(&vx).arg(&mut out).arg(&c32).arg(&p32);
+    unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
+    Ok(into_tensor(out, dev, b * c * pixels))
 }
