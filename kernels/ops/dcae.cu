@@ -144,41 +144,46 @@ __device__ void linattn_state(const T* __restrict__ a, const T* __restrict__ m, 
     if (j0 == 0) dst[HD] = ksum;
 }
 
-// grid: (ceil(tokens / 128), heads, batch); one warp per token at a time, lane = output channel.
+// grid: (blocks per head, heads, batch); block j takes the 128-token tiles j, j + gridDim.x, ...:
+// the state (the sum of the chunks' partials) is built once per block. One warp per token at a
+// time, lane = output channel.
 template <typename T>
 __device__ void linattn_out(const T* __restrict__ a, const T* __restrict__ m, const float* __restrict__ partial,
                             T* __restrict__ out, AttnLayout L) {
     __shared__ float st[HD][HD1];
     __shared__ float qs[OUT_TOKENS][HD1];
     const int h = blockIdx.y, b = blockIdx.z, heads = gridDim.y;
-    const int n0 = blockIdx.x * OUT_TOKENS;
     const T* src = head_source(a, m, h, L, b);
-    // load: the state (sum of the chunks' partials) and relu(q) of the tile
+    // load: the state
     const float* part = partial + (size_t)(b * heads + h) * L.splits * STATE;
     for (int e = threadIdx.x; e < STATE; e += ATT_THREADS) {
         float sum = 0.f;
         for (int s = 0; s < L.splits; ++s) sum += part[(size_t)s * STATE + e];
         st[e / HD1][e % HD1] = sum;
     }
-    for (int e = threadIdx.x; e < OUT_TOKENS * HD; e += ATT_THREADS) {
-        const int t = e / HD, c = e % HD, n = n0 + t;
-        qs[t][c] = n < L.tokens ? fmaxf(to_f32(src[(size_t)n * L.source_channels + c]), 0.f) : 0.f;
-    }
-    __syncthreads();
-    // compute + store
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     T* ob = out + (size_t)b * L.tokens * L.out_channels + (size_t)h * HD + lane;
-    for (int t = warp; t < OUT_TOKENS; t += ATT_THREADS / 32) {
-        const int n = n0 + t;
-        if (n >= L.tokens) break;
-        float num = 0.f, den = 0.f;
-#pragma unroll
-        for (int i = 0; i < HD; ++i) {
-            const float q = qs[t][i];
-            num = fmaf(q, st[i][lane], num);
-            den = fmaf(q, st[i][HD], den);
+    for (int n0 = blockIdx.x * OUT_TOKENS; n0 < L.tokens; n0 += gridDim.x * OUT_TOKENS) {
+        // load: relu(q) of the tile
+        for (int e = threadIdx.x; e < OUT_TOKENS * HD; e += ATT_THREADS) {
+            const int t = e / HD, c = e % HD, n = n0 + t;
+            qs[t][c] = n < L.tokens ? fmaxf(to_f32(src[(size_t)n * L.source_channels + c]), 0.f) : 0.f;
         }
-        ob[(size_t)n * L.out_channels] = from_f32<T>(num / (den + L.eps));
+        __syncthreads();
+        // compute + store
+        for (int t = warp; t < OUT_TOKENS; t += ATT_THREADS / 32) {
+            const int n = n0 + t;
+            if (n >= L.tokens) break;
+            float num = 0.f, den = 0.f;
+#pragma unroll
+            for (int i = 0; i < HD; ++i) {
+                const float q = qs[t][i];
+                num = fmaf(q, st[i][lane], num);
+                den = fmaf(q, st[i][HD], den);
+            }
+            ob[(size_t)n * L.out_channels] = from_f32<T>(num / (den + L.eps));
+        }
+        __syncthreads();
     }
 }
 
@@ -215,6 +220,56 @@ __device__ void rms_norm_residual(const T* __restrict__ x, const float* __restri
     }
 }
 
+// RMSNorm over the channels of an NCHW tensor + residual (DC-AE's ResBlock: norm(conv2(..)) + x),
+// one thread per pixel, two passes over the channels (the second mostly from L2), one rounding.
+struct ChannelsLayout {
+    int batch, channels;
+    long long pixels;
+    float eps;
+};
+
+template <typename T>
+__device__ void rms_norm_channels_residual(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
+                                           const T* __restrict__ res, T* __restrict__ y, ChannelsLayout L) {
+    const long long p = blockIdx.x * (long long)NORM_THREADS + threadIdx.x;
+    if (p >= L.pixels) return;
+    const size_t base = (size_t)blockIdx.y * L.channels * L.pixels + p;
+    float sq = 0.f;
+    for (int c = 0; c < L.channels; ++c) {
+        const float v = to_f32(x[base + (size_t)c * L.pixels]);
+        sq = fmaf(v, v, sq);
+    }
+    const float rstd = rsqrtf(sq / L.channels + L.eps);
+    for (int c = 0; c < L.channels; ++c) {
+        const size_t i = base + (size_t)c * L.pixels;
+        float v = to_f32(x[i]) * rstd;
+        if (w) v *= w[c];
+        if (bias) v += bias[c];
+        v += to_f32(res[i]);
+        y[i] = from_f32<T>(v);
+    }
+}
+
+// (rows, cols) -> (cols, rows) per batch through a 32x32 shared tile: NCHW <-> NHWC of the
+// EfficientViT blocks (rows = channels, cols = pixels, or the reverse). grid: (ceil(cols / 32),
+// ceil(rows / 32), batch); block: (32, 8).
+template <typename T>
+__device__ void transpose(const T* __restrict__ in, T* __restrict__ out, int rows, int cols) {
+    __shared__ T tile[32][33];
+    const int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
+    const T* ib = in + (size_t)blockIdx.z * rows * cols;
+    T* ob = out + (size_t)blockIdx.z * rows * cols;
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        const int r = r0 + i, c = c0 + threadIdx.x;
+        if (r < rows && c < cols) tile[i][threadIdx.x] = ib[(size_t)r * cols + c];
+    }
+    __syncthreads();
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        const int c = c0 + i, r = r0 + threadIdx.x;
+        if (r < rows && c < cols) ob[(size_t)c * rows + r] = tile[threadIdx.x][i];
+    }
+}
+
 }  // namespace dcae
 
 #define DCAE_KERNELS(SUFFIX, T)                                                                                   \
@@ -237,6 +292,13 @@ __device__ void rms_norm_residual(const T* __restrict__ x, const float* __restri
     extern "C" __global__ void __launch_bounds__(dcae::NORM_THREADS) rms_norm_residual_##SUFFIX(                  \
         const T* x, const float* w, const float* bias, const T* res, T* y, dcae::NormLayout L) {                  \
         dcae::rms_norm_residual<T>(x, w, bias, res, y, L);                                                        \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(dcae::NORM_THREADS) rms_norm_channels_residual_##SUFFIX(         \
+        const T* x, const float* w, const float* bias, const T* res, T* y, dcae::ChannelsLayout L) {              \
+        dcae::rms_norm_channels_residual<T>(x, w, bias, res, y, L);                                               \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256) transpose_##SUFFIX(const T* in, T* out, int rows, int cols) { \
+        dcae::transpose<T>(in, out, rows, cols);                                                                  \
     }
 
 DCAE_KERNELS(bf16, __nv_bfloat16)

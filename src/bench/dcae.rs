@@ -122,7 +122,7 @@ fn evit_pieces(device: &Device, dev: &CudaDevice, iters: usize, c: usize, side: 
     let w = Tensor::ones(c, DType::F32, device)?;
     let ms = time_ms(dev, 1, iters, || Ok(drop(cuda::rms_norm_residual(&t, Some(&w), Some(&w), Some(&t), 1e-5)?)))?;
     row("  RMSNorm + residual kernel", ms, &none, "-");
-    let ms = time_ms(dev, 1, iters, || Ok(drop(t.reshape((1, side, side, c))?.permute((0, 3, 1, 2))?.contiguous()?)))?;
-    row("  NHWC <-> NCHW copy", ms, &none, "-");
+    let ms = time_ms(dev, 1, iters, || Ok(drop(cuda::tokens_to_nchw(&t, grid)?)))?;
+    row("  NHWC -> NCHW transpose kernel", ms, &none, "-");
     Ok(())
 }

@@ -128,8 +128,11 @@ fn attn_typed<T: CudaDType + DeviceRepr>(qkv: &Tensor, ms: &Tensor, eps: f64, (b
     let (qkv, ms) = (qkv.contiguous()?, ms.contiguous()?);
     let heads_per_source = c3 / (3 * DCAE_GROUP);
     let heads = 2 * heads_per_source;
-    // Token chunks per head: enough state blocks for two waves of the SMs, chunks of whole tiles.
-    let want = (2 * sm_count(&dev)? as usize).div_ceil(b * heads).max(1);
+    // Token chunks per head: enough state blocks for four waves of the SMs, chunks of whole tiles;
+    // output blocks per head: two waves, each block summing the chunks' partials once.
+    let sms = sm_count(&dev)? as usize;
+    let want = (4 * sms).div_ceil(b * heads).max(1);
+    let out_blocks = (2 * sms).div_ceil(b * heads).clamp(1, n.div_ceil(OUT_TOKENS));
     let chunk = n.div_ceil(want).div_ceil(STATE_TOKENS) * STATE_TOKENS;
     let splits = n.div_ceil(chunk);
     let layout = AttnLayout {
@@ -150,7 +153,7 @@ fn attn_typed<T: CudaDType + DeviceRepr>(qkv: &Tensor, ms: &Tensor, eps: f64, (b
     let mut launch = state_kernel.builder();
     launch.arg(&vq).arg(&vm).arg(&mut partial).arg(&layout);
     unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
-    let cfg = LaunchConfig { grid_dim: (n.div_ceil(OUT_TOKENS) as u32, heads as u32, b as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (out_blocks as u32, heads as u32, b as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let mut launch = out_kernel.builder();
     launch.arg(&vq).arg(&vm).arg(&partial).arg(&mut out).arg(&layout);
     unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
@@ -233,4 +236,101 @@ fn norm_typed<T: CudaDType + DeviceRepr>(
     launch.arg(&mut out).arg(&layout);
     unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
     Ok(into_tensor(out, &dev, x.dims()))
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct ChannelsLayout {
+    batch: i32,
+    channels: i32,
+    pixels: i64,
+    eps: f32,
+}
+unsafe impl DeviceRepr for ChannelsLayout {}
+
+/// RMSNorm over the channels of `x` `(B, C, H, W)` with f32 `weight`, `bias` `(C,)`, plus
+/// `residual` of `x`'s shape and dtype (DC-AE's ResBlock), one pass and one rounding.
+pub fn rms_norm_channels_residual(x: &Tensor, weight: &Tensor, bias: &Tensor, residual: &Tensor, eps: f64) -> Result<Tensor> {
+    let what = "fused channels-first RMSNorm + residual";
+    let (b, c, h, w) = x.dims4()?;
+    for t in [weight, bias] {
+        if t.dims() != [c] || t.dtype() != DType::F32 {
+            return Err(Error::Other(format!("{what}: parameters must be f32 ({c},), got {:?} {:?}", t.dtype(), t.dims())));
+        }
+    }
+    if residual.dims() != x.dims() || residual.dtype() != x.dtype() {
+        return Err(Error::Other(format!("{what}: residual {:?} does not match {:?}", residual.dims(), x.dims())));
+    }
+    match x.dtype() {
+        DType::BF16 => channels_typed::<half::bf16>(x, weight, bias, residual, eps, (b, c, h * w)),
+        DType::F16 => channels_typed::<half::f16>(x, weight, bias, residual, eps, (b, c, h * w)),
+        DType::F32 => channels_typed::<f32>(x, weight, bias, residual, eps, (b, c, h * w)),
+        other => Err(Error::Other(format!("{what}: no kernel for {other:?}"))),
+    }
+}
+
+fn channels_typed<T: CudaDType + DeviceRepr>(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: &Tensor,
+    eps: f64,
+    (b, c, pixels): (usize, usize, usize),
+) -> Result<Tensor> {
+    let what = "fused channels-first RMSNorm + residual";
+    let dev: CudaDevice = cuda_device(x, what)?;
+    let kernel = crate::kernels::load(&dev, "ops/dcae", &format!("rms_norm_channels_residual_{}", suffix(x.dtype(), what)?))?;
+    let (x, residual, weight, bias) = (x.contiguous()?, residual.contiguous()?, weight.contiguous()?, bias.contiguous()?);
+    let layout = ChannelsLayout { batch: b as i32, channels: c as i32, pixels: pixels as i64, eps: eps as f32 };
+    let mut out = unsafe { dev.alloc::<T>(b * c * pixels)? };
+    let (rx, rr, rw, rb) = (CudaRead::new(&x)?, CudaRead::new(&residual)?, CudaRead::new(&weight)?, CudaRead::new(&bias)?);
+    let (vx, vr, vw, vb) = (rx.view::<T>()?, rr.view::<T>()?, rw.view::<f32>()?, rb.view::<f32>()?);
+    let cfg = LaunchConfig { grid_dim: (pixels.div_ceil(256) as u32, b as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut launch = kernel.builder();
+    launch.arg(&vx).arg(&vw).arg(&vb).arg(&vr).arg(&mut out).arg(&layout);
+    unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
+    Ok(into_tensor(out, &dev, x.dims()))
+}
+
+/// `x` `(B, C, H, W)` -> channels-last tokens `(B, H·W, C)`, one transpose kernel.
+pub fn nchw_to_tokens(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    transpose_batched(x, (b, c, h * w), (b, h * w, c))
+}
+
+/// Channels-last tokens `t` `(B, H·W, C)` of a `grid = [H, W]` -> `(B, C, H, W)`, one kernel.
+pub fn tokens_to_nchw(t: &Tensor, grid: [usize; 2]) -> Result<Tensor> {
+    let (b, n, c) = t.dims3()?;
+    if grid[0] * grid[1] != n {
+        return Err(Error::Other(format!("tokens to NCHW: {n} tokens do not fill a {}x{} grid", grid[0], grid[1])));
+    }
+    transpose_batched(t, (b, n, c), (b, c, grid[0], grid[1]))
+}
+
+/// Per batch, the `(rows, cols)` matrix of `x` transposed, shaped `out_shape`.
+fn transpose_batched(x: &Tensor, (b, rows, cols): (usize, usize, usize), out_shape: impl Into<candle_core::Shape>) -> Result<Tensor> {
+    let what = "NCHW <-> NHWC transpose";
+    let dev: CudaDevice = cuda_device(x, what)?;
+    let x = x.contiguous()?;
+    let out = match x.dtype() {
+        DType::BF16 => transpose_typed::<half::bf16>(&x, &dev, (b, rows, cols))?,
+        DType::F16 => transpose_typed::<half::f16>(&x, &dev, (b, rows, cols))?,
+        DType::F32 => transpose_typed::<f32>(&x, &dev, (b, rows, cols))?,
+        other => return Err(Error::Other(format!("{what}: no kernel for {other:?}"))),
+    };
+    Ok(out.reshape(out_shape)?)
+}
+
+fn transpose_typed<T: CudaDType + DeviceRepr>(x: &Tensor, dev: &CudaDevice, (b, rows, cols): (usize, usize, usize)) -> Result<Tensor> {
+    let what = "NCHW <-> NHWC transpose";
+    let kernel = crate::kernels::load(dev, "ops/dcae", &format!("transpose_{}", suffix(x.dtype(), what)?))?;
+    let mut out = unsafe { dev.alloc::<T>(b * rows * cols)? };
+    let rx = CudaRead::new(x)?;
+    let vx = rx.view::<T>()?;
+    let (r32, c32) = (rows as i32, cols as i32);
+    let cfg = LaunchConfig { grid_dim: (cols.div_ceil(32) as u32, rows.div_ceil(32) as u32, b as u32), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+    let mut launch = kernel.builder();
+    launch.arg(&vx).arg(&mut out).arg(&r32).arg(&c32);
+    unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
+    Ok(into_tensor(out, dev, b * rows * cols))
 }

@@ -22,6 +22,9 @@ pub struct ResBlock {
     conv1: Conv2d,
     conv2: Conv2d,
     norm: RmsNorm,
+    /// `norm` in f32 for the fused norm + residual kernel (on a CUDA device).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fused_norm: Option<TokenNorm>,
 }
 
 impl ResBlock {
@@ -31,11 +34,17 @@ impl ResBlock {
             conv1: conv2d(channels, channels, 3, 1, 1, true, vb.pp("conv1"))?,
             conv2: conv2d(channels, channels, 3, 1, 1, false, vb.pp("conv2"))?,
             norm: RmsNorm::new(channels, NORM_EPS, true, true, vb.pp("norm"))?,
+            fused_norm: if vb.device().is_cuda() { Some(TokenNorm::new(channels, vb.pp("norm"))?) } else { None },
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = conv3x3_fused(&self.conv1, x, false, true, None)?;
+        #[cfg(feature = "cuda")]
+        if let (Some(n), true) = (&self.fused_norm, crate::layers::cuda::fused_kernels_apply(x)) {
+            let h = conv_forward(&self.conv2, &h)?;
+            return crate::layers::cuda::rms_norm_channels_residual(&h, &n.weight, &n.bias, x, NORM_EPS);
+        }
         let h = self.norm.forward_channels_first(&conv_forward(&self.conv2, &h)?)?;
         Ok((h + x)?)
     }
@@ -191,10 +200,10 @@ impl MultiscaleLinearAttention {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.fused.is_some() && crate::layers::cuda::fused_kernels_apply(x) {
-            let (b, c, h, w) = x.dims4()?;
-            let t = x.permute((0, 2, 3, 1))?.contiguous()?.reshape((b, h * w, c))?;
+            let (_, _, h, w) = x.dims4()?;
+            let t = crate::layers::cuda::nchw_to_tokens(x)?;
             if let Some(y) = self.forward_tokens_fused(&t, [h, w])? {
-                return Ok(y.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?);
+                return crate::layers::cuda::tokens_to_nchw(&y, [h, w]);
             }
         }
         self.forward_reference(x)
@@ -264,13 +273,13 @@ impl EfficientViTBlock {
     #[cfg(feature = "cuda")]
     fn forward_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let Some(norm) = &self.conv_out_norm else { return Ok(None) };
-        let (b, c, h, w) = x.dims4()?;
+        let (_, _, h, w) = x.dims4()?;
         let grid = [h, w];
-        let t = x.permute((0, 2, 3, 1))?.contiguous()?.reshape((b, h * w, c))?;
+        let t = crate::layers::cuda::nchw_to_tokens(x)?;
         let Some(t1) = self.attn.forward_tokens_fused(&t, grid)? else { return Ok(None) };
         let Some(p) = self.conv_out.forward_tokens_unnormalized(&t1, grid)? else { return Ok(None) };
         let t2 = norm.forward_residual(&p, &t1)?;
-        Ok(Some(t2.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?))
+        Ok(Some(crate::layers::cuda::tokens_to_nchw(&t2, grid)?))
     }
 }
 
