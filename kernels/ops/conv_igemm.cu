@@ -31,7 +31,7 @@ namespace conv_igemm {
 using namespace nvcuda;
 using ops::from_f32;
 
-constexpr int BM = 128, BN = 128, BK = 32, THREADS = 256;
+constexpr int BN = 128, BK = 32, THREADS = 256;
 constexpr int A_LD = BK + 8, B_LD = BN + 8;  // padded rows: fewer bank conflicts, 32-byte aligned fragments
 constexpr int B_PER_THREAD = BK * BN / THREADS;  // 16
 
@@ -50,7 +50,7 @@ __device__ __forceinline__ float silu(float v) { return __fdividef(v, 1.f + __ex
 // loads). NHWC = true: `in` is the same image channels-last (B, H, W, C) (transposed by the
 // caller); a thread copies two 16-byte runs of 8 channels of one pixel per K tile, and the B tile
 // is kept pixel-major in shared memory (a col-major WMMA operand), so loads and stores are 16 B.
-template <typename T, bool NHWC>
+template <typename T, bool NHWC, int BM>
 __device__ void conv3x3(const T* __restrict__ in, const T* __restrict__ w, const float* __restrict__ bias,
                         T* __restrict__ out, Layout L) {
     constexpr int B_ELEMS = NHWC ? BN * A_LD : BK * B_LD;  // pixel-major rows of BK (+8) or k-major rows of BN (+8)
@@ -74,7 +74,12 @@ __device__ void conv3x3(const T* __restrict__ in, const T* __restrict__ w, const
         px[r] = p < pixels ? p % L.width : -10;
     }
 
-    uint4 a_reg[2];
+    // Warps: WARPS_M x WARPS_N over the BM x BN tile, each FM x FN fragments of 16x16.
+    constexpr int WARPS_M = BM >= 64 ? BM / 64 : 1, WARPS_N = (THREADS / 32) / WARPS_M;
+    constexpr int FM = BM / WARPS_M / 16, FN = BN / WARPS_N / 16;
+    constexpr int A_CHUNKS = BM * BK / 8, A_REGS = (A_CHUNKS + THREADS - 1) / THREADS;
+
+    uint4 a_reg[A_REGS];
     uint4 bv_reg[2];                                     // NHWC
     unsigned short b_reg[NHWC ? 1 : B_PER_THREAD];        // NCHW: raw 16-bit elements
 
@@ -82,11 +87,12 @@ __device__ void conv3x3(const T* __restrict__ in, const T* __restrict__ w, const
         const int k0 = kt * BK;
         // A: rows co0 + r, 32 contiguous k (4 chunks of 8 elements per row)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int chunk = threadIdx.x + r * THREADS;  // 0..511
+        for (int r = 0; r < A_REGS; ++r) {
+            const int chunk = threadIdx.x + r * THREADS;
             const int row = chunk / 4, col = (chunk % 4) * 8;
             const int co = co0 + row;
-            a_reg[r] = co < L.c_out ? *reinterpret_cast<const uint4*>(w + (size_t)co * K + k0 + col) : make_uint4(0, 0, 0, 0);
+            a_reg[r] = (chunk < A_CHUNKS && co < L.c_out) ? *reinterpret_cast<const uint4*>(w + (size_t)co * K + k0 + col)
+                                                         : make_uint4(0, 0, 0, 0);
         }
         const int tap = kt % 9, ci0 = (kt / 9) * BK;
         const int dy = tap / 3 - 1, dx = tap % 3 - 1;
@@ -111,9 +117,9 @@ __device__ void conv3x3(const T* __restrict__ in, const T* __restrict__ w, const
     };
     auto store_shared = [&](int buf) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
+        for (int r = 0; r < A_REGS; ++r) {
             const int chunk = threadIdx.x + r * THREADS;
-            *reinterpret_cast<uint4*>(&As[buf][chunk / 4][(chunk % 4) * 8]) = a_reg[r];
+            if (chunk < A_CHUNKS) *reinterpret_cast<uint4*>(&As[buf][chunk / 4][(chunk % 4) * 8]) = a_reg[r];
         }
         if constexpr (NHWC) {
 #pragma unroll
@@ -125,12 +131,12 @@ __device__ void conv3x3(const T* __restrict__ in, const T* __restrict__ w, const
     };
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int wm = (warp / 4) * 64, wn = (warp % 4) * 32;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+    const int wm = (warp / WARPS_N) * (16 * FM), wn = (warp % WARPS_N) * (16 * FN);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FM][FN];
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < FM; ++i)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+        for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
 
     // load the first tile
     load_global(0);
@@ -144,19 +150,19 @@ __device__ void conv3x3(const T* __restrict__ in, const T* __restrict__ w, const
         // compute: two 16-deep steps of the 32-deep tile
 #pragma unroll
         for (int ks = 0; ks < BK; ks += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[4];
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb[2];
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[FM];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb[FN];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(fa[i], &As[buf][wm + 16 * i][ks], A_LD);
+            for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(fa[i], &As[buf][wm + 16 * i][ks], A_LD);
 #pragma unroll
-            for (int j = 0; j < 2; ++j) {
+            for (int j = 0; j < FN; ++j) {
                 if constexpr (NHWC) wmma::load_matrix_sync(fb[j], &Bs[buf][(wn + 16 * j) * A_LD + ks], A_LD);
                 else wmma::load_matrix_sync(fb[j], &Bs[buf][ks * B_LD + wn + 16 * j], B_LD);
             }
 #pragma unroll
-            for (int i = 0; i < 4; ++i)
+            for (int i = 0; i < FM; ++i)
 #pragma unroll
-                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+                for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
         }
         if (kt + 1 < k_tiles) store_shared(buf ^ 1);
         __syncthreads();
@@ -166,9 +172,9 @@ __device__ void conv3x3(const T* __restrict__ in, const T* __restrict__ w, const
     // (row = output channel e / 16, pixel e % 16: half-warps write 16 consecutive pixels)
     T* outb = out + (size_t)b * L.c_out * pixels;
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < FM; ++i)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
+        for (int j = 0; j < FN; ++j) {
             wmma::store_matrix_sync(&Cs[warp][0][0], acc[i][j], 16, wmma::mem_row_major);
             __syncwarp();
 #pragma unroll
@@ -193,16 +199,22 @@ __device__ void conv3x3(const T* __restrict__ in, const T* __restrict__ w, const
 
 }  // namespace conv_igemm
 
-#define CONV_IGEMM_KERNEL(NAME, T, NHWC)                                                                    \
+#define CONV_IGEMM_KERNEL(NAME, T, NHWC, BM)                                                                \
     extern "C" __global__ void __launch_bounds__(conv_igemm::THREADS, 2)                                     \
         NAME(const T* in, const T* w, const float* bias, T* out, conv_igemm::Layout L) {                    \
-        conv_igemm::conv3x3<T, NHWC>(in, w, bias, out, L);                                                  \
+        conv_igemm::conv3x3<T, NHWC, BM>(in, w, bias, out, L);                                              \
     }
 
-CONV_IGEMM_KERNEL(conv3x3_igemm_bf16, __nv_bfloat16, false)
-CONV_IGEMM_KERNEL(conv3x3_igemm_f16, __half, false)
-CONV_IGEMM_KERNEL(conv3x3_igemm_nhwc_bf16, __nv_bfloat16, true)
-CONV_IGEMM_KERNEL(conv3x3_igemm_nhwc_f16, __half, true)
+// BM = 128 output channels per block; the _m32 kernels (32 per block) serve C_out <= 32 (DC-AE's
+// conv_out has 3), where a 128-row tile would multiply 125 rows of zeros.
+CONV_IGEMM_KERNEL(conv3x3_igemm_bf16, __nv_bfloat16, false, 128)
+CONV_IGEMM_KERNEL(conv3x3_igemm_f16, __half, false, 128)
+CONV_IGEMM_KERNEL(conv3x3_igemm_nhwc_bf16, __nv_bfloat16, true, 128)
+CONV_IGEMM_KERNEL(conv3x3_igemm_nhwc_f16, __half, true, 128)
+CONV_IGEMM_KERNEL(conv3x3_igemm_m32_bf16, __nv_bfloat16, false, 32)
+CONV_IGEMM_KERNEL(conv3x3_igemm_m32_f16, __half, false, 32)
+CONV_IGEMM_KERNEL(conv3x3_igemm_nhwc_m32_bf16, __nv_bfloat16, true, 32)
+CONV_IGEMM_KERNEL(conv3x3_igemm_nhwc_m32_f16, __half, true, 32)
 
 // NCHW -> NHWC through a 32x32 shared tile (coalesced both ways). grid: (ceil(HW / 32), ceil(C / 32),
 // B); block: (32, 8).

@@ -77,8 +77,10 @@ struct ImplicitLayout {
 }
 unsafe impl DeviceRepr for ImplicitLayout {}
 
-/// kernels/ops/conv_igemm.cu's tile: output channels x pixels per block.
+/// kernels/ops/conv_igemm.cu's tile: output channels x pixels per block (the `_m32` kernels take
+/// 32 output channels).
 const IGEMM_TILE: usize = 128;
+const IGEMM_SMALL_TILE: usize = 32;
 /// Input channels per K tile: the kernel needs a multiple.
 pub const IGEMM_CHANNEL_MULTIPLE: usize = 32;
 
@@ -134,7 +136,13 @@ fn implicit_typed<T: CudaDType + DeviceRepr>(
     let what = "3x3 convolution (implicit GEMM)";
     let dev: CudaDevice = cuda_device(x, what)?;
     let sfx = suffix(x.dtype(), what)?;
-    let name = if channels_last { format!("conv3x3_igemm_nhwc_{sfx}") } else { format!("conv3x3_igemm_{sfx}") };
+    // 32 output channels per block for C_out <= 32 (DC-AE's conv_out), else 128.
+    let tile_m = if c_out <= IGEMM_SMALL_TILE { IGEMM_SMALL_TILE } else { IGEMM_TILE };
+    let name = format!(
+        "conv3x3_igemm{}{}_{sfx}",
+        if channels_last { "_nhwc" } else { "" },
+        if tile_m == IGEMM_SMALL_TILE { "_m32" } else { "" }
+    );
     let kernel = crate::kernels::load(&dev, "ops/conv_igemm", &name)?;
     let x = x.contiguous()?;
     let x = if channels_last { nchw_to_nhwc::<T>(&x, &dev, (b, c, h * w))? } else { x };
@@ -167,7 +175,7 @@ fn implicit_typed<T: CudaDType + DeviceRepr>(
     let vb = rb.as_ref().map(|r| r.view::<f32>()).transpose()?;
     let null: u64 = 0;
     let cfg = LaunchConfig {
-        grid_dim: ((oh * ow).div_ceil(IGEMM_TILE) as u32, c_out.div_ceil(IGEMM_TILE) as u32, b as u32),
+        grid_dim: ((oh * ow).div_ceil(IGEMM_TILE) as u32, c_out.div_ceil(tile_m) as u32, b as u32),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
