@@ -22,7 +22,6 @@ pack() {
     eval "$(bash kernels/setup_cuda.sh --print-env)"
     local out="$root/.gpu/check"
     rm -rf "$out" && mkdir -p "$out"
-    # GPU_FEATURES=cuda,cudnn adds cuDNN convolutions (the DC-AE decoder).
     local features="${GPU_FEATURES:-cuda}"
     cargo build --release --features "$features" --bin gen
     # GPU_TESTS: the parity tests to pack (all by default).
@@ -52,7 +51,7 @@ run() {
     # The CUDA libraries are not on the default search path there (shared/GPU.md).
     local libdirs
     libdirs=$(find / -xdev \( -name 'libcublas.so.13' -o -name 'libcudart.so.13' -o -name 'libcurand.so.10' \
-        -o -name 'libnvrtc.so.13' -o -name 'libcudnn.so.9' \) 2>/dev/null | xargs -r -n1 dirname | sort -u | tr '\n' ':')
+        -o -name 'libnvrtc.so.13' \) 2>/dev/null | xargs -r -n1 dirname | sort -u | tr '\n' ':')
     export LD_LIBRARY_PATH="${libdirs}/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
     {
         nvidia-smi --query-gpu=name,memory.total,clocks.sm,temperature.gpu --format=csv,noheader

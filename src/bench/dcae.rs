@@ -33,7 +33,7 @@ fn row(what: &str, ms: f64, baselines: &HashMap<String, f64>, key: &str) {
 }
 
 pub fn run(device: &Device, dev: &CudaDevice, iters: usize, baselines: &HashMap<String, f64>) -> Result<()> {
-    println!("dcae: f32c32 decoder, random weights, bf16, cudnn feature: {}", cfg!(feature = "cudnn"));
+    println!("dcae: f32c32 decoder, random weights, bf16");
     println!("{:<52} {:>10} {:>14} {:>18}", "what (batch 1, 1024² image)", "ours ms", "diffusers ms", "ours / diffusers");
     let cfg = DcAeConfig::f32c32_sana_1_0();
     let vae = AutoencoderDc::new_decoder_only(&cfg, random_var_builder(3, DType::BF16, device))?;
