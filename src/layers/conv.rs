@@ -345,11 +345,12 @@ mod autotune {
         Ok(path)
     }
 
-    /// The best of 3 timed runs after one warm-up, in ms; `None` when the path does not serve.
+    /// The best of 3 timed runs after one warm-up, in ms; `None` when the path does not serve or
+    /// fails (e.g. out of memory for the im2col buffer: another candidate then serves).
     fn time(x: &Tensor, f: &dyn Fn() -> Result<Option<Tensor>>) -> Result<Option<f64>> {
         let stream = x.device().as_cuda_device()?.cuda_stream();
         let ev = |e| Error::Other(format!("conv autotune: cuda event: {e:?}"));
-        if f()?.is_none() {
+        if !matches!(f(), Ok(Some(_))) {
             return Ok(None);
         }
         let mut best = f64::INFINITY;
