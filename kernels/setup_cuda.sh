@@ -71,7 +71,6 @@ make_stub nvrtc libnvrtc.so.13
 make_stub curand libcurand.so.10
 make_stub cublas libcublas.so.13
 make_stub cublaslt libcublasLt.so.13
-make_stub cudnn libcudnn.so.9
 
 # 3. The environment for cargo. CUDA_COMPUTE_CAP=90 makes candle build its kernels for the H200.
 cat <<EOF

@@ -3,7 +3,8 @@
 //! On CUDA: the GPU (name, SMs, memory), the device copy rate and a bf16 4096³ candle matmul (the
 //! two ceilings), then the attention cases. Times are CUDA-event medians over `iters` runs after
 //! warm-up. Cases: `copy`, `matmul`, `dense` and `linear` (our attention kernels), `sana` (a whole
-//! SANA-1600M step and image with random weights, [`sana`]); `None` runs all but `sana`.
+//! SANA-1600M step and image with random weights, [`sana`]), `dcae` (the DC-AE decoder, [`dcae`]);
+//! `None` runs all but `sana` and `dcae`.
 
 use crate::error::{Error, Result};
 
@@ -27,8 +28,10 @@ impl Default for BenchOptions {
 }
 
 /// The cases `run` knows.
-pub const CASES: [&str; 5] = ["copy", "matmul", "dense", "linear", "sana"];
+pub const CASES: [&str; 6] = ["copy", "matmul", "dense", "linear", "sana", "dcae"];
 
+#[cfg(feature = "cuda")]
+mod dcae;
 #[cfg(feature = "cuda")]
 mod sana;
 
@@ -75,8 +78,8 @@ fn cuda_run(opts: &BenchOptions, ordinal: usize) -> Result<()> {
 
 fn wants(opts: &BenchOptions, case: &str) -> bool {
     match opts.case.as_deref() {
-        // The whole-model case takes minutes and tens of GB: only when named.
-        None => case != "sana",
+        // The whole-model cases take minutes and tens of GB: only when named.
+        None => case != "sana" && case != "dcae",
         Some(c) => c == case,
     }
 }
@@ -123,8 +126,8 @@ mod cpu {
             let ms = median(times);
             println!("matmul f32 {n}³ (cpu): {ms:.3} ms, {:.1} GFLOP/s", 2.0 * (n as f64).powi(3) / ms / 1e6);
         }
-        if ["copy", "dense", "linear", "sana"].iter().any(|case| wants(opts, case)) {
-            println!("(copy, dense, linear and sana run on CUDA only: --device cuda)");
+        if ["copy", "dense", "linear", "sana", "dcae"].iter().any(|case| wants(opts, case)) {
+            println!("(copy, dense, linear, sana and dcae run on CUDA only: --device cuda)");
         }
         Ok(())
     }
@@ -221,6 +224,9 @@ mod gpu {
         }
         if wants(opts, "sana") {
             super::sana::run(&device, &dev, ordinal, opts.iters, &baselines)?;
+        }
+        if wants(opts, "dcae") {
+            super::dcae::run(&device, &dev, opts.iters, &baselines)?;
         }
         Ok(())
     }

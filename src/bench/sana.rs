@@ -292,7 +292,8 @@ fn block_parts(
     Ok(())
 }
 
-/// The DC-AE decoder's parts at the sizes of a 1024² decode (batch 1), each timed alone.
+/// The DC-AE decoder's parts at the sizes of a 1024² decode (batch 1), each timed alone (more in
+/// `gen bench dcae`, with diffusers' parts beside them).
 fn decoder_parts(device: &Device, dev: &CudaDevice, iters: usize) -> Result<()> {
     use crate::layers::RmsNorm;
     use crate::models::dcae::blocks::{EfficientViTBlock, ResBlock, UpBlock};
@@ -305,7 +306,7 @@ fn decoder_parts(device: &Device, dev: &CudaDevice, iters: usize) -> Result<()> 
     let norm = RmsNorm::new(128, 1e-5, true, true, vb())?;
     row("  RMSNorm channels-first 128ch at 1024²", time_ms(dev, 1, iters, || Ok(drop(norm.forward_channels_first(&x)?)))?, &none, "-");
     let conv = crate::layers::conv::conv2d(128, 128, 3, 1, 1, true, vb())?;
-    row("  conv 3x3 128->128 at 1024²", time_ms(dev, 1, iters, || Ok(drop(candle_core::Module::forward(&conv, &x)?)))?, &none, "-");
+    row("  conv 3x3 128->128 at 1024²", time_ms(dev, 1, iters, || Ok(drop(crate::layers::conv::conv_forward(&conv, &x)?)))?, &none, "-");
     let x2 = image(256, 512)?;
     let up = UpBlock::new(256, 128, true, vb())?;
     row("decoder: up 256->128, 512² -> 1024²", time_ms(dev, 1, iters, || Ok(drop(up.forward(&x2)?)))?, &none, "-");

@@ -2,6 +2,7 @@
 //! per channel), grouped 1×1 convolutions, pixel (un)shuffle and channel repeat-interleave.
 //! Written with tensor ops only, so they run on every device.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{Module, Tensor};
@@ -162,6 +163,11 @@ impl GroupedPointwiseConv2d {
         Ok(Self { weight, groups })
     }
 
+    /// `(groups, out_per_group, in_per_group)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     /// `x`: `(B, C_in, H, W)` -> `(B, C_out, H, W)`, one matmul per group (batched).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
@@ -194,22 +200,169 @@ pub fn conv2d(
     })
 }
 
+/// Which GPU path serves the 3×3, stride-1, padding-1 convolutions in bf16/f16 (`gen bench dcae`
+/// times each; the others stay as references and fallbacks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Conv3x3Path {
+    /// Per shape, the fastest of [`Self::Implicit`], [`Self::ImplicitNhwc`] and [`Self::Im2col`], timed once at the first
+    /// call of that shape (CUDA events) and remembered for the process.
+    Auto,
+    /// One implicit-GEMM kernel (kernels/ops/conv_igemm.cu): no im2col buffer, the nearest ×2
+    /// up-sampling and shortcut of DC-AE's up blocks and the SiLU of its ResBlocks fused in.
+    Implicit,
+    /// [`Self::Implicit`] reading a channels-last copy of the input (one transpose kernel first):
+    /// 16-byte loads of 8 channels instead of 16-bit gathers across channel planes.
+    ImplicitNhwc,
+    /// im2col (kernels/ops/im2col.cu) + one cuBLAS GEMM: 9x the input written and read back.
+    Im2col,
+    /// candle's convolution (its im2col + GEMM; run 2 of kernels/NOTES.md measured its cuDNN path,
+    /// since removed, 7-13x slower than ours).
+    Candle,
+}
+
+static CONV3X3_PATH: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the GPU path of 3×3 convolutions for the whole process (benchmarks, tests; the default is
+/// [`Conv3x3Path::Auto`]).
+pub fn set_conv3x3_path(path: Conv3x3Path) {
+    CONV3X3_PATH.store(path as u8, Ordering::Relaxed);
+}
+
+pub fn conv3x3_path() -> Conv3x3Path {
+    match CONV3X3_PATH.load(Ordering::Relaxed) {
+        0 => Conv3x3Path::Auto,
+        1 => Conv3x3Path::Implicit,
+        2 => Conv3x3Path::ImplicitNhwc,
+        3 => Conv3x3Path::Im2col,
+        _ => Conv3x3Path::Candle,
+    }
+}
+
 /// Runs a convolution made by [`conv2d`]. On the GPU, a 3×3, stride-1, padding-1 convolution in
-/// bf16/f16 runs as im2col + one tensor-core GEMM (layers/cuda): candle's CUDA convolution (its
-/// im2col, or cuDNN with f32 compute for bf16) took 15-18 ms for one 128-channel 3×3 conv at 1024².
+/// bf16/f16 runs on our kernels ([`Conv3x3Path`]): candle's CUDA convolution (its im2col, or cuDNN
+/// with f32 compute for bf16) took 15-18 ms for one 128-channel 3×3 conv at 1024² on the H200,
+/// ours 2.2 ms.
 pub fn conv_forward(conv: &Conv2d, x: &Tensor) -> Result<Tensor> {
+    conv3x3_fused(conv, x, false, false, None)
+}
+
+/// `conv(upsample_nearest_2x(x))` when `upsample`, then SiLU when `silu`, then, with
+/// `shortcut_repeats = Some(r)` (with `upsample`), `+ pixel_shuffle(repeat_interleave(x, r), 2)`
+/// (DC-AE's up block). On the GPU one kernel for a 3×3, stride-1, padding-1 convolution
+/// ([`Conv3x3Path`]); elsewhere tensor ops.
+pub fn conv3x3_fused(conv: &Conv2d, x: &Tensor, upsample: bool, silu: bool, shortcut_repeats: Option<usize>) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
         let cfg = conv.config();
         let (k_h, k_w) = (conv.weight().dim(2)?, conv.weight().dim(3)?);
         let plain = cfg.stride == 1 && cfg.padding == 1 && cfg.dilation == 1 && cfg.groups == 1 && (k_h, k_w) == (3, 3);
         if plain && super::cuda::fused_kernels_apply(x) {
-            if let Some(y) = super::cuda::conv3x3(x, conv.weight(), conv.bias())? {
+            let implicit = || super::cuda::conv3x3_implicit(x, conv.weight(), conv.bias(), upsample, silu, shortcut_repeats, false);
+            let implicit_nhwc = || super::cuda::conv3x3_implicit(x, conv.weight(), conv.bias(), upsample, silu, shortcut_repeats, true);
+            let im2col = || -> Result<Option<Tensor>> {
+                let xu = if upsample { upsample_2x(x)? } else { x.clone() };
+                match super::cuda::conv3x3(&xu, conv.weight(), conv.bias())? {
+                    Some(y) => Ok(Some(epilogue_ops(y, x, silu, shortcut_repeats)?)),
+                    None => Ok(None),
+                }
+            };
+            let path = match conv3x3_path() {
+                Conv3x3Path::Auto => autotune::choose(
+                    x,
+                    conv.weight(),
+                    (upsample, silu, shortcut_repeats),
+                    &[(Conv3x3Path::Implicit, &implicit), (Conv3x3Path::ImplicitNhwc, &implicit_nhwc), (Conv3x3Path::Im2col, &im2col)],
+                )?,
+                other => other,
+            };
+            let y = match path {
+                Conv3x3Path::Implicit => implicit()?,
+                Conv3x3Path::ImplicitNhwc => implicit_nhwc()?,
+                Conv3x3Path::Im2col => im2col()?,
+                _ => None,
+            };
+            if let Some(y) = y {
                 return Ok(y);
             }
         }
     }
-    Ok(conv.forward(x)?)
+    let xu = if upsample { upsample_2x(x)? } else { x.clone() };
+    epilogue_ops(conv.forward(&xu)?, x, silu, shortcut_repeats)
+}
+
+/// SiLU and the up-block shortcut as tensor ops on a convolution's output `y`.
+fn epilogue_ops(y: Tensor, x: &Tensor, silu: bool, shortcut_repeats: Option<usize>) -> Result<Tensor> {
+    let y = if silu { candle_nn::ops::silu(&y)? } else { y };
+    match shortcut_repeats {
+        Some(r) => Ok((y + pixel_shuffle(&repeat_interleave_channels(x, r)?, 2)?)?),
+        None => Ok(y),
+    }
+}
+
+fn upsample_2x(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    Ok(x.upsample_nearest2d(2 * h, 2 * w)?)
+}
+
+/// [`Conv3x3Path::Auto`]: the first call of a shape times both of our paths and keeps the faster.
+#[cfg(feature = "cuda")]
+mod autotune {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+
+    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+    use candle_core::{DType, Tensor};
+
+    use super::Conv3x3Path;
+    use crate::error::{Error, Result};
+
+    type Key = (Vec<usize>, Vec<usize>, DType, (bool, bool, Option<usize>));
+
+    fn cache() -> &'static Mutex<HashMap<Key, Conv3x3Path>> {
+        static CACHE: OnceLock<Mutex<HashMap<Key, Conv3x3Path>>> = OnceLock::new();
+        CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+    }
+
+    pub type Candidate<'a> = (Conv3x3Path, &'a dyn Fn() -> Result<Option<Tensor>>);
+
+    pub fn choose(x: &Tensor, weight: &Tensor, epilogue: (bool, bool, Option<usize>), candidates: &[Candidate]) -> Result<Conv3x3Path> {
+        let key = (x.dims().to_vec(), weight.dims().to_vec(), x.dtype(), epilogue);
+        let poisoned = || Error::Other("conv autotune cache poisoned".into());
+        if let Some(p) = cache().lock().map_err(|_| poisoned())?.get(&key) {
+            return Ok(*p);
+        }
+        // Candle's convolution when none of ours serves.
+        let mut best = (f64::INFINITY, Conv3x3Path::Candle);
+        for (path, f) in candidates {
+            if let Some(ms) = time(x, *f)? {
+                if ms < best.0 {
+                    best = (ms, *path);
+                }
+            }
+        }
+        let path = best.1;
+        cache().lock().map_err(|_| poisoned())?.insert(key, path);
+        Ok(path)
+    }
+
+    /// The best of 3 timed runs after one warm-up, in ms; `None` when the path does not serve or
+    /// fails (e.g. out of memory for the im2col buffer: another candidate then serves).
+    fn time(x: &Tensor, f: &dyn Fn() -> Result<Option<Tensor>>) -> Result<Option<f64>> {
+        let stream = x.device().as_cuda_device()?.cuda_stream();
+        let ev = |e| Error::Other(format!("conv autotune: cuda event: {e:?}"));
+        if !matches!(f(), Ok(Some(_))) {
+            return Ok(None);
+        }
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(ev)?;
+            drop(f()?);
+            let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(ev)?;
+            end.synchronize().map_err(ev)?;
+            best = best.min(start.elapsed_ms(&end).map_err(ev)? as f64);
+        }
+        Ok(Some(best))
+    }
 }
 
 /// Runs a candle module with the crate's error type.

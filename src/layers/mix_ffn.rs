@@ -105,6 +105,24 @@ impl GluMbConv {
         Ok(y.reshape((b, c_out, n))?.transpose(1, 2)?)
     }
 
+    /// On the GPU: [`Self::forward_tokens`] up to the output 1×1 conv, before the norm and the
+    /// residual (DC-AE's EfficientViT blocks fuse those into one kernel). `None` where the fused
+    /// depth-wise kernel does not serve.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn forward_tokens_unnormalized(&self, x: &Tensor, grid: [usize; 2]) -> Result<Option<Tensor>> {
+        let Some(f) = &self.fused else { return Ok(None) };
+        if !super::cuda::fused_kernels_apply(x) {
+            return Ok(None);
+        }
+        let weight = |conv: &Conv2d| -> Result<Tensor> {
+            let w = conv.weight();
+            Ok(w.reshape((w.dim(0)?, w.dim(1)?))?)
+        };
+        let u = super::project(x, &weight(&self.conv_inverted)?)?;
+        let gated = super::cuda::glu_depthwise3x3_tokens(&u, grid, f.inverted_bias.as_ref(), &f.depth_weight, f.depth_bias.as_ref())?;
+        Ok(Some(super::project(&gated, &weight(&self.conv_point)?)?))
+    }
+
     /// The expanded, activated, depth-wise convolved and gated tensor `(B, hidden, H, W)`.
     fn gated(&self, x: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]

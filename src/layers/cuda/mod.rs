@@ -4,12 +4,17 @@
 //! as tensor ops, which is the reference the tests compare with.
 
 mod conv;
+mod dcae;
 mod heads;
 mod mix_ffn;
 mod norm;
 mod residual;
 
-pub use conv::conv3x3;
+pub use conv::{conv3x3, conv3x3_implicit, IGEMM_CHANNEL_MULTIPLE};
+pub use dcae::{
+    depthwise_grouped_pointwise, multiscale_linear_attention, nchw_to_tokens, rms_norm_channels_residual, rms_norm_residual, tokens_to_nchw,
+    DCAE_GROUP,
+};
 pub use heads::gather_rows;
 pub use mix_ffn::{glu_depthwise3x3, glu_depthwise3x3_tokens};
 pub use norm::{layer_norm_modulate, rms_norm_channels, NORM_MAX_CHANNELS};

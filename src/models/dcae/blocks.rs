@@ -6,7 +6,7 @@ use candle_nn::{linear_no_bias, Conv2d, Linear, VarBuilder};
 use crate::attention::{attend, AttentionInput, Backend, LayerShape, LinearParams, Role};
 use crate::error::{Error, Result};
 use crate::layers::conv::{
-    conv2d, conv_forward, mean_channel_groups, pixel_shuffle, pixel_unshuffle, repeat_interleave_channels, DepthwiseConv2d,
+    conv2d, conv3x3_fused, conv_forward, mean_channel_groups, pixel_shuffle, pixel_unshuffle, repeat_interleave_channels, DepthwiseConv2d,
     GroupedPointwiseConv2d,
 };
 use crate::layers::{GluMbConv, RmsNorm};
@@ -22,6 +22,9 @@ pub struct ResBlock {
     conv1: Conv2d,
     conv2: Conv2d,
     norm: RmsNorm,
+    /// `norm` in f32 for the fused norm + residual kernel (on a CUDA device).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fused_norm: Option<TokenNorm>,
 }
 
 impl ResBlock {
@@ -31,11 +34,17 @@ impl ResBlock {
             conv1: conv2d(channels, channels, 3, 1, 1, true, vb.pp("conv1"))?,
             conv2: conv2d(channels, channels, 3, 1, 1, false, vb.pp("conv2"))?,
             norm: RmsNorm::new(channels, NORM_EPS, true, true, vb.pp("norm"))?,
+            fused_norm: if vb.device().is_cuda() { Some(TokenNorm::new(channels, vb.pp("norm"))?) } else { None },
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = candle_nn::ops::silu(&conv_forward(&self.conv1, x)?)?;
+        let h = conv3x3_fused(&self.conv1, x, false, true, None)?;
+        #[cfg(feature = "cuda")]
+        if let (Some(n), true) = (&self.fused_norm, crate::layers::cuda::fused_kernels_apply(x)) {
+            let h = conv_forward(&self.conv2, &h)?;
+            return crate::layers::cuda::rms_norm_channels_residual(&h, &n.weight, &n.bias, x, NORM_EPS);
+        }
         let h = self.norm.forward_channels_first(&conv_forward(&self.conv2, &h)?)?;
         Ok((h + x)?)
     }
@@ -66,6 +75,43 @@ pub struct MultiscaleLinearAttention {
     norm_out: RmsNorm,
     head_dim: usize,
     backend: Backend,
+    /// f32 copies of the weights the channels-last GPU kernels read (layers/cuda/dcae.rs); set on
+    /// a CUDA device for head dim 32 and one multi-scale branch of 3×3 or 5×5 (DC-AE's configs).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fused: Option<FusedAttention>,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Debug, Clone)]
+struct FusedAttention {
+    /// `(3C, k²)` depth-wise taps of the multi-scale branch.
+    depth_weight: Tensor,
+    /// `(3C, 32)`: row `g·32 + o` = output `o` of group `g` of the grouped 1×1 conv.
+    point_weight: Tensor,
+    norm: TokenNorm,
+}
+
+/// f32 parameters of an RMSNorm (DC-AE's are affine with bias) for the fused token kernel.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Debug, Clone)]
+struct TokenNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl TokenNorm {
+    fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(channels, "weight")?.to_dtype(DType::F32)?,
+            bias: vb.get(channels, "bias")?.to_dtype(DType::F32)?,
+        })
+    }
+
+    /// `RMSNorm(x) + residual` over the last dim, one kernel.
+    #[cfg(feature = "cuda")]
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        crate::layers::cuda::rms_norm_residual(x, Some(&self.weight), Some(&self.bias), Some(residual), NORM_EPS)
+    }
 }
 
 impl MultiscaleLinearAttention {
@@ -110,7 +156,19 @@ impl MultiscaleLinearAttention {
             ],
             0,
         )?;
+        let fused = match (vb.device().is_cuda(), head_dim, multiscale.as_slice()) {
+            (true, 32, [branch]) if matches!(branch.proj_in.kernel(), 3 | 5) => {
+                let k = branch.proj_in.kernel();
+                Some(FusedAttention {
+                    depth_weight: branch.proj_in.weight().to_dtype(DType::F32)?.reshape((3 * channels, k * k))?,
+                    point_weight: branch.proj_out.weight().to_dtype(DType::F32)?.reshape((3 * channels, head_dim))?,
+                    norm: TokenNorm::new(channels, vb.pp("norm_out"))?,
+                })
+            }
+            _ => None,
+        };
         Ok(Self {
+            fused,
             to_qkv: Linear::new(qkv_weight, None),
             to_out: linear_no_bias(channels * (1 + kernel_sizes.len()), channels, vb.pp("to_out"))?,
             norm_out: RmsNorm::new(channels, NORM_EPS, true, true, vb.pp("norm_out"))?,
@@ -120,8 +178,40 @@ impl MultiscaleLinearAttention {
         })
     }
 
+    /// On the GPU: [`Self::forward`] on channels-last tokens `(B, H·W, C)` of a `grid = [H, W]`
+    /// (with the residual), through the fused kernels: the projections are GEMMs on the tokens, the
+    /// multi-scale branch one kernel, the attention reads q, k, v in place, and the norm and the
+    /// residual are one pass. `None` where the kernels do not serve.
+    #[cfg(feature = "cuda")]
+    pub fn forward_tokens_fused(&self, t: &Tensor, grid: [usize; 2]) -> Result<Option<Tensor>> {
+        use crate::layers::{cuda, project};
+        let Some(f) = &self.fused else { return Ok(None) };
+        if !cuda::fused_kernels_apply(t) {
+            return Ok(None);
+        }
+        let qkv = project(t, self.to_qkv.weight())?;
+        let ms = cuda::depthwise_grouped_pointwise(&qkv, grid, &f.depth_weight, &f.point_weight)?;
+        let o = cuda::multiscale_linear_attention(&qkv, &ms, LINEAR_ATTENTION_EPS)?;
+        let o = project(&o, self.to_out.weight())?;
+        Ok(Some(f.norm.forward_residual(&o, t)?))
+    }
+
     /// `x`: `(B, C, H, W)` -> `(B, C, H, W)` (with the residual).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.fused.is_some() && crate::layers::cuda::fused_kernels_apply(x) {
+            let (_, _, h, w) = x.dims4()?;
+            let t = crate::layers::cuda::nchw_to_tokens(x)?;
+            if let Some(y) = self.forward_tokens_fused(&t, [h, w])? {
+                return crate::layers::cuda::tokens_to_nchw(&y, [h, w]);
+            }
+        }
+        self.forward_reference(x)
+    }
+
+    /// [`Self::forward`] as tensor ops through [`attend`] (the CPU path, and the reference of the
+    /// fused GPU path).
+    pub fn forward_reference(&self, x: &Tensor) -> Result<Tensor> {
         let (b, _c, h, w) = x.dims4()?;
         let d = self.head_dim;
         let channels_last = x.permute((0, 2, 3, 1))?.contiguous()?;
@@ -149,18 +239,47 @@ impl MultiscaleLinearAttention {
 pub struct EfficientViTBlock {
     attn: MultiscaleLinearAttention,
     conv_out: GluMbConv,
+    /// `conv_out.norm` in f32 for the fused token path (on a CUDA device).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    conv_out_norm: Option<TokenNorm>,
 }
 
 impl EfficientViTBlock {
     pub fn new(channels: usize, head_dim: usize, kernel_sizes: &[usize], vb: VarBuilder) -> Result<Self> {
+        let conv_out_norm = if vb.device().is_cuda() { Some(TokenNorm::new(channels, vb.pp("conv_out").pp("norm"))?) } else { None };
         Ok(Self {
             attn: MultiscaleLinearAttention::new(channels, head_dim, kernel_sizes, vb.pp("attn"))?,
             conv_out: GluMbConv::new(channels, channels, 4.0, true, true, vb.pp("conv_out"))?,
+            conv_out_norm,
         })
     }
 
+    /// On the GPU the whole block runs on channels-last tokens (one transpose in, one out): see
+    /// [`MultiscaleLinearAttention::forward_tokens_fused`]; the GLUMBConv's 1×1 convs are GEMMs
+    /// around the fused depth-wise GLU kernel, its norm and residual one pass.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.conv_out.forward(&self.attn.forward(x)?)
+        #[cfg(feature = "cuda")]
+        if let Some(y) = self.forward_fused(x)? {
+            return Ok(y);
+        }
+        self.forward_reference(x)
+    }
+
+    /// The block as tensor ops (the CPU path and the reference of the fused GPU path).
+    pub fn forward_reference(&self, x: &Tensor) -> Result<Tensor> {
+        self.conv_out.forward(&self.attn.forward_reference(x)?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn forward_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(norm) = &self.conv_out_norm else { return Ok(None) };
+        let (_, _, h, w) = x.dims4()?;
+        let grid = [h, w];
+        let t = crate::layers::cuda::nchw_to_tokens(x)?;
+        let Some(t1) = self.attn.forward_tokens_fused(&t, grid)? else { return Ok(None) };
+        let Some(p) = self.conv_out.forward_tokens_unnormalized(&t1, grid)? else { return Ok(None) };
+        let t2 = norm.forward_residual(&p, &t1)?;
+        Ok(Some(crate::layers::cuda::tokens_to_nchw(&t2, grid)?))
     }
 }
 
@@ -233,12 +352,11 @@ impl UpBlock {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        let y = if self.interpolate {
-            conv_forward(&self.conv, &x.upsample_nearest2d(2 * h, 2 * w)?)?
-        } else {
-            pixel_shuffle(&conv_forward(&self.conv, x)?, 2)?
-        };
+        if self.interpolate {
+            // One kernel on the GPU: up-sampling, convolution and shortcut.
+            return conv3x3_fused(&self.conv, x, true, false, Some(self.repeats));
+        }
+        let y = pixel_shuffle(&conv_forward(&self.conv, x)?, 2)?;
         let shortcut = pixel_shuffle(&repeat_interleave_channels(x, self.repeats)?, 2)?;
         Ok((y + shortcut)?)
     }
