@@ -144,3 +144,56 @@ fn model_draws_single_objects_the_scorer_accepts() {
 
 const COLOR_BAR: usize = 2;
 const FULL_BAR: usize = 1;
+
+/// Training takes the patch projection as a GEMM on cut-out patches (candle's convolution backward
+/// is slow on the GPU); it must be the same function as the stride-p convolution inference uses,
+/// checked against an independent per-output sum.
+#[test]
+fn patch_embed_training_form_matches_the_convolution() {
+    use candle_core::{DType, Device, Tensor, Var};
+    use candle_nn::VarBuilder;
+    use std::collections::HashMap;
+    use visgen::layers::PatchEmbed;
+
+    let (b, c, side, p, embed) = (2, 3, 8, 4, 8);
+    let dev = Device::Cpu;
+    let values = |n: usize, k: u64| -> Vec<f32> { (0..n as u64).map(|i| ((i * 7919 + k * 104729) % 997) as f32 / 498.5 - 1.0).collect() };
+    let weight = Tensor::from_vec(values(embed * c * p * p, 1), (embed, c, p, p), &dev).unwrap();
+    let bias = Tensor::from_vec(values(embed, 2), embed, &dev).unwrap();
+    let x = Tensor::from_vec(values(b * c * side * side, 3), (b, c, side, side), &dev).unwrap();
+    let build = |w: Tensor, bs: Tensor| {
+        let tensors = HashMap::from([("proj.weight".to_string(), w), ("proj.bias".to_string(), bs)]);
+        PatchEmbed::new(c, embed, p, side, None, VarBuilder::from_tensors(tensors, DType::F32, &dev)).unwrap()
+    };
+    let conv = build(weight.clone(), bias.clone()).forward(&x).unwrap();
+    // Vars record gradients: the training form.
+    let (wv, bv) = (Var::from_tensor(&weight).unwrap(), Var::from_tensor(&bias).unwrap());
+    let trained = build(wv.as_tensor().clone(), bv.as_tensor().clone()).forward(&x).unwrap();
+    assert_eq!(conv.dims(), &[b, (side / p) * (side / p), embed]);
+    assert_eq!(trained.dims(), conv.dims());
+
+    // Independent sum: token (gy, gx), channel o = bias[o] + Σ_{ci, dy, dx} w[o, ci, dy, dx] x[ci, gy·p+dy, gx·p+dx].
+    let (w, bs, xs) = (values(embed * c * p * p, 1), values(embed, 2), values(b * c * side * side, 3));
+    let g = side / p;
+    let conv_v: Vec<f32> = conv.flatten_all().unwrap().to_vec1().unwrap();
+    let trained_v: Vec<f32> = trained.flatten_all().unwrap().to_vec1().unwrap();
+    for bi in 0..b {
+        for gy in 0..g {
+            for gx in 0..g {
+                for o in 0..embed {
+                    let mut sum = bs[o];
+                    for ci in 0..c {
+                        for dy in 0..p {
+                            for dx in 0..p {
+                                sum += w[((o * c + ci) * p + dy) * p + dx] * xs[((bi * c + ci) * side + gy * p + dy) * side + gx * p + dx];
+                            }
+                        }
+                    }
+                    let at = ((bi * g + gy) * g + gx) * embed + o;
+                    assert!((conv_v[at] - sum).abs() < 1e-4, "conv {} vs {sum}", conv_v[at]);
+                    assert!((trained_v[at] - sum).abs() < 1e-4, "training form {} vs {sum}", trained_v[at]);
+                }
+            }
+        }
+    }
+}
