@@ -1,14 +1,21 @@
 //! Trains tiny-shapes (text encoder + SANA DiT in pixel space) by flow matching on the procedural
-//! shapes data and writes `model.safetensors` (EMA weights, f16), `config.json` and `tokenizer.json`.
+//! shapes data and writes `model.safetensors` (EMA weights, f16; `raw/` holds the last weights),
+//! `config.json` and `tokenizer.json`.
 //!
 //! ```text
 //! # CPU smoke run (a few steps of a very small model):
 //! cargo run --release --example train_tiny_shapes -- --config tiny --steps 3 --batch 4 --data 64 --out /tmp/ts
-//! # The shipped model, on the H200 (4.3 steps/s at batch 128; the shipped weights had 95 + 982
-//! # steps, about 5 minutes; `--profile true` prints synchronized per-phase times):
+//! # On the H200 (bf16 compute, f32 master weights: ~950 pictures/s at batch 512; `--profile true`
+//! # prints synchronized per-phase times; examples/train_tiny_shapes_gpu.sh packs and runs it):
 //! cargo build --release --features cuda --example train_tiny_shapes
-//! train_tiny_shapes --device cuda --minutes 9 --batch 128 --data 100000 --lr 8e-4 --out $OUT/tiny-shapes
+//! train_tiny_shapes --device cuda --minutes 7 --dtype bf16 --batch 512 --lr 1e-3 --warmup 100 \
+//!     --ema 0.995 --data 200000 --init assets/tiny-shapes --out $OUT/tiny-shapes
 //! ```
+//!
+//! The data set is rendered once on all cores and kept on the device as u8; every batch (items,
+//! noise, times, caption dropout) is drawn there, with no host round trip. The model reads its
+//! weights as Vars in the compute dtype (`--dtype f32|bf16`); the f32 master copy, AdamW's moments
+//! and the EMA are each one flat tensor ([`FlatParams`]).
 //!
 //! Objective: `x_t = (1 - t) x0 + t ε`, target `v = ε - x0`; half of the batch draws `t` uniform
 //! in [0, 1], half logit-normal (`t = sigmoid(n)`, `n ~ N(0, 1)`): logit-normal alone almost never

@@ -57,7 +57,7 @@ bench() {
     {
         if [[ -x /tmp/old_train_tiny_shapes ]]; then
             echo "=== old binary, f32, batch 256"
-            /tmp/old_train_tiny_shapes "${common[@]}" --batch 256 --minutes 0.4 --log-every 20 --out /tmp/b0
+            /tmp/old_train_tiny_shapes "${common[@]}" --batch 256 --minutes 0.3 --log-every 20 --out /tmp/b0
         fi
         # The same seed and schedule in f32 and bf16: the loss curves must agree.
         echo "=== new, f32, batch 256, 150 steps"
@@ -65,9 +65,7 @@ bench() {
         echo "=== new, bf16, batch 256, 150 steps"
         /tmp/train_tiny_shapes "${common[@]}" --batch 256 --dtype bf16 --steps 150 --minutes 1 --log-every 25 --out /tmp/b2
         echo "=== new, bf16, batch 1024"
-        /tmp/train_tiny_shapes "${common[@]}" --batch 1024 --dtype bf16 --minutes 0.3 --log-every 10 --out /tmp/b3
-        echo "=== new, bf16, batch 1024, no profiling"
-        /tmp/train_tiny_shapes --device cuda --data 20000 --batch 1024 --dtype bf16 --minutes 0.3 --log-every 10 --out /tmp/b4
+        /tmp/train_tiny_shapes "${common[@]}" --batch 1024 --dtype bf16 --minutes 0.25 --log-every 10 --out /tmp/b3
     } 2>&1 | tee "$out/bench.log"
     echo "bench $(( $(date +%s) - t0 ))s"
 }

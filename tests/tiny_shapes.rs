@@ -197,3 +197,53 @@ fn patch_embed_training_form_matches_the_convolution() {
         }
     }
 }
+
+/// Mix-FFN's channels-last training path (taken while gradients are recorded) computes the same
+/// function as the image-layout path inference uses (tap-form depth-wise convolution), and every
+/// weight gets a gradient through it.
+#[test]
+fn mix_ffn_training_path_matches_the_image_path() {
+    use candle_core::{DType, Device, Tensor, Var};
+    use candle_nn::VarBuilder;
+    use std::collections::HashMap;
+    use visgen::layers::GluMbConv;
+
+    let (b, c, grid, ratio) = (2, 8, [3usize, 5usize], 2.0);
+    let hidden = (ratio * c as f64) as usize;
+    let dev = Device::Cpu;
+    let values = |n: usize, k: u64| -> Vec<f32> { (0..n as u64).map(|i| ((i * 7919 + k * 104729) % 997) as f32 / 498.5 - 1.0).collect() };
+    let shapes: [(&str, Vec<usize>); 5] = [
+        ("conv_inverted.weight", vec![2 * hidden, c, 1, 1]),
+        ("conv_inverted.bias", vec![2 * hidden]),
+        ("conv_depth.weight", vec![2 * hidden, 1, 3, 3]),
+        ("conv_depth.bias", vec![2 * hidden]),
+        ("conv_point.weight", vec![c, hidden, 1, 1]),
+    ];
+    let plain: HashMap<String, Tensor> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, (name, shape))| {
+            let n = shape.iter().product();
+            (name.to_string(), (Tensor::from_vec(values(n, i as u64 + 1), shape.as_slice(), &dev).unwrap() * 0.5).unwrap())
+        })
+        .collect();
+    let vars: HashMap<String, Var> = plain.iter().map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap())).collect();
+    let x = Tensor::from_vec(values(b * grid[0] * grid[1] * c, 9), (b, grid[0] * grid[1], c), &dev).unwrap();
+
+    let inference = GluMbConv::new(c, c, ratio, false, false, VarBuilder::from_tensors(plain, DType::F32, &dev)).unwrap();
+    let tracked: HashMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    let training = GluMbConv::new(c, c, ratio, false, false, VarBuilder::from_tensors(tracked, DType::F32, &dev)).unwrap();
+    let want = inference.forward_tokens(&x, grid).unwrap();
+    let got = training.forward_tokens(&x, grid).unwrap();
+    assert_eq!(got.dims(), want.dims());
+    let diff: f32 = (&got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+    let scale: f32 = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+    assert!(scale > 0.1 && diff < 1e-4 * scale, "max diff {diff} (outputs up to {scale})");
+
+    let grads = got.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, var) in &vars {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient reaches {name}"));
+        let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(norm > 0.0, "{name} has a zero gradient");
+    }
+}
