@@ -1,14 +1,21 @@
 //! Trains tiny-shapes (text encoder + SANA DiT in pixel space) by flow matching on the procedural
-//! shapes data and writes `model.safetensors` (EMA weights, f16), `config.json` and `tokenizer.json`.
+//! shapes data and writes `model.safetensors` (EMA weights, f16; `raw/` holds the last weights),
+//! `config.json` and `tokenizer.json`.
 //!
 //! ```text
 //! # CPU smoke run (a few steps of a very small model):
 //! cargo run --release --example train_tiny_shapes -- --config tiny --steps 3 --batch 4 --data 64 --out /tmp/ts
-//! # The shipped model, on the H200 (4.3 steps/s at batch 128; the shipped weights had 95 + 982
-//! # steps, about 5 minutes; `--profile true` prints synchronized per-phase times):
+//! # On the H200 (bf16 compute, f32 master weights: ~950 pictures/s at batch 512; `--profile true`
+//! # prints synchronized per-phase times; examples/train_tiny_shapes_gpu.sh packs and runs it):
 //! cargo build --release --features cuda --example train_tiny_shapes
-//! train_tiny_shapes --device cuda --minutes 9 --batch 128 --data 100000 --lr 8e-4 --out $OUT/tiny-shapes
+//! train_tiny_shapes --device cuda --minutes 7 --dtype bf16 --batch 512 --lr 1e-3 --warmup 100 \
+//!     --ema 0.995 --data 200000 --init assets/tiny-shapes --out $OUT/tiny-shapes
 //! ```
+//!
+//! The data set is rendered once on all cores and kept on the device as u8; every batch (items,
+//! noise, times, caption dropout) is drawn there, with no host round trip. The model reads its
+//! weights as Vars in the compute dtype (`--dtype f32|bf16`); the f32 master copy, AdamW's moments
+//! and the EMA are each one flat tensor ([`FlatParams`]).
 //!
 //! Objective: `x_t = (1 - t) x0 + t ε`, target `v = ε - x0`; half of the batch draws `t` uniform
 //! in [0, 1], half logit-normal (`t = sigmoid(n)`, `n ~ N(0, 1)`): logit-normal alone almost never
@@ -23,14 +30,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
 
 use visgen::attention::plan::AttentionPlan;
 use visgen::attention::{Backend, DenseParams, LinearParams};
 use visgen::data::shapes::{caption, render, scene_at, GenConfig};
-use visgen::models::tiny_shapes::tokenizer::BOS_ID;
 use visgen::models::tiny_shapes::{ShapesTokenizer, TinyShapesConfig, TinyShapesModel};
 
 struct Args {
@@ -51,6 +55,9 @@ struct Args {
     init: Option<PathBuf>,
     profile: bool,
     log_every: usize,
+    dtype: String,
+    warmup: f64,
+    event_tracking: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -72,6 +79,9 @@ fn parse_args() -> Result<Args> {
         init: None,
         profile: false,
         log_every: 100,
+        dtype: "f32".into(),
+        warmup: 200.0,
+        event_tracking: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -96,6 +106,9 @@ fn parse_args() -> Result<Args> {
             "--init" => a.init = Some(PathBuf::from(value)),
             "--profile" => a.profile = value.parse()?,
             "--log-every" => a.log_every = value.parse::<usize>()?.max(1),
+            "--dtype" => a.dtype = value.clone(),
+            "--warmup" => a.warmup = value.parse::<f64>()?.max(1.0),
+            "--event-tracking" => a.event_tracking = value.parse()?,
             other => bail!("unknown option {other}"),
         }
         i += 2;
@@ -103,32 +116,44 @@ fn parse_args() -> Result<Args> {
     Ok(a)
 }
 
-/// The training set: images `(N, 3, S, S)` in [-1, 1] on the device, captions as token ids.
+/// The training set, resident on the device: pictures `(N, 3, S, S)` as u8 (a quarter of f32's
+/// memory; a batch is gathered and converted on the device), captions padded to the encoder's
+/// length as ids `(N, L)` u32 and mask `(N, L)` f32.
 struct Dataset {
     images: Tensor,
-    captions: Vec<Vec<u32>>,
+    ids: Tensor,
+    mask: Tensor,
+    len: usize,
+    /// `(1, L)`: 1 at the `[bos]` column, which caption dropout keeps.
+    bos_column: Tensor,
 }
 
+/// Renders `n` scenes on all cores (`std::thread::scope`) and uploads them once.
 fn build_dataset(n: usize, size: usize, seed: u64, tokenizer: &ShapesTokenizer, device: &Device) -> Result<Dataset> {
+    if n == 0 {
+        bail!("--data must be at least 1");
+    }
     let threads = std::thread::available_parallelism().map(|t| t.get()).unwrap_or(1).max(1);
     let chunk = n.div_ceil(threads);
     let config = GenConfig::default();
-    let parts: Vec<(Vec<f32>, Vec<String>)> = std::thread::scope(|s| {
+    let plane = size * size;
+    let parts: Vec<(Vec<u8>, Vec<String>)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let config = config.clone();
                 s.spawn(move || {
                     let (start, end) = (t * chunk, ((t + 1) * chunk).min(n));
-                    let mut pixels = Vec::with_capacity(end.saturating_sub(start) * 3 * size * size);
-                    let mut texts = Vec::new();
-                    for i in start..end {
+                    let count = end.saturating_sub(start);
+                    let mut pixels = vec![0u8; count * 3 * plane];
+                    let mut texts = Vec::with_capacity(count);
+                    for (k, i) in (start..end).enumerate() {
                         let scene = scene_at(seed, i as u64, &config);
                         let img = render(&scene, size as u32);
-                        for c in 0..3 {
-                            for y in 0..size {
-                                for x in 0..size {
-                                    pixels.push(img.get_pixel(x as u32, y as u32)[c] as f32 / 127.5 - 1.0);
-                                }
+                        // HWC bytes -> CHW planes.
+                        let out = &mut pixels[k * 3 * plane..(k + 1) * 3 * plane];
+                        for (p, rgb) in img.as_raw().chunks_exact(3).enumerate() {
+                            for c in 0..3 {
+                                out[c * plane + p] = rgb[c];
                             }
                         }
                         texts.push(caption(&scene));
@@ -139,7 +164,7 @@ fn build_dataset(n: usize, size: usize, seed: u64, tokenizer: &ShapesTokenizer, 
             .collect();
         handles.into_iter().map(|h| h.join().expect("render thread")).collect()
     });
-    let mut pixels = Vec::with_capacity(n * 3 * size * size);
+    let mut pixels = Vec::with_capacity(n * 3 * plane);
     let mut captions = Vec::with_capacity(n);
     for (p, texts) in parts {
         pixels.extend(p);
@@ -147,8 +172,54 @@ fn build_dataset(n: usize, size: usize, seed: u64, tokenizer: &ShapesTokenizer, 
             captions.push(tokenizer.encode(&t)?);
         }
     }
-    let images = Tensor::from_vec(pixels, (n, 3, size, size), device)?;
-    Ok(Dataset { images, captions })
+    let tokens = tokenizer.pad_batch(&captions);
+    let bos_column = (0..tokens.len).map(|j| if j == 0 { 1f32 } else { 0.0 }).collect::<Vec<_>>();
+    Ok(Dataset {
+        bos_column: Tensor::from_vec(bos_column, (1, tokens.len), device)?,
+        images: Tensor::from_vec(pixels, (n, 3, size, size), device)?,
+        ids: Tensor::from_vec(tokens.ids, (n, tokens.len), device)?,
+        mask: Tensor::from_vec(tokens.mask, (n, tokens.len), device)?,
+        len: n,
+    })
+}
+
+/// One training batch, drawn on the device with no host round trip: `x_t` in the compute dtype,
+/// `t` `(B,)` f32, the velocity target f32, caption ids and mask.
+struct Batch {
+    x_t: Tensor,
+    t: Tensor,
+    target: Tensor,
+    ids: Tensor,
+    mask: Tensor,
+}
+
+/// Draws `b` random items; half of the batch draws `t` uniform, half logit-normal; a fraction
+/// `drop_caption` of the captions becomes `[bos]` alone (classifier-free guidance).
+fn draw_batch(data: &Dataset, b: usize, drop_caption: f64, dtype: DType) -> Result<Batch> {
+    let device = data.images.device();
+    // rand is in (0, 1] on some backends: clamp the index to the last item.
+    let idx = (Tensor::rand(0f32, 1f32, b, device)? * data.len as f64)?
+        .floor()?
+        .minimum((data.len - 1) as f64)?
+        .to_dtype(DType::U32)?;
+    let x0 = data.images.index_select(&idx, 0)?.to_dtype(DType::F32)?.affine(1.0 / 127.5, -1.0)?;
+    let (ids, mask) = (data.ids.index_select(&idx, 0)?, data.mask.index_select(&idx, 0)?);
+    // keep (B, L): 1 where the token stays; the first column is `[bos]` and always stays.
+    let keep_caption = Tensor::rand(0f32, 1f32, (b, 1), device)?.ge(drop_caption)?.to_dtype(DType::F32)?;
+    let keep = keep_caption.broadcast_maximum(&data.bos_column)?;
+    // Dropped tokens become padding (id 0) and leave the mask.
+    let ids = (ids.to_dtype(DType::F32)? * &keep)?.to_dtype(DType::U32)?;
+    let mask = (mask * keep)?;
+
+    let half = b / 2;
+    let uniform = Tensor::rand(0f32, 1f32, b - half, device)?;
+    let logit_normal = candle_nn::ops::sigmoid(&Tensor::randn(0f32, 1f32, half, device)?)?;
+    let t = Tensor::cat(&[&uniform, &logit_normal], 0)?;
+    let tb = t.reshape((b, 1, 1, 1))?;
+    let noise = x0.randn_like(0.0, 1.0)?;
+    let x_t = (x0.broadcast_mul(&(1.0 - &tb)?)? + noise.broadcast_mul(&tb)?)?.to_dtype(dtype)?;
+    let target = (noise - x0)?;
+    Ok(Batch { x_t, t, target, ids, mask })
 }
 
 /// Training init on top of the VarMap's defaults (which are 0 for plain `get`s): AdaLN tables
@@ -226,6 +297,100 @@ fn keep_freed_gpu_memory() {
     }
 }
 
+/// Every trained tensor, in one flat f32 vector: the master weights, AdamW's moments and the EMA
+/// are each one tensor, so the optimizer and the average are a dozen element-wise ops per step
+/// instead of a dozen per parameter tensor (~230 tensors: thousands of tiny kernel launches).
+/// The model itself reads separate `compute` Vars in the compute dtype (f32 or bf16), refreshed
+/// from the master after each update; their gradients are gathered into one flat f32 vector.
+struct FlatParams {
+    names: Vec<String>,
+    shapes: Vec<candle_core::Shape>,
+    offsets: Vec<usize>,
+    compute: Vec<Var>,
+    master: Tensor,
+    m: Tensor,
+    v: Tensor,
+    ema: Tensor,
+    steps: i32,
+}
+
+impl FlatParams {
+    /// `named`: the initialized f32 variables, sorted by name.
+    fn new(named: &[(String, Var)], dtype: DType) -> Result<Self> {
+        let mut offsets = Vec::with_capacity(named.len());
+        let mut total = 0;
+        for (_, v) in named {
+            offsets.push(total);
+            total += v.elem_count();
+        }
+        let flat: Vec<Tensor> = named.iter().map(|(_, v)| v.as_tensor().flatten_all()).collect::<candle_core::Result<_>>()?;
+        let master = Tensor::cat(&flat, 0)?.detach();
+        let compute = named.iter().map(|(_, v)| Var::from_tensor(&v.as_tensor().to_dtype(dtype)?)).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            names: named.iter().map(|(n, _)| n.clone()).collect(),
+            shapes: named.iter().map(|(_, v)| v.shape().clone()).collect(),
+            offsets,
+            compute,
+            m: master.zeros_like()?,
+            v: master.zeros_like()?,
+            ema: master.copy()?,
+            master,
+            steps: 0,
+        })
+    }
+
+    /// The compute Vars by name, for a `VarBuilder`.
+    fn tensors(&self) -> HashMap<String, Tensor> {
+        self.names.iter().cloned().zip(self.compute.iter().map(|v| v.as_tensor().clone())).collect()
+    }
+
+    /// The gradients of the compute Vars as one flat f32 vector; errors if one has none (an op
+    /// without a backward pass cuts the graph silently).
+    fn flat_grad(&self, grads: &candle_core::backprop::GradStore) -> Result<Tensor> {
+        let mut parts = Vec::with_capacity(self.compute.len());
+        let mut missing = Vec::new();
+        for (name, var) in self.names.iter().zip(&self.compute) {
+            match grads.get(var.as_tensor()) {
+                Some(g) => parts.push(g.flatten_all()?),
+                None => missing.push(name.as_str()),
+            }
+        }
+        if !missing.is_empty() {
+            bail!("no gradient reaches {} parameters: {:?}", missing.len(), missing);
+        }
+        Ok(Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?)
+    }
+
+    /// One AdamW step on the master (decoupled weight decay, bias-corrected moments: candle_nn's
+    /// AdamW), then the EMA update and the refresh of the compute Vars.
+    fn step(&mut self, grad: &Tensor, p: &ParamsAdamW, ema_decay: f64) -> Result<()> {
+        self.steps += 1;
+        let (b1, b2) = (p.beta1, p.beta2);
+        self.m = (self.m.affine(b1, 0.0)? + grad.affine(1.0 - b1, 0.0)?)?;
+        self.v = (self.v.affine(b2, 0.0)? + grad.sqr()?.affine(1.0 - b2, 0.0)?)?;
+        let m_hat = self.m.affine(1.0 / (1.0 - b1.powi(self.steps)), 0.0)?;
+        let v_hat = self.v.affine(1.0 / (1.0 - b2.powi(self.steps)), 0.0)?;
+        let update = (m_hat / (v_hat.sqrt()? + p.eps)?)?;
+        self.master = (self.master.affine(1.0 - p.lr * p.weight_decay, 0.0)? - update.affine(p.lr, 0.0)?)?;
+        self.ema = (self.ema.affine(ema_decay, 0.0)? + self.master.affine(1.0 - ema_decay, 0.0)?)?;
+        let cast = self.master.to_dtype(self.compute[0].dtype())?;
+        for ((var, &offset), shape) in self.compute.iter().zip(&self.offsets).zip(&self.shapes) {
+            var.set(&cast.narrow(0, offset, shape.elem_count())?.reshape(shape)?)?;
+        }
+        Ok(())
+    }
+
+    /// `(name, tensor)` pairs of a flat vector (the master or the EMA).
+    fn unflatten(&self, flat: &Tensor) -> Result<Vec<(String, Tensor)>> {
+        self.names
+            .iter()
+            .zip(&self.offsets)
+            .zip(&self.shapes)
+            .map(|((n, &o), s)| Ok((n.clone(), flat.narrow(0, o, s.elem_count())?.reshape(s)?)))
+            .collect()
+    }
+}
+
 fn main() -> Result<()> {
     let args = parse_args()?;
     let device = match args.device.as_str() {
@@ -238,8 +403,23 @@ fn main() -> Result<()> {
     if device.is_cuda() {
         device.set_seed(args.seed)?;
         #[cfg(feature = "cuda")]
-        keep_freed_gpu_memory();
+        {
+            keep_freed_gpu_memory();
+            if !args.event_tracking {
+                // Every allocation otherwise creates two CUDA events, and every launch records and
+                // waits on them: pure overhead with candle's single stream.
+                if let Device::Cuda(d) = &device {
+                    // SAFETY: one stream on one device; nothing else shares these buffers.
+                    unsafe { d.disable_event_tracking() };
+                }
+            }
+        }
     }
+    let dtype = match args.dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => bail!("--dtype {other}: f32 or bf16"),
+    };
     let mut cfg = match args.config.as_str() {
         "default" => TinyShapesConfig::default_64(),
         "tiny" => TinyShapesConfig::tiny_test(),
@@ -260,70 +440,64 @@ fn main() -> Result<()> {
 
     let t0 = Instant::now();
     let data = build_dataset(args.data, size, args.seed, &tokenizer, &device)?;
-    println!("dataset: {} images {}x{} in {:.1}s", args.data, size, size, t0.elapsed().as_secs_f64());
+    device.synchronize()?;
+    println!("dataset: {} images {}x{} in {:.1}s (u8 on {:?})", args.data, size, size, t0.elapsed().as_secs_f64(), device.location());
 
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
     // Training always uses the candle-op references of both backends (they have a backward pass).
     let plan = AttentionPlan::uniform(Backend::Linear(LinearParams::default()), Backend::Dense(DenseParams::default()));
-    let model = TinyShapesModel::new(&cfg, &plan, vb)?;
-    init_weights(&varmap, &cfg)?;
-    if let Some(dir) = &args.init {
-        // Resume from a saved checkpoint (f16 file, f32 training); optimizer state starts afresh.
-        let saved = candle_core::safetensors::load(dir.join("model.safetensors"), &device)?;
-        let data = varmap.data().lock().map_err(|_| anyhow::anyhow!("varmap lock"))?;
-        for (name, var) in data.iter() {
-            let t = saved.get(name).with_context(|| format!("{name} missing from {}", dir.display()))?;
-            var.set(&t.to_dtype(DType::F32)?)?;
+    // The f32 variables are made (and initialized or loaded) through a VarMap, then flattened.
+    let named: Vec<(String, Var)> = {
+        let varmap = VarMap::new();
+        let _shape_only = TinyShapesModel::new(&cfg, &plan, VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
+        init_weights(&varmap, &cfg)?;
+        if let Some(dir) = &args.init {
+            // Resume from a saved checkpoint (f16 file, f32 training); optimizer state starts afresh.
+            let saved = candle_core::safetensors::load(dir.join("model.safetensors"), &device)?;
+            let data = varmap.data().lock().map_err(|_| anyhow::anyhow!("varmap lock"))?;
+            for (name, var) in data.iter() {
+                let t = saved.get(name).with_context(|| format!("{name} missing from {}", dir.display()))?;
+                var.set(&t.to_dtype(DType::F32)?)?;
+            }
+            println!("initialized from {}", dir.display());
         }
-        println!("initialized from {}", dir.display());
-    }
-
-    let mut named: Vec<(String, Var)> = varmap.data().lock().map_err(|_| anyhow::anyhow!("lock"))?.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut named: Vec<(String, Var)> =
+            varmap.data().lock().map_err(|_| anyhow::anyhow!("lock"))?.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named
+    };
     let params: usize = named.iter().map(|(_, v)| v.elem_count()).sum();
-    println!("model: {} tensors, {:.2}M parameters", named.len(), params as f64 / 1e6);
-    let mut ema: Vec<Tensor> = named.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
+    let mut flat = FlatParams::new(&named, dtype)?;
+    drop(named);
+    let model = TinyShapesModel::new(&cfg, &plan, VarBuilder::from_tensors(flat.tensors(), dtype, &device))?;
+    println!("model: {} tensors, {:.2}M parameters, compute {dtype:?}, f32 master weights", flat.names.len(), params as f64 / 1e6);
 
-    let mut opt = AdamW::new(
-        named.iter().map(|(_, v)| v.clone()).collect(),
-        ParamsAdamW { lr: args.lr, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.01 },
-    )?;
-
+    let b = args.batch;
     if args.profile {
         // The same forward without gradient tracking, for comparison with the training forward.
-        let tensors: HashMap<String, Tensor> = named.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
-        let frozen = TinyShapesModel::new(&cfg, &plan, VarBuilder::from_tensors(tensors, DType::F32, &device))?;
-        let b = args.batch;
-        let tokens = tokenizer.pad_batch(&data.captions[..b]);
-        let ids = Tensor::from_vec(tokens.ids, (b, tokens.len), &device)?;
-        let mask = Tensor::from_vec(tokens.mask, (b, tokens.len), &device)?;
-        let x = data.images.narrow(0, 0, b)?;
-        let t = Tensor::full(0.5f32, b, &device)?;
+        let detached: HashMap<String, Tensor> = flat.tensors().into_iter().map(|(n, t)| (n, t.detach())).collect();
+        let frozen = TinyShapesModel::new(&cfg, &plan, VarBuilder::from_tensors(detached, dtype, &device))?;
+        let batch = draw_batch(&data, b, 0.0, dtype)?;
         for _ in 0..2 {
             let s = Instant::now();
-            let text = frozen.encode_text(&ids, &mask)?;
-            let v = visgen::attention::with_reference_only(|| frozen.velocity(&x, &t, &text, &mask))?;
+            let text = frozen.encode_text(&batch.ids, &batch.mask)?;
+            let v = visgen::attention::with_reference_only(|| frozen.velocity(&batch.x_t, &batch.t, &text, &batch.mask))?;
             device.synchronize()?;
             println!("untracked forward, batch {b}: {:.1}ms {:?}", 1e3 * s.elapsed().as_secs_f64(), v.dims());
         }
     }
-    let mut rng = StdRng::seed_from_u64(args.seed ^ 0x7472_6169_6e);
+    let adam = |lr: f64| ParamsAdamW { lr, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.01 };
     let budget = args.minutes * 60.0;
-    let warmup = 200.0;
     let start = Instant::now();
     let mut last_save = Instant::now();
-    let mut loss_sum = 0.0;
     let mut loss_acc: Option<Tensor> = None;
     let mut last_report = (0usize, 0f64);
     let mut loss_n = 0usize;
     let mut step = 0usize;
-    let b = args.batch;
-    // --profile true: per-phase wall times (synchronized), printed every 100 steps and at the end.
-    let mut phases = [0f64; 7];
-    const PHASE_NAMES: [&str; 7] = ["data", "text", "forward", "backward", "optimizer", "ema", "loss-sync"];
+    // --profile true: per-phase wall times (synchronized), printed with each report.
+    let mut phases = [0f64; 6];
+    const PHASE_NAMES: [&str; 6] = ["data", "text", "forward", "backward", "optimizer+ema", "loss-sync"];
     let mut mark = Instant::now();
-    let mut lap = |phase: usize, phases: &mut [f64; 7]| -> Result<()> {
+    let mut lap = |phase: usize, phases: &mut [f64; 6]| -> Result<()> {
         if args.profile {
             device.synchronize()?;
             phases[phase] += mark.elapsed().as_secs_f64();
@@ -332,65 +506,29 @@ fn main() -> Result<()> {
         Ok(())
     };
     while step < args.steps && start.elapsed().as_secs_f64() < budget {
-        // Learning rate: linear warm-up, then cosine by the fraction of the time budget spent.
-        let frac = (start.elapsed().as_secs_f64() / budget).min(1.0);
-        let lr = args.lr * ((step as f64 + 1.0) / warmup).min(1.0) * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * frac).cos()));
-        opt.set_learning_rate(lr);
+        // Learning rate: linear warm-up, then cosine down to 10% by the fraction of the budget spent
+        // (time, or steps when --steps bounds the run).
+        let frac = if args.steps == usize::MAX { start.elapsed().as_secs_f64() / budget } else { step as f64 / args.steps as f64 };
+        let lr = args.lr * ((step as f64 + 1.0) / args.warmup).min(1.0) * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * frac.min(1.0)).cos()));
 
-        let idx: Vec<u32> = (0..b).map(|_| rng.random_range(0..args.data) as u32).collect();
-        let captions: Vec<Vec<u32>> = idx
-            .iter()
-            .map(|&i| if rng.random_bool(args.drop_caption) { vec![BOS_ID] } else { data.captions[i as usize].clone() })
-            .collect();
-        let tokens = tokenizer.pad_batch(&captions);
-        let ids = Tensor::from_vec(tokens.ids, (b, tokens.len), &device)?;
-        let mask = Tensor::from_vec(tokens.mask, (b, tokens.len), &device)?;
-        let x0 = data.images.index_select(&Tensor::from_vec(idx, b, &device)?, 0)?;
-
-        let noise = x0.randn_like(0.0, 1.0)?;
-        let t: Vec<f32> = (0..b)
-            .map(|i| {
-                if i % 2 == 0 {
-                    rng.random::<f32>()
-                } else {
-                    // Box-Muller for n ~ N(0, 1), then the logistic function.
-                    let (u1, u2) = (1.0 - rng.random::<f32>(), rng.random::<f32>());
-                    let n = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos();
-                    1.0 / (1.0 + (-n).exp())
-                }
-            })
-            .collect();
-        let t = Tensor::from_vec(t, b, &device)?;
-        let tb = t.reshape((b, 1, 1, 1))?;
-        let x_t = (x0.broadcast_mul(&(1.0 - &tb)?)? + noise.broadcast_mul(&tb)?)?;
-        let target = (&noise - &x0)?;
+        let batch = draw_batch(&data, b, args.drop_caption, dtype)?;
         lap(0, &mut phases)?;
 
-        let text = model.encode_text(&ids, &mask)?;
+        let text = model.encode_text(&batch.ids, &batch.mask)?;
         lap(1, &mut phases)?;
         // Our CUDA attention kernels are forward-only: train through the candle-op references.
-        let v = visgen::attention::with_reference_only(|| model.velocity(&x_t, &t, &text, &mask))?;
-        let loss = (v - target)?.sqr()?.mean_all()?;
+        let v = visgen::attention::with_reference_only(|| model.velocity(&batch.x_t, &batch.t, &text, &batch.mask))?;
+        let loss = (v.to_dtype(DType::F32)? - &batch.target)?.sqr()?.mean_all()?;
         lap(2, &mut phases)?;
         let grads = loss.backward()?;
+        let grad = flat.flat_grad(&grads)?;
+        drop(grads);
         lap(3, &mut phases)?;
-        if step == 0 {
-            // Every parameter must receive a gradient: an op without a backward pass cuts the graph silently.
-            let missing: Vec<&str> = named.iter().filter(|(_, v)| grads.get(v.as_tensor()).is_none()).map(|(n, _)| n.as_str()).collect();
-            if !missing.is_empty() {
-                bail!("no gradient reaches {} parameters: {:?}", missing.len(), missing);
-            }
-        }
-        opt.step(&grads)?;
-        lap(4, &mut phases)?;
-
         // EMA with a warm-up of its own: early on the average must not be dominated by the init.
         let decay = args.ema.min((1.0 + step as f64) / (10.0 + step as f64));
-        for (e, (_, var)) in ema.iter_mut().zip(&named) {
-            *e = ((&*e * decay)? + (var.as_tensor() * (1.0 - decay))?)?;
-        }
+        flat.step(&grad, &adam(lr), decay)?;
+        lap(4, &mut phases)?;
 
-        lap(5, &mut phases)?;
         // The loss stays on the device between reports: reading it every step would make the host
         // wait for the GPU each step instead of queueing the next one.
         loss_acc = Some(match loss_acc {
@@ -400,15 +538,19 @@ fn main() -> Result<()> {
         loss_n += 1;
         step += 1;
         if step % args.log_every == 0 || step <= 3 {
-            if let Some(acc) = loss_acc.take() {
-                loss_sum = acc.to_scalar::<f32>()? as f64;
-            }
-            lap(6, &mut phases)?;
+            let loss_sum = match loss_acc.take() {
+                Some(acc) => acc.to_scalar::<f32>()? as f64,
+                None => 0.0,
+            };
+            lap(5, &mut phases)?;
             let secs = start.elapsed().as_secs_f64();
             let recent = (step - last_report.0) as f64 / (secs - last_report.1).max(1e-9);
             last_report = (step, secs);
-            println!("step {step:6} loss {:.4} lr {lr:.2e} {recent:.2} steps/s {secs:.0}s", loss_sum / loss_n as f64);
-            loss_sum = 0.0;
+            println!(
+                "step {step:6} loss {:.4} lr {lr:.2e} {recent:.2} steps/s {:.0} pictures/s {secs:.0}s",
+                loss_sum / loss_n as f64,
+                recent * b as f64
+            );
             loss_n = 0;
             if args.profile {
                 let total: f64 = phases.iter().sum();
@@ -417,17 +559,19 @@ fn main() -> Result<()> {
             }
         }
         if last_save.elapsed().as_secs_f64() > args.save_every_secs {
-            let weights: Vec<(String, Tensor)> = named.iter().map(|(n, _)| n.clone()).zip(ema.iter().cloned()).collect();
-            save(&args.out, &weights, &cfg, &tokenizer)?;
+            save(&args.out, &flat.unflatten(&flat.ema)?, &cfg, &tokenizer)?;
             println!("saved EMA weights at step {step}");
             last_save = Instant::now();
         }
     }
-    let weights: Vec<(String, Tensor)> = named.iter().map(|(n, _)| n.clone()).zip(ema.iter().cloned()).collect();
-    save(&args.out, &weights, &cfg, &tokenizer)?;
-    let raw: Vec<(String, Tensor)> = named.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-    save(&args.out.join("raw"), &raw, &cfg, &tokenizer)?;
+    save(&args.out, &flat.unflatten(&flat.ema)?, &cfg, &tokenizer)?;
+    save(&args.out.join("raw"), &flat.unflatten(&flat.master)?, &cfg, &tokenizer)?;
     let secs = start.elapsed().as_secs_f64();
-    println!("done: {step} steps in {secs:.0}s ({:.2} steps/s at batch {b}); wrote {}", step as f64 / secs, args.out.display());
+    println!(
+        "done: {step} steps in {secs:.0}s ({:.2} steps/s, {:.0} pictures/s at batch {b}); wrote {}",
+        step as f64 / secs,
+        step as f64 * b as f64 / secs,
+        args.out.display()
+    );
     Ok(())
 }

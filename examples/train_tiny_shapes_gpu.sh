@@ -1,38 +1,44 @@
 #!/usr/bin/env bash
-# Train the embedded default model (tiny-shapes) on the H200 in one device call.
+# Train the embedded default model (tiny-shapes) on the H200, one device call per experiment.
 #
-#   bash examples/train_tiny_shapes_gpu.sh pack                 # here: builds the training and eval
-#                                                               # examples with --features cuda into .gpu/tiny-train/
-#   bash .gpu/tiny-train/train_tiny_shapes_gpu.sh run SECONDS [train_tiny_shapes options...]
-#                                                               # there (carry [".gpu/tiny-train"]), e.g.
-#                                                               # run 500 --batch 128 --data 100000 --init assets/tiny-shapes
-# `run` trains by wall clock, writes the EMA weights to $OUT/tiny-shapes and the raw ones to
-# $OUT/tiny-shapes/raw, then scores both on the GPU (same prompts as `gen eval shapes`). Ship a
-# result by copying its model.safetensors into assets/tiny-shapes/ when it scores higher.
+#   bash examples/train_tiny_shapes_gpu.sh pack [OLD_TRAIN_BINARY.xz]
+#       here: builds the training and eval examples with --features cuda into .gpu/tiny-train2/
+#       (optionally with an older packed training binary, to measure before/after in one call)
+#   bash .gpu/tiny-train2/train_tiny_shapes_gpu.sh bench
+#       there (carry [".gpu/tiny-train2"]): throughput of the old binary and the new one (f32,
+#       bf16, larger batch) with `--profile true`, and the f32 / bf16 loss curves from one seed
+#   bash .gpu/tiny-train2/train_tiny_shapes_gpu.sh run SECONDS [train_tiny_shapes options...]
+#       there: trains by wall clock, e.g. `run 480 --dtype bf16 --batch 1024 --lr 1.5e-3
+#       --data 200000 --init assets/tiny-shapes`, writes the EMA weights to $OUT/tiny-shapes and
+#       the raw ones to $OUT/tiny-shapes/raw, then scores both on the GPU (the prompts and seeds of
+#       `gen eval shapes --n 200 --seed 0`). Ship a result by copying its model.safetensors into
+#       assets/tiny-shapes/ when it scores higher.
 set -uo pipefail
 mode="${1:-}"
+name=tiny-train2
 
 pack() {
     set -e
+    local old="${1:-}"
     local root; root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
     cd "$root"
     bash kernels/setup_cuda.sh >/dev/null
     eval "$(bash kernels/setup_cuda.sh --print-env)"
-    local out="$root/.gpu/tiny-train"
+    local out="$root/.gpu/$name"
     rm -rf "$out" && mkdir -p "$out"
     cargo build --release --features cuda --example train_tiny_shapes --example eval_tiny_shapes
     local target="${CARGO_TARGET_DIR:-$root/target}/release/examples"
-    for name in train_tiny_shapes eval_tiny_shapes; do
-        strip -o "$out/$name" "$target/$name" && xz -T2 -6 "$out/$name"
+    for bin in train_tiny_shapes eval_tiny_shapes; do
+        strip -o "$out/$bin" "$target/$bin" && xz -T2 -6 "$out/$bin"
     done
+    if [[ -n "$old" ]]; then cp "$old" "$out/old_train_tiny_shapes.xz"; fi
     cp "${BASH_SOURCE[0]}" "$out/"
     du -sh "$out"
 }
 
-run() {
-    local here; here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-    local secs="$1"; shift
-    local out="${OUT:-/tmp/out}"
+# Unpacks the binaries into /tmp and finds the CUDA libraries.
+setup() {
+    local here="$1"
     local libdirs
     libdirs=$(find / -xdev \( -name 'libcublas.so.13' -o -name 'libcudart.so.13' -o -name 'libcurand.so.10' \
         -o -name 'libnvrtc.so.13' \) 2>/dev/null | xargs -r -n1 dirname | sort -u | tr '\n' ':')
@@ -41,16 +47,47 @@ run() {
         python3 -c 'import lzma,sys; open(sys.argv[2],"wb").write(lzma.open(sys.argv[1]).read())' "$f" "/tmp/$(basename "${f%.xz}")"
         chmod +x "/tmp/$(basename "${f%.xz}")"
     done
+    nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+}
+
+bench() {
+    local out="${OUT:-/tmp/out}"
+    local t0; t0=$(date +%s)
+    local common=(--device cuda --data 20000 --seed 0 --profile true)
+    {
+        if [[ -x /tmp/old_train_tiny_shapes ]]; then
+            echo "=== old binary, f32, batch 256"
+            /tmp/old_train_tiny_shapes "${common[@]}" --batch 256 --minutes 0.3 --log-every 20 --out /tmp/b0
+        fi
+        # The same seed and schedule in f32 and bf16: the loss curves must agree.
+        echo "=== new, f32, batch 256, 150 steps"
+        /tmp/train_tiny_shapes "${common[@]}" --batch 256 --steps 150 --minutes 1 --log-every 25 --out /tmp/b1
+        echo "=== new, bf16, batch 256, 150 steps"
+        /tmp/train_tiny_shapes "${common[@]}" --batch 256 --dtype bf16 --steps 150 --minutes 1 --log-every 25 --out /tmp/b2
+        echo "=== new, bf16, batch 1024"
+        /tmp/train_tiny_shapes "${common[@]}" --batch 1024 --dtype bf16 --minutes 0.25 --log-every 10 --out /tmp/b3
+    } 2>&1 | tee "$out/bench.log"
+    echo "bench $(( $(date +%s) - t0 ))s"
+}
+
+run() {
+    local out="${OUT:-/tmp/out}"
+    local t0; t0=$(date +%s)
+    local secs="$1"; shift
     local minutes; minutes=$(python3 -c "print($secs / 60)")
     /tmp/train_tiny_shapes --device cuda --minutes "$minutes" --out "$out/tiny-shapes" "$@" 2>&1 | tee "$out/train.log"
+    echo "after training $(( $(date +%s) - t0 ))s"
     for w in "$out/tiny-shapes" "$out/tiny-shapes/raw"; do
         echo "=== $w"
         /tmp/eval_tiny_shapes --device cuda --weights "$w" --n 200 --seed 0 --batch 200 | head -7
     done 2>&1 | tee "$out/eval.log"
+    echo "total $(( $(date +%s) - t0 ))s"
 }
 
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 case "$mode" in
-    pack) pack ;;
-    run) shift; run "$@" ;;
-    *) echo "usage: $0 pack | run SECONDS [train options...]" >&2; exit 2 ;;
+    pack) shift; pack "$@" ;;
+    bench) setup "$here" && bench ;;
+    run) shift; setup "$here" && run "$@" ;;
+    *) echo "usage: $0 pack [OLD.xz] | bench | run SECONDS [train options...]" >&2; exit 2 ;;
 esac

@@ -67,17 +67,7 @@ impl DepthwiseConv2d {
     pub fn forward_matmul(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let (k, n) = (self.kernel, h * w);
-        let shifts = {
-            let mut cached = self.shifts.lock().map_err(|_| Error::Other("depth-wise conv: shift cache poisoned".into()))?;
-            match cached.as_ref() {
-                Some((grid, s)) if *grid == (h, w) && s.dtype() == x.dtype() && s.device().same_device(x.device()) => s.clone(),
-                _ => {
-                    let s = Tensor::from_vec(shift_matrices(h, w, k), (k * k, n * n), x.device())?.to_dtype(x.dtype())?;
-                    *cached = Some(((h, w), s.clone()));
-                    s
-                }
-            }
-        };
+        let shifts = self.shift_matrices(h, w, x)?;
         let weight = self.weight.to_dtype(x.dtype())?.reshape((c, k * k))?;
         let kernels = weight.matmul(&shifts)?.reshape((c, n, n))?;
         let columns = x.reshape((b, c, n))?.permute((1, 2, 0))?.contiguous()?; // (C, N, B)
@@ -87,6 +77,42 @@ impl DepthwiseConv2d {
             y = y.broadcast_add(&bias.to_dtype(x.dtype())?.reshape((1, c, 1, 1))?)?;
         }
         Ok(y)
+    }
+
+    /// [`Self::forward_matmul`] on channels-last tokens `(B, H·W, C)` of a `grid = [H, W]` ->
+    /// `(B, H·W, C)` (Mix-FFN's training path).
+    pub fn forward_tokens_matmul(&self, x: &Tensor, grid: [usize; 2]) -> Result<Tensor> {
+        let (_b, n, c) = x.dims3()?;
+        let [h, w] = grid;
+        if n != h * w {
+            return Err(Error::Other(format!("depth-wise conv: {n} tokens do not fill a {h}x{w} grid")));
+        }
+        let k = self.kernel;
+        let shifts = self.shift_matrices(h, w, x)?;
+        let weight = self.weight.to_dtype(x.dtype())?.reshape((c, k * k))?;
+        let kernels = weight.matmul(&shifts)?.reshape((c, n, n))?;
+        let columns = x.permute((2, 1, 0))?.contiguous()?; // (C, N, B)
+        let mut y = kernels.matmul(&columns)?.permute((2, 1, 0))?.contiguous()?; // (B, N, C)
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(&bias.to_dtype(x.dtype())?)?;
+        }
+        Ok(y)
+    }
+
+    /// The `(k², N·N)` shift matrices of an `h`×`w` grid in `x`'s dtype, on its device (cached).
+    fn shift_matrices(&self, h: usize, w: usize, x: &Tensor) -> Result<Tensor> {
+        let (k, n) = (self.kernel, h * w);
+        Ok({
+            let mut cached = self.shifts.lock().map_err(|_| Error::Other("depth-wise conv: shift cache poisoned".into()))?;
+            match cached.as_ref() {
+                Some((grid, s)) if *grid == (h, w) && s.dtype() == x.dtype() && s.device().same_device(x.device()) => s.clone(),
+                _ => {
+                    let s = Tensor::from_vec(shift_matrices(h, w, k), (k * k, n * n), x.device())?.to_dtype(x.dtype())?;
+                    *cached = Some(((h, w), s.clone()));
+                    s
+                }
+            }
+        })
     }
 
     /// A sum of k² shifted copies of the zero-padded input, each scaled per channel (the fast form

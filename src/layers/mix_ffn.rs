@@ -99,6 +99,9 @@ impl GluMbConv {
             let gated = super::cuda::glu_depthwise3x3_tokens(&u, grid, f.inverted_bias.as_ref(), &f.depth_weight, f.depth_bias.as_ref())?;
             return super::project(&gated, &weight(&self.conv_point)?);
         }
+        if self.norm.is_none() && !self.residual && self.conv_inverted.weight().track_op() {
+            return self.forward_tokens_training(x, grid);
+        }
         let image = x.transpose(1, 2)?.reshape((b, c, grid[0], grid[1]))?;
         let y = self.forward(&image)?;
         let c_out = y.dim(1)?;
@@ -121,6 +124,31 @@ impl GluMbConv {
         let u = super::project(x, &weight(&self.conv_inverted)?)?;
         let gated = super::cuda::glu_depthwise3x3_tokens(&u, grid, f.inverted_bias.as_ref(), &f.depth_weight, f.depth_bias.as_ref())?;
         Ok(Some(super::project(&gated, &weight(&self.conv_point)?)?))
+    }
+
+    /// [`Self::forward_tokens`] while gradients are recorded (training): the same sums as tensor
+    /// ops that stay channels-last, so the only layout changes are the two transposes around the
+    /// depth-wise convolution's batched GEMM (the image form transposes the widest tensor of the
+    /// block six times, and again in the backward pass).
+    fn forward_tokens_training(&self, x: &Tensor, grid: [usize; 2]) -> Result<Tensor> {
+        let as_matrix = |conv: &Conv2d| -> Result<Tensor> {
+            let w = conv.weight();
+            Ok(w.reshape((w.dim(0)?, w.dim(1)?))?)
+        };
+        let mut u = super::project(x, &as_matrix(&self.conv_inverted)?)?;
+        if let Some(bias) = self.conv_inverted.bias() {
+            u = u.broadcast_add(bias)?;
+        }
+        let u = candle_nn::ops::silu(&u)?;
+        let d = self.conv_depth.forward_tokens_matmul(&u, grid)?;
+        // First half of the channels is the value, second half the gate.
+        let half = d.dim(2)? / 2;
+        let gated = (d.narrow(2, 0, half)? * candle_nn::ops::silu(&d.narrow(2, half, half)?)?)?;
+        let mut y = super::project(&gated, &as_matrix(&self.conv_point)?)?;
+        if let Some(bias) = self.conv_point.bias() {
+            y = y.broadcast_add(bias)?;
+        }
+        Ok(y)
     }
 
     /// The expanded, activated, depth-wise convolved and gated tensor `(B, hidden, H, W)`.

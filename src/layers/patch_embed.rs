@@ -80,13 +80,32 @@ impl PatchEmbed {
     }
 
     /// `x`: `(B, C, H, W)` with H, W divisible by p -> `(B, (H/p)·(W/p), dim)`.
+    /// The patch projection as one GEMM on the cut-out patches: the same sum as the stride-p
+    /// convolution, `(B, C, H, W)` -> `(B, H/p·W/p, embed)`. Taken while gradients are recorded
+    /// (training): candle's convolution backward computes the input's gradient with a naive
+    /// transposed-convolution kernel on the GPU, even for an input that needs none.
+    fn patchify_matmul(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let p = self.patch_size;
+        let (gh, gw) = (h / p, w / p);
+        let patches = x.reshape((b, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((b * gh * gw, c * p * p))?;
+        let weight = self.proj.weight().reshape((self.embed_dim, c * p * p))?;
+        let mut y = patches.matmul(&weight.t()?)?;
+        if let Some(bias) = self.proj.bias() {
+            y = y.broadcast_add(bias)?;
+        }
+        Ok(y.reshape((b, gh * gw, self.embed_dim))?)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let p = self.patch_size;
         if h % p != 0 || w % p != 0 {
             return Err(Error::Usage(format!("latent {h}x{w} is not divisible by the patch size {p}")));
         }
-        let tokens = if p == 1 {
+        let tokens = if self.proj.weight().track_op() {
+            self.patchify_matmul(x)?
+        } else if p == 1 {
             // A 1x1 patch is a per-pixel linear map: one GEMM over the tokens. (As a cuDNN
             // convolution it cost ~5 ms per call on the H200, nearly all host time in cuDNN's
             // per-call algorithm heuristics: more than a whole SANA block.)
