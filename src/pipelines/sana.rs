@@ -109,6 +109,10 @@ impl SanaPipeline {
         &self.transformer
     }
 
+    pub fn text_encoder(&self) -> &SanaTextEncoder {
+        &self.text
+    }
+
     /// Turns CUDA graph replay of the denoising step on or off (on by default on CUDA, unless
     /// `VISGEN_CUDA_GRAPHS=0`; the CLI's `--no-cuda-graphs`). Graphs change no result: a replay
     /// runs the eager step's kernels on the same values (equal bit for bit wherever the kernels are
