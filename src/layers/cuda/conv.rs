@@ -4,7 +4,7 @@ use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKe
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{DType, Tensor};
 
-use super::{launch_err, suffix};
+use super::{launch_err, suffix, OptionalArg};
 use crate::attention::cuda::{cuda_device, into_tensor, CudaRead};
 use crate::error::{Error, Result};
 
@@ -181,10 +181,7 @@ fn implicit_typed<T: CudaDType + DeviceRepr>(
     };
     let mut launch = kernel.builder();
     launch.arg(&vx).arg(&vw);
-    match &vb {
-        Some(v) => launch.arg(v),
-        None => launch.arg(&null),
-    };
+    launch.arg_or_null(vb.as_ref(), &null);
     launch.arg(&mut out).arg(&layout);
     unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
     Ok(into_tensor(out, &dev, (b, c_out, oh, ow)))

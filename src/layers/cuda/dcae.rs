@@ -6,7 +6,7 @@ use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKe
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{DType, Tensor};
 
-use super::{launch_err, suffix};
+use super::{launch_err, suffix, OptionalArg};
 use crate::attention::cuda::{cuda_device, into_tensor, sm_count, CudaRead};
 use crate::error::{Error, Result};
 
@@ -221,18 +221,9 @@ fn norm_typed<T: CudaDType + DeviceRepr>(
     let cfg = LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let mut launch = kernel.builder();
     launch.arg(&vx);
-    match &vw {
-        Some(v) => launch.arg(v),
-        None => launch.arg(&null),
-    };
-    match &vb {
-        Some(v) => launch.arg(v),
-        None => launch.arg(&null),
-    };
-    match &vr {
-        Some(v) => launch.arg(v),
-        None => launch.arg(&null),
-    };
+    launch.arg_or_null(vw.as_ref(), &null);
+    launch.arg_or_null(vb.as_ref(), &null);
+    launch.arg_or_null(vr.as_ref(), &null);
     launch.arg(&mut out).arg(&layout);
     unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
     Ok(into_tensor(out, &dev, x.dims()))

@@ -5,7 +5,7 @@ use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKe
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{DType, Tensor};
 
-use super::{launch_err, suffix};
+use super::{launch_err, suffix, OptionalArg};
 use crate::attention::cuda::{aligned_contiguous, cuda_device, into_tensor, CudaRead};
 use crate::error::{Error, Result};
 
@@ -84,15 +84,9 @@ fn glu_typed<T: CudaDType + DeviceRepr>(
     let cfg = LaunchConfig { grid_dim: ((tiles_x * tiles_y) as u32, c as u32, b as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let mut launch = kernel.builder();
     launch.arg(&vu);
-    match &vb_in {
-        Some(v) => launch.arg(v),
-        None => launch.arg(&null),
-    };
+    launch.arg_or_null(vb_in.as_ref(), &null);
     launch.arg(&vw);
-    match &vb_dw {
-        Some(v) => launch.arg(v),
-        None => launch.arg(&null),
-    };
+    launch.arg_or_null(vb_dw.as_ref(), &null);
     launch.arg(&mut out).arg(&layout);
     unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
     Ok(into_tensor(out, &dev, (b, c, h, w)))
@@ -177,15 +171,9 @@ fn glu_tokens_typed<T: CudaDType + DeviceRepr>(
     };
     let mut launch = kernel.builder();
     launch.arg(&vu);
-    match &vb_in {
-        Some(v) => launch.arg(v),
-        None => launch.arg(&null),
-    };
+    launch.arg_or_null(vb_in.as_ref(), &null);
     launch.arg(&vw);
-    match &vb_dw {
-        Some(v) => launch.arg(v),
-        None => launch.arg(&null),
-    };
+    launch.arg_or_null(vb_dw.as_ref(), &null);
     launch.arg(&mut out).arg(&layout);
     unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
     Ok(into_tensor(out, &dev, (b, h * w, c)))

@@ -20,7 +20,7 @@ pub use mix_ffn::{glu_depthwise3x3, glu_depthwise3x3_tokens};
 pub use norm::{layer_norm_modulate, rms_norm_channels, NORM_MAX_CHANNELS};
 pub use residual::gated_residual;
 
-use candle_core::cuda_backend::cudarc::driver::CudaView;
+use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchArgs, PushKernelArg};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{DType, Storage, StorageRef, Tensor};
 
@@ -79,6 +79,21 @@ impl<'a> BatchRows<'a> {
         match &*self.guard {
             Storage::Cuda(s) => Ok(s.as_cuda_slice::<T>()?.slice(self.start..self.start + self.len)),
             _ => unreachable!("checked in new"),
+        }
+    }
+}
+
+/// An optional tensor argument of a kernel: its device pointer, or null, which the kernel tests
+/// for (no bias, no weight, no residual).
+pub(crate) trait OptionalArg<'a> {
+    fn arg_or_null<'b: 'a, 'c: 'b, T>(&mut self, view: Option<&'b CudaView<'c, T>>, null: &'b u64) -> &mut Self;
+}
+
+impl<'a> OptionalArg<'a> for LaunchArgs<'a> {
+    fn arg_or_null<'b: 'a, 'c: 'b, T>(&mut self, view: Option<&'b CudaView<'c, T>>, null: &'b u64) -> &mut Self {
+        match view {
+            Some(v) => self.arg(v),
+            None => self.arg(null),
         }
     }
 }

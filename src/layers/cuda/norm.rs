@@ -5,7 +5,7 @@ use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKe
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{DType, Tensor};
 
-use super::{launch_err, suffix, BatchRows};
+use super::{launch_err, suffix, OptionalArg, BatchRows};
 use crate::attention::cuda::{cuda_device, into_tensor, CudaRead};
 use crate::error::{Error, Result};
 
@@ -126,14 +126,8 @@ fn rms_typed<T: CudaDType + DeviceRepr>(
     let cfg = LaunchConfig { grid_dim: (pixels.div_ceil(256) as u32, b as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let mut launch = kernel.builder();
     launch.arg(&vx);
-    match &vw {
-        Some(v) => launch.arg(v),
-        None => launch.arg(&null),
-    };
-    match &vb {
-        Some(v) => launch.arg(v),
-        None => launch.arg(&null),
-    };
+    launch.arg_or_null(vw.as_ref(), &null);
+    launch.arg_or_null(vb.as_ref(), &null);
     launch.arg(&mut out).arg(&layout);
     unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
     Ok(into_tensor(out, &dev, x.dims()))

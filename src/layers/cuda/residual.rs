@@ -4,7 +4,7 @@ use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKe
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{DType, Tensor};
 
-use super::{launch_err, suffix, BatchRows};
+use super::{launch_err, suffix, OptionalArg, BatchRows};
 use crate::attention::cuda::{cuda_device, into_tensor, CudaRead};
 use crate::error::{Error, Result};
 
@@ -74,14 +74,8 @@ fn residual_typed<T: CudaDType + DeviceRepr>(
     let cfg = LaunchConfig { grid_dim: (blocks.max(1), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let mut launch = kernel.builder();
     launch.arg(&vx).arg(&vy);
-    match &vb {
-        Some(v) => launch.arg(v),
-        None => launch.arg(&null),
-    };
-    match &vg {
-        Some(v) => launch.arg(v),
-        None => launch.arg(&null),
-    };
+    launch.arg_or_null(vb.as_ref(), &null);
+    launch.arg_or_null(vg.as_ref(), &null);
     launch.arg(&mut out).arg(&layout);
     unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
     Ok(into_tensor(out, &dev, (b, n, c)))
