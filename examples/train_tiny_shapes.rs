@@ -17,7 +17,8 @@
 //! weights as Vars in the compute dtype (`--dtype f32|bf16`); the f32 master copy, AdamW's moments
 //! and the EMA are each one flat tensor ([`FlatParams`]).
 //!
-//! Objective: `x_t = (1 - t) x0 + t ε`, target `v = ε - x0`; half of the batch draws `t` uniform
+//! Objective: `x_t = (1 - t) x0 + t ε`, target `v = ε - x0` (with `--predict sample` the network
+//! outputs `x0` and `v = (x_t - x0) / t` is what the loss sees, as JiT); half of the batch draws `t` uniform
 //! in [0, 1], half logit-normal (`t = sigmoid(n)`, `n ~ N(0, 1)`): logit-normal alone almost never
 //! trains t < 0.05, where the sampler's last steps remove the last noise from flat pixel colors.
 //! 10% of captions are dropped to `[bos]` alone for classifier-free guidance.
@@ -35,6 +36,7 @@ use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
 use visgen::attention::plan::AttentionPlan;
 use visgen::attention::{Backend, DenseParams, LinearParams};
 use visgen::data::shapes::{caption, render, scene_at, GenConfig};
+use visgen::models::tiny_shapes::config::Prediction;
 use visgen::models::tiny_shapes::{ShapesTokenizer, TinyShapesConfig, TinyShapesModel};
 
 struct Args {
@@ -52,12 +54,17 @@ struct Args {
     save_every_secs: f64,
     heads: Option<usize>,
     layers: Option<usize>,
+    patch: Option<usize>,
+    predict: Option<String>,
     init: Option<PathBuf>,
     profile: bool,
     log_every: usize,
     dtype: String,
     warmup: f64,
     event_tracking: bool,
+    /// Step whose kernels a profiler records (`cuProfilerStart`/`Stop` around it; for
+    /// `ncu --profile-from-start off`).
+    profile_step: Option<usize>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -76,12 +83,15 @@ fn parse_args() -> Result<Args> {
         save_every_secs: 90.0,
         heads: None,
         layers: None,
+        patch: None,
+        predict: None,
         init: None,
         profile: false,
         log_every: 100,
         dtype: "f32".into(),
         warmup: 200.0,
         event_tracking: false,
+        profile_step: None,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -103,12 +113,15 @@ fn parse_args() -> Result<Args> {
             "--save-every-secs" => a.save_every_secs = value.parse()?,
             "--heads" => a.heads = Some(value.parse()?),
             "--layers" => a.layers = Some(value.parse()?),
+            "--patch" => a.patch = Some(value.parse()?),
+            "--predict" => a.predict = Some(value.clone()),
             "--init" => a.init = Some(PathBuf::from(value)),
             "--profile" => a.profile = value.parse()?,
             "--log-every" => a.log_every = value.parse::<usize>()?.max(1),
             "--dtype" => a.dtype = value.clone(),
             "--warmup" => a.warmup = value.parse::<f64>()?.max(1.0),
             "--event-tracking" => a.event_tracking = value.parse()?,
+            "--profile-step" => a.profile_step = Some(value.parse()?),
             other => bail!("unknown option {other}"),
         }
         i += 2;
@@ -193,9 +206,9 @@ struct Batch {
     mask: Tensor,
 }
 
-/// Draws `b` random items; half of the batch draws `t` uniform, half logit-normal; a fraction
+/// Draws `b` random items; `t` by the prediction's schedule (below); a fraction
 /// `drop_caption` of the captions becomes `[bos]` alone (classifier-free guidance).
-fn draw_batch(data: &Dataset, b: usize, drop_caption: f64, dtype: DType) -> Result<Batch> {
+fn draw_batch(data: &Dataset, b: usize, drop_caption: f64, dtype: DType, prediction: Prediction) -> Result<Batch> {
     let device = data.images.device();
     // rand is in (0, 1] on some backends: clamp the index to the last item.
     let idx = (Tensor::rand(0f32, 1f32, b, device)? * data.len as f64)?
@@ -211,10 +224,17 @@ fn draw_batch(data: &Dataset, b: usize, drop_caption: f64, dtype: DType) -> Resu
     let ids = (ids.to_dtype(DType::F32)? * &keep)?.to_dtype(DType::U32)?;
     let mask = (mask * keep)?;
 
-    let half = b / 2;
-    let uniform = Tensor::rand(0f32, 1f32, b - half, device)?;
-    let logit_normal = candle_nn::ops::sigmoid(&Tensor::randn(0f32, 1f32, half, device)?)?;
-    let t = Tensor::cat(&[&uniform, &logit_normal], 0)?;
+    let t = match prediction {
+        Prediction::Velocity => {
+            let half = b / 2;
+            let uniform = Tensor::rand(0f32, 1f32, b - half, device)?;
+            let logit_normal = candle_nn::ops::sigmoid(&Tensor::randn(0f32, 1f32, half, device)?)?;
+            Tensor::cat(&[&uniform, &logit_normal], 0)?
+        }
+        // JiT's logit-normal N(0.8, 0.8) towards noise: the v-loss of a predicted x0 weighs
+        // 1/t², which already stresses small t; uniform draws would let them dominate.
+        Prediction::Sample => candle_nn::ops::sigmoid(&Tensor::randn(0.8f32, 0.8f32, b, device)?)?,
+    };
     let tb = t.reshape((b, 1, 1, 1))?;
     let noise = x0.randn_like(0.0, 1.0)?;
     let x_t = (x0.broadcast_mul(&(1.0 - &tb)?)? + noise.broadcast_mul(&tb)?)?.to_dtype(dtype)?;
@@ -222,30 +242,67 @@ fn draw_batch(data: &Dataset, b: usize, drop_caption: f64, dtype: DType) -> Resu
     Ok(Batch { x_t, t, target, ids, mask })
 }
 
-/// Training init on top of the VarMap's defaults (which are 0 for plain `get`s): AdaLN tables
-/// ~N(0, 1/C) as PixArt, RMSNorm weights 1, depth-wise kernels random, the output projection 0.
+/// How a freshly made parameter starts. Every tensor of the model is set here by its name, none is
+/// left to the VarBuilder's hints: a plain `vb.get` defaults to 0, and a zero q/k pair never
+/// moves (the gradient of Q Kᵀ with respect to Q is dS·K = 0, and the reverse; ReLU(0) passes no
+/// gradient either), which left attention dead in from-scratch runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Init {
+    /// N(0, std²).
+    Normal(f64),
+    /// Glorot: U(-a, a), a = √(6 / (fan_in + fan_out)), fans counted over the kernel window.
+    XavierUniform,
+    Const(f64),
+}
+
+/// DiT / PixArt's recipe, by name: linears and convolutions Xavier; the timestep MLP and the AdaLN
+/// projection N(0, 0.02); the per-block modulation tables N(0, 1/C); the output projection and
+/// every cross-attention output 0, so each block starts by passing its input through; biases 0,
+/// norm weights 1. An unknown one-dimensional tensor is an error: it must be given a rule.
+fn init_rule(name: &str, rank: usize, channels: usize) -> Result<Init> {
+    let is = |suffix: &str| name.ends_with(suffix);
+    Ok(if is("scale_shift_table") {
+        Init::Normal(1.0 / (channels as f64).sqrt())
+    } else if name.starts_with("transformer.proj_out.") || name.contains(".attn2.to_out.") {
+        Init::Const(0.0)
+    } else if is(".bias") {
+        Init::Const(0.0)
+    } else if (name.contains("norm") && is(".weight")) && rank == 1 {
+        Init::Const(1.0)
+    } else if name.contains("time_embed.") {
+        Init::Normal(0.02)
+    } else if is("position_embedding") {
+        Init::Normal(0.02)
+    } else if is("conv_depth.weight") {
+        // Depth-wise: each output sees 9 inputs of its own channel (Kaiming, fan-in 9).
+        Init::Normal(1.0 / 3.0)
+    } else if is("token_embedding.weight") {
+        Init::Normal(1.0)
+    } else if is(".weight") && rank >= 2 {
+        Init::XavierUniform
+    } else {
+        bail!("no initialization rule for {name} (rank {rank})")
+    })
+}
+
 fn init_weights(varmap: &VarMap, cfg: &TinyShapesConfig) -> Result<()> {
-    let c = cfg.transformer.inner_dim() as f64;
+    let channels = cfg.transformer.inner_dim();
     let data = varmap.data().lock().map_err(|_| anyhow::anyhow!("varmap lock"))?;
     for (name, var) in data.iter() {
         let t = var.as_tensor();
         let (shape, device) = (t.shape().clone(), t.device().clone());
-        let value = if name.ends_with("scale_shift_table") {
-            Some((Tensor::randn(0f32, 1f32, shape, &device)? / c.sqrt())?)
-        } else if name.ends_with("caption_norm.weight") {
-            Some(Tensor::ones(shape, DType::F32, &device)?)
-        } else if name.ends_with("conv_depth.weight") {
-            Some((Tensor::randn(0f32, 1f32, shape, &device)? * (1.0 / 3.0))?)
-        } else if name.ends_with("position_embedding") {
-            Some((Tensor::randn(0f32, 1f32, shape, &device)? * 0.02)?)
-        } else if name.starts_with("transformer.proj_out.") {
-            Some(Tensor::zeros(shape, DType::F32, &device)?)
-        } else {
-            None
+        let dims = shape.dims().to_vec();
+        let value = match init_rule(name, dims.len(), channels)? {
+            Init::Normal(std) => Tensor::randn(0f32, std as f32, shape, &device)?,
+            Init::Const(v) => (Tensor::ones(shape, DType::F32, &device)? * v)?,
+            Init::XavierUniform => {
+                let window: usize = dims[2..].iter().product();
+                let (fan_out, fan_in) = (dims[0] * window, dims[1] * window);
+                let a = (6.0 / (fan_in + fan_out) as f64).sqrt() as f32;
+                Tensor::rand(-a, a, shape, &device)?
+            }
         };
-        if let Some(v) = value {
-            var.set(&v)?;
-        }
+        var.set(&value)?;
     }
     Ok(())
 }
@@ -435,6 +492,16 @@ fn main() -> Result<()> {
     if let Some(l) = args.layers {
         cfg.transformer.num_layers = l;
     }
+    if let Some(p) = args.patch {
+        cfg.transformer.patch_size = p;
+    }
+    match args.predict.as_deref() {
+        None => {}
+        Some("sample") => cfg.prediction = Prediction::Sample,
+        Some("velocity") => cfg.prediction = Prediction::Velocity,
+        Some(other) => bail!("--predict {other}: sample or velocity"),
+    }
+    cfg.validate()?;
     let tokenizer = ShapesTokenizer::from_vocabulary(cfg.text.max_len)?;
     let size = cfg.image_size;
 
@@ -476,7 +543,7 @@ fn main() -> Result<()> {
         // The same forward without gradient tracking, for comparison with the training forward.
         let detached: HashMap<String, Tensor> = flat.tensors().into_iter().map(|(n, t)| (n, t.detach())).collect();
         let frozen = TinyShapesModel::new(&cfg, &plan, VarBuilder::from_tensors(detached, dtype, &device))?;
-        let batch = draw_batch(&data, b, 0.0, dtype)?;
+        let batch = draw_batch(&data, b, 0.0, dtype, cfg.prediction)?;
         for _ in 0..2 {
             let s = Instant::now();
             let text = frozen.encode_text(&batch.ids, &batch.mask)?;
@@ -511,7 +578,12 @@ fn main() -> Result<()> {
         let frac = if args.steps == usize::MAX { start.elapsed().as_secs_f64() / budget } else { step as f64 / args.steps as f64 };
         let lr = args.lr * ((step as f64 + 1.0) / args.warmup).min(1.0) * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * frac.min(1.0)).cos()));
 
-        let batch = draw_batch(&data, b, args.drop_caption, dtype)?;
+        #[cfg(feature = "cuda")]
+        let _profiled = match args.profile_step {
+            Some(k) if k == step && device.is_cuda() => Some(cudarc::driver::Profiler::new()?),
+            _ => None,
+        };
+        let batch = draw_batch(&data, b, args.drop_caption, dtype, cfg.prediction)?;
         lap(0, &mut phases)?;
 
         let text = model.encode_text(&batch.ids, &batch.mask)?;

@@ -2,12 +2,19 @@
 # Train the embedded default model (tiny-shapes) on the H200, one device call per experiment.
 #
 #   bash examples/train_tiny_shapes_gpu.sh pack [OLD_TRAIN_BINARY.xz]
-#       here: builds the training and eval examples with --features cuda into .gpu/tiny-train2/
+#       here: builds the training and eval examples with --features cuda into .gpu/tiny-train/
 #       (optionally with an older packed training binary, to measure before/after in one call)
-#   bash .gpu/tiny-train2/train_tiny_shapes_gpu.sh bench
-#       there (carry [".gpu/tiny-train2"]): throughput of the old binary and the new one (f32,
+#   bash .gpu/tiny-train/train_tiny_shapes_gpu.sh bench
+#       there (carry [".gpu/tiny-train"]): throughput of the old binary and the new one (f32,
 #       bf16, larger batch) with `--profile true`, and the f32 / bf16 loss curves from one seed
-#   bash .gpu/tiny-train2/train_tiny_shapes_gpu.sh run SECONDS [train_tiny_shapes options...]
+#   bash .gpu/tiny-train/train_tiny_shapes_gpu.sh profile BATCH [train_tiny_shapes options...]
+#       there: every kernel of one training step (the 6th) timed by Nsight Compute, summed by kernel
+#       name, largest first: where a step's GPU time goes
+#   bash .gpu/tiny-train/train_tiny_shapes_gpu.sh sweep SECONDS "OPTIONS A" "OPTIONS B" ...
+#       there: trains one model per option string at the same time (the GPU is far from full with
+#       one of these small runs), then scores each on the GPU, copies its EMA weights to
+#       $OUT/rN.safetensors and sample pictures into $OUT/pictures.tgz: recipes compared in one call
+#   bash .gpu/tiny-train/train_tiny_shapes_gpu.sh run SECONDS [train_tiny_shapes options...]
 #       there: trains by wall clock, e.g. `run 480 --dtype bf16 --batch 1024 --lr 1.5e-3
 #       --data 200000 --init assets/tiny-shapes`, writes the EMA weights to $OUT/tiny-shapes and
 #       the raw ones to $OUT/tiny-shapes/raw, then scores both on the GPU (the prompts and seeds of
@@ -15,7 +22,7 @@
 #       assets/tiny-shapes/ when it scores higher.
 set -uo pipefail
 mode="${1:-}"
-name=tiny-train2
+name=tiny-train
 
 pack() {
     set -e
@@ -84,10 +91,67 @@ run() {
     echo "total $(( $(date +%s) - t0 ))s"
 }
 
+sweep() {
+    local out="${OUT:-/tmp/out}"
+    local secs="$1"; shift
+    local minutes; minutes=$(python3 -c "print($secs / 60)")
+    mkdir -p /tmp/sweep /tmp/png
+    local i=0
+    for opts in "$@"; do
+        # shellcheck disable=SC2086 # the option string is split on purpose
+        /tmp/train_tiny_shapes --device cuda --minutes "$minutes" --out "/tmp/sweep/r$i" --log-every 250 $opts \
+            > "/tmp/sweep/r$i.log" 2>&1 &
+        i=$((i + 1))
+    done
+    wait
+    i=0
+    for opts in "$@"; do
+        local w="/tmp/sweep/r$i"
+        echo "=== r$i: $opts"
+        grep -E "^(step|done)" "$w.log" | tail -4
+        for weights in "$w" "$w/raw"; do
+            echo "--- $weights"
+            /tmp/eval_tiny_shapes --device cuda --weights "$weights" --n 200 --seed 0 --batch 200
+        done
+        /tmp/eval_tiny_shapes --device cuda --weights "$w" --n 16 --seed 0 --png "/tmp/png/r$i" > /dev/null
+        cp "$w/model.safetensors" "$out/r$i.safetensors"
+        i=$((i + 1))
+    done 2>&1 | tee "$out/sweep.log"
+    tar czf "$out/pictures.tgz" -C /tmp/png .
+}
+
+profile() {
+    local out="${OUT:-/tmp/out}"
+    local batch="$1"; shift
+    local csv="$out/profile_b${batch}.csv"
+    ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
+        /tmp/train_tiny_shapes --device cuda --data 2000 --batch "$batch" --steps 7 --profile-step 5 \
+        --log-every 100 --out /tmp/profile "$@" > "$csv" 2> "$out/profile_b${batch}.err"
+    python3 - "$csv" <<'PY'
+import csv, sys, collections
+scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}
+rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
+head, rows = rows[0], rows[1:]
+name, unit, value = head.index("Kernel Name"), head.index("Metric Unit"), head.index("Metric Value")
+total, count = collections.Counter(), collections.Counter()
+for r in rows:
+    ms = float(r[value].replace(",", "")) * scale.get(r[unit], float("nan"))
+    key = r[name].split("(")[0][:90]
+    total[key] += ms
+    count[key] += 1
+all_ms = sum(total.values())
+print(f"{len(rows)} kernels, {all_ms:.2f} ms of GPU time in the step")
+for k, ms in total.most_common(40):
+    print(f"{ms:9.3f} ms {100 * ms / all_ms:5.1f}% {count[k]:5d}x  {k}")
+PY
+}
+
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 case "$mode" in
     pack) shift; pack "$@" ;;
     bench) setup "$here" && bench ;;
     run) shift; setup "$here" && run "$@" ;;
-    *) echo "usage: $0 pack [OLD.xz] | bench | run SECONDS [train options...]" >&2; exit 2 ;;
+    profile) shift; setup "$here" && profile "$@" ;;
+    sweep) shift; setup "$here" && sweep "$@" ;;
+    *) echo "usage: $0 pack [OLD.xz] | bench | profile BATCH [train options...] | sweep SECONDS "OPTIONS"... | run SECONDS [train options...]" >&2; exit 2 ;;
 esac

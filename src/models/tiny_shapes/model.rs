@@ -4,7 +4,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
-use super::config::TinyShapesConfig;
+use super::config::{Prediction, TinyShapesConfig, SAMPLE_PREDICTION_MIN_T};
 use super::text_encoder::TextEncoder;
 use crate::attention::plan::AttentionPlan;
 use crate::error::Result;
@@ -42,9 +42,19 @@ impl TinyShapesModel {
     }
 
     /// `x_t`: `(B, 3, H, W)`; `t`: `(B,)` in [0, 1]; `text`: `(B, L, D)`; `mask`: `(B, L)`.
-    /// Returns the predicted velocity `(B, 3, H, W)`.
+    /// Returns the predicted velocity `(B, 3, H, W)` (f32 for a sample-predicting model, else
+    /// `x_t`'s dtype).
     pub fn velocity(&self, x_t: &Tensor, t: &Tensor, text: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let timestep = (t.to_dtype(DType::F32)? * self.cfg.timestep_scale)?;
-        self.transformer.forward(x_t, &timestep, text, mask, None)
+        let out = self.transformer.forward(x_t, &timestep, text, mask, None)?;
+        match self.cfg.prediction {
+            Prediction::Velocity => Ok(out),
+            Prediction::Sample => {
+                // v = (x_t - x0) / t, in f32 (the division amplifies rounding as t shrinks).
+                let b = x_t.dim(0)?;
+                let t = t.to_dtype(DType::F32)?.clamp(SAMPLE_PREDICTION_MIN_T, 1.0)?.reshape((b, 1, 1, 1))?;
+                Ok((x_t.to_dtype(DType::F32)? - out.to_dtype(DType::F32)?)?.broadcast_div(&t)?)
+            }
+        }
     }
 }
