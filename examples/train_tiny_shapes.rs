@@ -5,11 +5,12 @@
 //! ```text
 //! # CPU smoke run (a few steps of a very small model):
 //! cargo run --release --example train_tiny_shapes -- --config tiny --steps 3 --batch 4 --data 64 --out /tmp/ts
-//! # On the H200 (bf16 compute, f32 master weights: ~950 pictures/s at batch 512; `--profile true`
-//! # prints synchronized per-phase times; examples/train_tiny_shapes_gpu.sh packs and runs it):
+//! # On the H200 (bf16 compute, f32 master weights; `--profile true` prints synchronized
+//! # per-phase times; examples/train_tiny_shapes_gpu.sh packs, runs, profiles and sweeps it).
+//! # The shipped weights' recipe, from scratch:
 //! cargo build --release --features cuda --example train_tiny_shapes
-//! train_tiny_shapes --device cuda --minutes 7 --dtype bf16 --batch 512 --lr 1e-3 --warmup 100 \
-//!     --ema 0.995 --data 200000 --init assets/tiny-shapes --out $OUT/tiny-shapes
+//! train_tiny_shapes --device cuda --minutes 7.5 --dtype bf16 --predict sample --patch 4 --batch 128 \
+//!     --lr 1e-3 --warmup 200 --ema 0.998 --data 200000 --seed 0 --out $OUT/tiny-shapes
 //! ```
 //!
 //! The data set is rendered once on all cores and kept on the device as u8; every batch (items,
@@ -18,9 +19,10 @@
 //! and the EMA are each one flat tensor ([`FlatParams`]).
 //!
 //! Objective: `x_t = (1 - t) x0 + t ε`, target `v = ε - x0` (with `--predict sample` the network
-//! outputs `x0` and `v = (x_t - x0) / t` is what the loss sees, as JiT); half of the batch draws `t` uniform
-//! in [0, 1], half logit-normal (`t = sigmoid(n)`, `n ~ N(0, 1)`): logit-normal alone almost never
-//! trains t < 0.05, where the sampler's last steps remove the last noise from flat pixel colors.
+//! outputs `x0` and `v = (x_t - x0) / t` is what the loss sees, as JiT). Times: for velocity
+//! prediction half of the batch draws `t` uniform, half logit-normal (`t = sigmoid(n)`,
+//! `n ~ N(0, 1)`; logit-normal alone almost never trains t < 0.05, where the sampler's last steps
+//! remove the last noise); for sample prediction JiT's `n ~ N(0.8, 0.8)`, towards noise.
 //! 10% of captions are dropped to `[bos]` alone for classifier-free guidance.
 //! Attention runs through the candle-op references (dense for text and cross-attention, linear for
 //! self-attention), which have a backward pass on every device.

@@ -106,9 +106,9 @@ fn time_grid_runs_from_noise_to_the_picture() {
 }
 
 /// Single-object prompts with fixed seeds, scored by the independent shapes scorer. The shipped
-/// model is weak (about 8 minutes of training): when measured it drew a blob of the asked color
-/// for 2 of 8 prompts and passed the full check (a blob of the asked color, shape and size) for
-/// 1 of 8. The bars sit at that; untrained or broken weights score 0 on both.
+/// model (sample prediction, 867 training steps) is still weak: when measured it drew the asked
+/// color in 7 of 8 pictures and passed the full check (the asked color, shape and size) for 3 of 8.
+/// The bars sit just under that; untrained or broken weights score 0 on both.
 #[test]
 fn model_draws_single_objects_the_scorer_accepts() {
     let prompts = [
@@ -142,8 +142,8 @@ fn model_draws_single_objects_the_scorer_accepts() {
     assert!(passed >= FULL_BAR, "{passed}/8 single objects passed: {report:#?}");
 }
 
-const COLOR_BAR: usize = 2;
-const FULL_BAR: usize = 1;
+const COLOR_BAR: usize = 6;
+const FULL_BAR: usize = 2;
 
 /// Training takes the patch projection as a GEMM on cut-out patches (candle's convolution backward
 /// is slow on the GPU); it must be the same function as the stride-p convolution inference uses,
@@ -245,5 +245,47 @@ fn mix_ffn_training_path_matches_the_image_path() {
         let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient reaches {name}"));
         let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
         assert!(norm > 0.0, "{name} has a zero gradient");
+    }
+}
+
+/// A sample-predicting model hands the sampler `v = (x_t - x0) / max(t, 0.05)` where `x0` is the
+/// transformer's output: checked against the same weights read as a velocity model, whose
+/// `velocity` is that raw output. Two times, one under the clamp.
+#[test]
+fn sample_prediction_turns_the_output_into_a_velocity() {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::{VarBuilder, VarMap};
+    use visgen::attention::plan::AttentionPlan;
+    use visgen::attention::{Backend, DenseParams, LinearParams};
+    use visgen::models::tiny_shapes::config::{Prediction, SAMPLE_PREDICTION_MIN_T};
+    use visgen::models::tiny_shapes::{TinyShapesConfig, TinyShapesModel};
+
+    let dev = Device::Cpu;
+    let plan = AttentionPlan::uniform(Backend::Linear(LinearParams::default()), Backend::Dense(DenseParams::default()));
+    let mut cfg = TinyShapesConfig::tiny_test();
+    let varmap = VarMap::new();
+    TinyShapesModel::new(&cfg, &plan, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
+    // Every weight random (a plain `get` is 0 in a VarMap, which would make the output trivial).
+    for (i, (_, var)) in varmap.data().lock().unwrap().iter().enumerate() {
+        let t = var.as_tensor();
+        let noise = Tensor::randn(0f32, 0.2, t.shape(), &dev).unwrap();
+        var.set(&(noise + (i % 3) as f64 * 0.1).unwrap()).unwrap();
+    }
+    let velocity_model = TinyShapesModel::new(&cfg, &plan, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
+    cfg.prediction = Prediction::Sample;
+    let sample_model = TinyShapesModel::new(&cfg, &plan, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
+
+    let x_t = Tensor::randn(0f32, 1.0, (2, 3, 64, 64), &dev).unwrap();
+    let t = Tensor::new(&[0.7f32, 0.01], &dev).unwrap();
+    let ids = Tensor::new(&[[1u32, 5, 9, 0], [1, 7, 0, 0]], &dev).unwrap();
+    let mask = Tensor::new(&[[1f32, 1., 1., 0.], [1., 1., 0., 0.]], &dev).unwrap();
+    let text = velocity_model.encode_text(&ids, &mask).unwrap();
+    let x0 = velocity_model.velocity(&x_t, &t, &text, &mask).unwrap();
+    let v = sample_model.velocity(&x_t, &t, &text, &mask).unwrap();
+    assert!(x0.abs().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap() > 1e-3, "random weights give a non-trivial output");
+    for (b, t) in [(0, 0.7), (1, SAMPLE_PREDICTION_MIN_T)] {
+        let expected = ((x_t.get(b).unwrap() - x0.get(b).unwrap()).unwrap() / t).unwrap();
+        let diff = (v.get(b).unwrap() - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-4, "item {b}: v differs from (x_t - x0) / {t} by {diff}");
     }
 }

@@ -220,13 +220,7 @@ impl TinyShapesPipeline {
             let (t, t_next) = (pair[0], pair[1]);
             let x_in = if guided { Tensor::cat(&[&x, &x], 0)? } else { x.clone() };
             let t_in = Tensor::full(t as f32, rows, &self.device)?;
-            let v = self.model.velocity(&x_in, &t_in, &text, &mask)?.to_dtype(DType::F32)?;
-            let v = if guided {
-                let (cond, uncond) = (v.narrow(0, 0, 1)?, v.narrow(0, 1, 1)?);
-                (&uncond + ((cond - &uncond)? * sampling.cfg)?)?
-            } else {
-                v
-            };
+            let v = self.guided_velocity(&x, &x_in, &t_in, &text, &mask, sampling.cfg)?;
             x = (x + (v * (t_next - t))?)?;
         }
         if progress(Progress { stage: Stage::Decode, step: 0, total: 1 }) == Flow::Cancel {
@@ -238,6 +232,21 @@ impl TinyShapesPipeline {
 }
 
 impl TinyShapesPipeline {
+    /// The velocity the sampler steps along for the pictures `x` `(n, 3, S, S)`: `x_in` is `x`,
+    /// twice over when guided (prompt rows first, then the empty caption's), and guidance is
+    /// `v_uncond + cfg (v_cond - v_uncond)`. (Clipping a sample-predicting model's guided picture
+    /// to [-1, 1], DDPM's "clip denoised", was tried: 18.8% vs 25.0% on 80 benchmark prompts.)
+    fn guided_velocity(&self, x: &Tensor, x_in: &Tensor, t_in: &Tensor, text: &Tensor, mask: &Tensor, cfg: f64) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let v = self.model.velocity(x_in, t_in, text, mask)?.to_dtype(DType::F32)?;
+        if x_in.dim(0)? == 2 * n {
+            let (cond, uncond) = (v.narrow(0, 0, n)?, v.narrow(0, n, n)?);
+            Ok((&uncond + ((cond - &uncond)? * cfg)?)?)
+        } else {
+            Ok(v)
+        }
+    }
+
     /// Many native-size pictures in one batch (prompt i with seed i, guided away from the empty
     /// caption): the same starting noise and update as [`Self::generate_one`], so the pictures
     /// match it up to float rounding. For benchmarks on the GPU, where one picture at a time
@@ -271,13 +280,7 @@ impl TinyShapesPipeline {
             let (t, t_next) = (pair[0], pair[1]);
             let x_in = if guided { Tensor::cat(&[&x, &x], 0)? } else { x.clone() };
             let t_in = Tensor::full(t as f32, rows, &self.device)?;
-            let v = self.model.velocity(&x_in, &t_in, &text, &mask)?.to_dtype(DType::F32)?;
-            let v = if guided {
-                let (cond, uncond) = (v.narrow(0, 0, n)?, v.narrow(0, n, n)?);
-                (&uncond + ((cond - &uncond)? * sampling.cfg)?)?
-            } else {
-                v
-            };
+            let v = self.guided_velocity(&x, &x_in, &t_in, &text, &mask, sampling.cfg)?;
             x = (x + (v * (t_next - t))?)?;
         }
         super::sana::to_images(&x)
