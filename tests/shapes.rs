@@ -316,6 +316,7 @@ fn scorer_accepts_ground_truth_renders() {
             let acc = accuracy(&report, category);
             assert!(acc >= 0.98, "{category} at {size}px: {acc}");
         }
+        assert!(report.exact.accuracy >= 0.98, "nothing but the named objects at {size}px:\n{report}");
     }
     // Training scenes (other seeds, random categories) at 64 and 128 too.
     let mut rng = StdRng::seed_from_u64(99);
@@ -369,6 +370,26 @@ fn scorer_rejects_wrong_pictures() {
         let report = score(images.iter().zip(&prompts));
         assert_eq!(report.images_passed, 0, "{name}:\n{report}");
     }
+
+    // A stray object beside the right ones: every check still passes, the exact row does not.
+    let stray = |_: usize, s: &Scene| {
+        let mut s = s.clone();
+        let corner = [0.12, 0.12];
+        if s.objects.iter().all(|o| (o.center[0] - corner[0]).abs() + (o.center[1] - corner[1]).abs() > 0.35) {
+            let color = Color::ALL.into_iter().find(|c| s.objects.iter().all(|o| o.color != *c)).unwrap();
+            s.objects.push(object(Shape::Square, color, Size::Small, corner, 0.06));
+        }
+        render(&s, size)
+    };
+    let report = score_scenes(&scenes, &prompts, stray);
+    println!("with a stray object:\n{report}");
+    let with_stray = report.items.iter().filter(|v| v.extra_objects > 0).count();
+    let stray_passed = report.items.iter().filter(|v| v.extra_objects > 0 && v.passed).count();
+    assert!(with_stray as f64 >= 0.5 * report.images as f64, "the stray square must be seen:\n{report}");
+    // The checks ignore it (a count of uncolored squares aside)...
+    assert!(stray_passed as f64 >= 0.8 * with_stray as f64, "{stray_passed} of {with_stray}:\n{report}");
+    // ...the exact row does not.
+    assert_eq!(report.exact.passed, report.images_passed - stray_passed, "{report}");
 
     // Pictures of other scenes: the scene of the same category and index from another seed.
     let others = benchmark_scenes(13, 200);

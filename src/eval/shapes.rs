@@ -368,6 +368,9 @@ pub struct Verdict {
     pub passed: bool,
     pub checks: Vec<CheckResult>,
     pub blobs: Vec<Blob>,
+    /// Blobs beyond the objects the prompt names (its count, for counting prompts). The checks do
+    /// not fail a picture for them (counting aside); the report's `exact` row does.
+    pub extra_objects: usize,
 }
 
 fn describe(blobs: &[Blob]) -> String {
@@ -425,11 +428,17 @@ pub fn check_image(image: &RgbImage, prompt: &Prompt) -> Verdict {
             vec![result("count", n == *count, format!("counted {n} of {count}; {found}"))]
         }
     };
+    let named = match prompt {
+        Prompt::Objects(specs) => specs.len(),
+        Prompt::Relation { .. } => 2,
+        Prompt::Count { count, .. } => *count,
+    };
     Verdict {
         prompt: prompt.caption(),
         category: prompt.category(),
         passed: checks.iter().all(|c| c.passed),
         checks,
+        extra_objects: blobs.len().saturating_sub(named),
         blobs,
     }
 }

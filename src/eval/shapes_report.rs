@@ -33,6 +33,9 @@ pub struct Report {
     /// Images that passed every check, out of all images.
     pub images_passed: usize,
     pub images: usize,
+    /// Images that passed every check and hold nothing else: no object beyond those the prompt
+    /// names (the checks alone accept a right object among stray ones).
+    pub exact: Tally,
     /// In the order single, binding, relation, counting.
     pub categories: Vec<Tally>,
     /// Per check name, in order of first appearance.
@@ -88,7 +91,9 @@ pub fn score_verdicts(verdicts: Vec<(Category, Verdict)>) -> Report {
         categories.iter().map(|t| t.accuracy).sum::<f64>() / categories.len() as f64
     };
     let items: Vec<Verdict> = verdicts.into_iter().map(|(_, v)| v).collect();
+    let exact = items.iter().filter(|v| v.passed && v.extra_objects == 0).count();
     Report {
+        exact: Tally::new("exact", items.len(), exact),
         overall,
         images_passed: items.iter().filter(|v| v.passed).count(),
         images: items.len(),
@@ -131,6 +136,8 @@ impl fmt::Display for Report {
             row(f, t)?;
         }
         writeln!(f, "{:<10} {:>7} {:>7} {:>9.1}%", "overall", self.images, self.images_passed, 100.0 * self.overall)?;
+        row(f, &self.exact)?;
+        writeln!(f, "(exact: passed with no other object drawn)")?;
         writeln!(f)?;
         writeln!(f, "{:<10} {:>7} {:>7} {:>10}", "check", "images", "passed", "accuracy")?;
         for t in &self.checks {
