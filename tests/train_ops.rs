@@ -1,9 +1,11 @@
-//! The training ops with a backward pass (layers::train_ops) against candle autograd through the
-//! reference tensor ops (`norm_modulate_reference`, `gated_residual_reference`): forward values
-//! and the gradients of a random scalar loss `sum(out ⊙ R)` with respect to every input.
+//! The training ops with a backward pass (layers::train_ops, layers::train_glu) against candle
+//! autograd through independent tensor ops (`norm_modulate_reference`, `gated_residual_reference`,
+//! and a shifted-copies depth-wise convolution for the Mix-FFN middle): forward values and the
+//! gradients of a random scalar loss `sum(out ⊙ R)` with respect to every input.
 
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use visgen::layers::modulation::{gated_residual_reference, norm_modulate_reference};
+use visgen::layers::train_glu::glu_depthwise3x3_tracked;
 use visgen::layers::train_ops::{gated_residual_tracked, norm_modulate_tracked};
 use visgen::layers::{gated_residual, norm_modulate};
 
@@ -155,4 +157,58 @@ fn training_ops_reject_bad_shapes() {
     assert!(norm_modulate_tracked(&x, &ok, &ok.to_dtype(DType::BF16).unwrap(), EPS).is_err());
     assert!(gated_residual_tracked(&x, &x, Some(&randn(&[7], 1.0, 0.0)), Some(&ok)).is_err());
     assert!(gated_residual_tracked(&x, &x.narrow(1, 0, 3).unwrap(), None, Some(&ok)).is_err());
+}
+
+/// The Mix-FFN middle as independent tensor ops: bias, SiLU, a depth-wise 3x3 as nine shifted
+/// copies of the zero-padded channels-last grid, GLU.
+fn glu_reference(u: &Tensor, ib: &Tensor, w: &Tensor, db: &Tensor, [h, w_]: [usize; 2]) -> Tensor {
+    let (b, n, c2) = u.dims3().unwrap();
+    let a = candle_nn::ops::silu(&u.broadcast_add(ib).unwrap()).unwrap();
+    let padded = a.reshape((b, h, w_, c2)).unwrap().pad_with_zeros(1, 1, 1).unwrap().pad_with_zeros(2, 1, 1).unwrap();
+    let mut d = db.reshape((1, 1, 1, c2)).unwrap().broadcast_as((b, h, w_, c2)).unwrap().contiguous().unwrap();
+    for i in 0..3 {
+        for j in 0..3 {
+            let tap = w.narrow(2, i, 1).unwrap().narrow(3, j, 1).unwrap().reshape((1, 1, 1, c2)).unwrap();
+            let shifted = padded.narrow(1, i, h).unwrap().narrow(2, j, w_).unwrap();
+            d = (d + shifted.broadcast_mul(&tap).unwrap()).unwrap();
+        }
+    }
+    let d = d.reshape((b, n, c2)).unwrap();
+    let half = c2 / 2;
+    (d.narrow(2, 0, half).unwrap() * candle_nn::ops::silu(&d.narrow(2, half, half).unwrap()).unwrap()).unwrap()
+}
+
+fn glu_case(b: usize, grid: [usize; 2], hidden: usize, dtype: DType, tol: f32) {
+    let what = format!("glu_depthwise3x3 B={b} grid={grid:?} hidden={hidden} {dtype:?}");
+    let (n, c2) = (grid[0] * grid[1], 2 * hidden);
+    let u = randn(&[b, n, c2], 1.2, 0.1);
+    let (ib, w, db) = (randn(&[c2], 0.4, 0.0), randn(&[c2, 1, 3, 3], 0.4, 0.0), randn(&[c2], 0.3, 0.0));
+    let r = randn(&[b, n, hidden], 1.0, 0.0);
+    let run = |tracked: bool| {
+        let vars = [var(&u, dtype), var(&ib, dtype), var(&w, dtype), var(&db, dtype)];
+        let t: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        let out = if tracked {
+            glu_depthwise3x3_tracked(t[0], Some(t[1]), t[2], Some(t[3]), grid).unwrap()
+        } else {
+            glu_reference(t[0], t[1], t[2], t[3], grid)
+        };
+        (out.clone(), grads(&out, &r, &vars.iter().collect::<Vec<_>>()))
+    };
+    let (out, g) = run(true);
+    let (out_ref, g_ref) = run(false);
+    compare(&what, &[out], &[out_ref], &["forward"], tol);
+    compare(&what, &g, &g_ref, &["du", "dinverted_bias", "ddepth_weight", "ddepth_bias"], tol);
+}
+
+#[test]
+fn glu_depthwise_op_matches_autograd_f32() {
+    // Grids with a single row, a single column, ragged sides.
+    for (b, grid, hidden) in [(2, [3, 4], 4), (1, [5, 5], 8), (2, [1, 6], 3), (2, [7, 1], 5), (1, [4, 6], 24)] {
+        glu_case(b, grid, hidden, DType::F32, 2e-5);
+    }
+}
+
+#[test]
+fn glu_depthwise_op_matches_autograd_bf16() {
+    glu_case(2, [4, 5], 8, DType::BF16, 8e-2);
 }

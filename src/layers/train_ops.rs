@@ -58,7 +58,7 @@ fn batch_rows(t: &Tensor, x: &Tensor, b: usize, c: usize, name: &str, what: &str
     Ok(t.reshape((b, 1, c))?.contiguous()?)
 }
 
-fn msg(e: impl std::fmt::Display) -> candle_core::Error {
+pub(crate) fn msg(e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
@@ -76,7 +76,7 @@ fn op_dims(what: &str, l1: &Layout, l2: &Layout, l3: &Layout, full: [bool; 2]) -
 }
 
 /// The elements of a contiguous CPU input, widened to f32.
-fn f32_values(s: &CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Vec<f32>> {
+pub(crate) fn f32_values(s: &CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Vec<f32>> {
     let (start, end) = l.contiguous_offsets().ok_or_else(|| msg(format!("{what}: input is not contiguous")))?;
     match s {
         CpuStorage::F32(v) => Ok(v[start..end].to_vec()),
@@ -87,7 +87,7 @@ fn f32_values(s: &CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Vec
 }
 
 /// f32 results rounded once to `dtype`.
-fn storage_of(values: Vec<f32>, dtype: DType) -> CpuStorage {
+pub(crate) fn storage_of(values: Vec<f32>, dtype: DType) -> CpuStorage {
     match dtype {
         DType::BF16 => CpuStorage::BF16(values.into_iter().map(half::bf16::from_f32).collect()),
         DType::F16 => CpuStorage::F16(values.into_iter().map(half::f16::from_f32).collect()),
