@@ -136,9 +136,8 @@ impl GluMbConv {
             Ok(w.reshape((w.dim(0)?, w.dim(1)?))?)
         };
         let u = super::project(x, &as_matrix(&self.conv_inverted)?)?;
-        // On the CPU the SiLU, depth-wise 3x3 and GLU are one op with its own backward (no CUDA
-        // kernel for it yet: the GPU keeps the tensor ops).
-        let gated = if u.device().is_cpu() && self.conv_depth.kernel() == 3 {
+        // The SiLU, depth-wise 3x3 and GLU as one op with its own backward (layers::train_glu).
+        let gated = if self.conv_depth.kernel() == 3 {
             let (depth_weight, depth_bias) = (self.conv_depth.weight(), self.conv_depth.bias());
             super::train_glu::glu_depthwise3x3_tracked(&u, self.conv_inverted.bias(), depth_weight, depth_bias, grid)?
         } else {

@@ -12,8 +12,8 @@
 //!
 //! The depth-wise weight and bias travel as one `(2h, 10)` tensor (9 taps, then the bias) so the
 //! op has two inputs and its backward three (candle's custom ops take at most three). The
-//! gradients come back packed in one flat tensor: `[du (B·N·2h); dwb (2h·10)]`. CPU only: on a
-//! CUDA device the op reports that it has no kernel (the layer keeps its tensor-op path there).
+//! gradients come back packed in one flat tensor: `[du (B·N·2h); dwb (2h·10)]`. On the CPU plain
+//! loops in f32 (the reference of the kernels); on CUDA kernels/ops/glu_depthwise_train.cu.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
@@ -125,6 +125,19 @@ impl CustomOp2 for GluDepthwise {
         Ok((storage_of(out, s1.dtype()), Shape::from((b, n, h))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (b, n, c2) = dims(self.name(), l1, l2, self.grid)?;
+        let out = super::cuda::train::glu_forward((s1, l1), (s2, l2), (b, n, c2), self.grid).map_err(msg)?;
+        Ok((out, Shape::from((b, n, c2 / 2))))
+    }
+
     fn bwd(&self, u: &Tensor, weights: &Tensor, _out: &Tensor, dout: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (b, n, c2) = u.dims3()?;
         let packed = dout.contiguous()?.apply_op3_no_bwd(u, weights, &GluDepthwiseBackward { grid: self.grid })?;
@@ -187,5 +200,23 @@ impl CustomOp3 for GluDepthwiseBackward {
             *g *= silu_grad(z);
         }
         Ok((storage_of(packed, s1.dtype()), Shape::from(b * n * c2 + c2 * (TAPS + 1))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (b, n, c2) = dims(self.name(), l2, l3, self.grid)?;
+        if l1.shape().dims() != [b, n, c2 / 2] {
+            return Err(msg(format!("{}: output gradient {:?} for u {:?}", self.name(), l1.shape().dims(), [b, n, c2])));
+        }
+        let out = super::cuda::train::glu_backward((s1, l1), (s2, l2), (s3, l3), (b, n, c2), self.grid).map_err(msg)?;
+        Ok((out, Shape::from(b * n * c2 + c2 * (TAPS + 1))))
     }
 }

@@ -72,9 +72,11 @@ fn norm_forward_typed<T: CudaDType + DeviceRepr + WithDType>(x: Input, shift: In
     let (vx, vsh, vsc) = (view::<T>(x, what)?, view::<T>(shift, what)?, view::<T>(scale, what)?);
     let mut out = unsafe { dev.alloc::<T>(b * n * c)? };
     let cfg = LaunchConfig { grid_dim: ((b * n) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let mut launch = kernel.builder();
-    launch.arg(&vx).arg(&vsh).arg(&vsc).arg(&mut out).arg(&layout);
-    unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
+    {
+        let mut launch = kernel.builder();
+        launch.arg(&vx).arg(&vsh).arg(&vsc).arg(&mut out).arg(&layout);
+        unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
+    }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
@@ -109,14 +111,18 @@ fn norm_backward_typed<T: CudaDType + DeviceRepr + WithDType>(dy: Input, x: Inpu
     let mut stats = unsafe { dev.alloc::<f32>(2 * b * n)? };
 
     let cfg = LaunchConfig { grid_dim: ((b * n) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let mut launch = rows_kernel.builder();
-    launch.arg(&vdy).arg(&vx).arg(&vsc).arg(&mut packed).arg(&mut stats).arg(&layout);
-    unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
+    {
+        let mut launch = rows_kernel.builder();
+        launch.arg(&vdy).arg(&vx).arg(&vsc).arg(&mut packed).arg(&mut stats).arg(&layout);
+        unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
+    }
 
     let cfg = LaunchConfig { grid_dim: (c.div_ceil(256) as u32, b as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let mut launch = mod_kernel.builder();
-    launch.arg(&vdy).arg(&vx).arg(&stats).arg(&mut packed).arg(&layout);
-    unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
+    {
+        let mut launch = mod_kernel.builder();
+        launch.arg(&vdy).arg(&vx).arg(&stats).arg(&mut packed).arg(&layout);
+        unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
+    }
     Ok(CudaStorage::wrap_cuda_slice(packed, dev))
 }
 
@@ -145,9 +151,11 @@ fn residual_forward_typed<T: CudaDType + DeviceRepr + WithDType>(x: Input, y: In
     let no_bias: u64 = 0;
     let blocks = (b * n * c).div_ceil(256).min(132 * 16) as u32;
     let cfg = LaunchConfig { grid_dim: (blocks.max(1), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let mut launch = kernel.builder();
-    launch.arg(&vx).arg(&vy).arg(&no_bias).arg(&vg).arg(&mut out).arg(&layout);
-    unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
+    {
+        let mut launch = kernel.builder();
+        launch.arg(&vx).arg(&vy).arg(&no_bias).arg(&vg).arg(&mut out).arg(&layout);
+        unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
+    }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
@@ -174,8 +182,107 @@ fn residual_backward_typed<T: CudaDType + DeviceRepr + WithDType>(dout: Input, y
     let (vd, vy, vg) = (view::<T>(dout, what)?, view::<T>(y, what)?, view::<T>(gate, what)?);
     let mut packed = unsafe { dev.alloc::<T>(b * (n + 1) * c)? };
     let cfg = LaunchConfig { grid_dim: (c.div_ceil(256) as u32, b as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let mut launch = kernel.builder();
-    launch.arg(&vd).arg(&vy).arg(&vg).arg(&mut packed).arg(&layout);
-    unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
+    {
+        let mut launch = kernel.builder();
+        launch.arg(&vd).arg(&vy).arg(&vg).arg(&mut packed).arg(&layout);
+        unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(packed, dev))
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct GluLayout {
+    batch: i32,
+    height: i32,
+    width: i32,
+    channels: i32,
+}
+unsafe impl DeviceRepr for GluLayout {}
+
+/// Blocks of a grid-stride loop over `elems` elements (enough to fill the H200's 132 SMs).
+fn stride_blocks(elems: usize) -> u32 {
+    (elems.div_ceil(256).min(132 * 16) as u32).max(1)
+}
+
+/// The Mix-FFN middle (SiLU, depth-wise 3x3, GLU) on tokens: `u` `(B, H·W, 2h)`, `wb` `(2h, 10)`
+/// (taps, then the bias) -> `(B, H·W, h)`.
+pub(crate) fn glu_forward(u: Input, wb: Input, dims: (usize, usize, usize), grid: [usize; 2]) -> Result<CudaStorage> {
+    by_dtype!("Mix-FFN GLU (training op)", [u, wb, wb], glu_forward_typed(u, wb, dims, grid))
+}
+
+fn glu_forward_typed<T: CudaDType + DeviceRepr + WithDType>(u: Input, wb: Input, (b, n, c2): (usize, usize, usize), grid: [usize; 2]) -> Result<CudaStorage> {
+    let what = "Mix-FFN GLU (training op)";
+    let dev: CudaDevice = u.0.device.clone();
+    let kernel = crate::kernels::load(&dev, "ops/glu_depthwise_train", &format!("glu_dw_tokens_fwd_{}", suffix(T::DTYPE, what)?))?;
+    let layout = GluLayout { batch: b as i32, height: grid[0] as i32, width: grid[1] as i32, channels: c2 as i32 };
+    let (vu, vw) = (view::<T>(u, what)?, view::<T>(wb, what)?);
+    let mut out = unsafe { dev.alloc::<T>(b * n * c2 / 2)? };
+    let cfg = LaunchConfig { grid_dim: (stride_blocks(b * n * c2 / 2), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    {
+        let mut launch = kernel.builder();
+        launch.arg(&vu).arg(&vw).arg(&mut out).arg(&layout);
+        unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// Gradients of [`glu_forward`]: `dout` `(B, H·W, h)`; returns the flat `[du (B·H·W·2h); dwb (2h·10)]`.
+pub(crate) fn glu_backward(dout: Input, u: Input, wb: Input, dims: (usize, usize, usize), grid: [usize; 2]) -> Result<CudaStorage> {
+    by_dtype!("Mix-FFN GLU backward", [dout, u, wb], glu_backward_typed(dout, u, wb, dims, grid))
+}
+
+fn glu_backward_typed<T: CudaDType + DeviceRepr + WithDType>(
+    dout: Input,
+    u: Input,
+    wb: Input,
+    (b, n, c2): (usize, usize, usize),
+    grid: [usize; 2],
+) -> Result<CudaStorage> {
+    let what = "Mix-FFN GLU backward";
+    let dev: CudaDevice = u.0.device.clone();
+    let sfx = suffix(T::DTYPE, what)?;
+    let load = |name: &str| crate::kernels::load(&dev, "ops/glu_depthwise_train", &format!("glu_dw_tokens_{name}_{sfx}"));
+    let (grad_d, grad_u, grad_w, round) = (load("grad_d")?, load("grad_u")?, load("grad_w")?, load("round")?);
+    let layout = GluLayout { batch: b as i32, height: grid[0] as i32, width: grid[1] as i32, channels: c2 as i32 };
+    let (vdout, vu, vw) = (view::<T>(dout, what)?, view::<T>(u, what)?, view::<T>(wb, what)?);
+    let (elems, weights) = (b * n * c2, c2 * 10);
+    // dd: the gradient reaching the convolution's output, in f32 (read by two kernels).
+    let mut dd = unsafe { dev.alloc::<f32>(elems)? };
+    let mut sums = dev.alloc_zeros::<f32>(weights)?;
+    let mut packed = unsafe { dev.alloc::<T>(elems + weights)? };
+    let block = (256, 1, 1);
+
+    let cfg = LaunchConfig { grid_dim: (stride_blocks(elems / 2), 1, 1), block_dim: block, shared_mem_bytes: 0 };
+    {
+        let mut launch = grad_d.builder();
+        launch.arg(&vdout).arg(&vu).arg(&vw).arg(&mut dd).arg(&layout);
+        unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
+    }
+
+    let cfg = LaunchConfig { grid_dim: (stride_blocks(elems), 1, 1), block_dim: block, shared_mem_bytes: 0 };
+    {
+        let mut launch = grad_u.builder();
+        launch.arg(&dd).arg(&vu).arg(&vw).arg(&mut packed).arg(&layout);
+        unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
+    }
+
+    // Token slices: ~64 tokens per thread, at most 1024 slices (atomics per (k, t) stay few).
+    let slices = (b * n).div_ceil(64).clamp(1, 1024) as u32;
+    let cfg = LaunchConfig { grid_dim: (c2.div_ceil(256) as u32, slices, 1), block_dim: block, shared_mem_bytes: 0 };
+    {
+        let mut launch = grad_w.builder();
+        launch.arg(&dd).arg(&vu).arg(&mut sums).arg(&layout);
+        unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
+    }
+
+    let count = weights as i32;
+    let cfg = LaunchConfig { grid_dim: (weights.div_ceil(256) as u32, 1, 1), block_dim: block, shared_mem_bytes: 0 };
+    {
+        let mut tail = packed.slice_mut(elems..elems + weights);
+        let mut launch = round.builder();
+        launch.arg(&sums).arg(&mut tail).arg(&count);
+        unsafe { launch.launch(cfg) }.map_err(launch_err(what))?;
+    }
     Ok(CudaStorage::wrap_cuda_slice(packed, dev))
 }
