@@ -28,6 +28,10 @@ pub fn modulation_chunks(table: &Tensor, temb: &Tensor, n: usize) -> Result<Vec<
 /// the custom op with a backward pass ([`super::train_ops::norm_modulate_tracked`]).
 pub fn norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
     if x.track_op() || shift.track_op() || scale.track_op() {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && x.dim(candle_core::D::Minus1)? > super::cuda::NORM_MAX_CHANNELS {
+            return norm_modulate_reference(x, shift, scale, eps);
+        }
         return super::train_ops::norm_modulate_tracked(x, shift, scale, eps);
     }
     #[cfg(feature = "cuda")]
