@@ -15,6 +15,7 @@
 //! gradients come back packed in one flat tensor: `[du (B·N·2h); dwb (2h·10)]`. On the CPU plain
 //! loops in f32 (the reference of the kernels); on CUDA kernels/ops/glu_depthwise_train.cu.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
 use super::train_ops::{f32_values, msg, storage_of};

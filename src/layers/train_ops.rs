@@ -15,6 +15,7 @@
 //! `(B, N + 1, C)` = `[dy; dgate]` for the residual. On the CPU plain loops in f32 (the reference
 //! the GPU kernels are checked against); on CUDA the kernels of kernels/ops/*_bwd.cu.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use crate::error::{Error, Result};
