@@ -135,20 +135,33 @@ impl GluMbConv {
             let w = conv.weight();
             Ok(w.reshape((w.dim(0)?, w.dim(1)?))?)
         };
-        let mut u = super::project(x, &as_matrix(&self.conv_inverted)?)?;
-        if let Some(bias) = self.conv_inverted.bias() {
-            u = u.broadcast_add(bias)?;
-        }
-        let u = candle_nn::ops::silu(&u)?;
-        let d = self.conv_depth.forward_tokens_matmul(&u, grid)?;
-        // First half of the channels is the value, second half the gate.
-        let half = d.dim(2)? / 2;
-        let gated = (d.narrow(2, 0, half)? * candle_nn::ops::silu(&d.narrow(2, half, half)?)?)?;
+        let u = super::project(x, &as_matrix(&self.conv_inverted)?)?;
+        // The SiLU, depth-wise 3x3 and GLU as one op with its own backward (layers::train_glu).
+        let gated = if self.conv_depth.kernel() == 3 {
+            let (depth_weight, depth_bias) = (self.conv_depth.weight(), self.conv_depth.bias());
+            super::train_glu::glu_depthwise3x3_tracked(&u, self.conv_inverted.bias(), depth_weight, depth_bias, grid)?
+        } else {
+            self.gated_tokens_reference(&u, grid)?
+        };
         let mut y = super::project(&gated, &as_matrix(&self.conv_point)?)?;
         if let Some(bias) = self.conv_point.bias() {
             y = y.broadcast_add(bias)?;
         }
         Ok(y)
+    }
+
+    /// The middle of [`Self::forward_tokens_training`] as tensor ops: `u` `(B, H·W, 2h)` without the
+    /// expansion's bias -> bias, SiLU, depth-wise convolution, GLU -> `(B, H·W, h)`.
+    pub fn gated_tokens_reference(&self, u: &Tensor, grid: [usize; 2]) -> Result<Tensor> {
+        let u = match self.conv_inverted.bias() {
+            Some(bias) => u.broadcast_add(bias)?,
+            None => u.clone(),
+        };
+        let u = candle_nn::ops::silu(&u)?;
+        let d = self.conv_depth.forward_tokens_matmul(&u, grid)?;
+        // First half of the channels is the value, second half the gate.
+        let half = d.dim(2)? / 2;
+        Ok((d.narrow(2, 0, half)? * candle_nn::ops::silu(&d.narrow(2, half, half)?)?)?)
     }
 
     /// The expanded, activated, depth-wise convolved and gated tensor `(B, hidden, H, W)`.

@@ -15,6 +15,8 @@ pub mod norm;
 pub mod patch_embed;
 pub mod project;
 pub mod timestep;
+pub mod train_glu;
+pub mod train_ops;
 
 pub use caption::CaptionProjection;
 pub use mix_ffn::GluMbConv;

@@ -23,9 +23,17 @@ pub fn modulation_chunks(table: &Tensor, temb: &Tensor, n: usize) -> Result<Vec<
 }
 
 /// `LayerNorm(x) * (1 + scale) + shift` (no-affine LayerNorm): SANA's norm + modulation. On the GPU
-/// one fused kernel (layers/cuda), rounding once; elsewhere, and while gradients are recorded, the
-/// tensor ops of [`norm_modulate_reference`].
+/// one fused kernel (layers/cuda), rounding once; elsewhere the tensor ops of
+/// [`norm_modulate_reference`]. While gradients are recorded (any input tracks), on every device,
+/// the custom op with a backward pass ([`super::train_ops::norm_modulate_tracked`]).
 pub fn norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.track_op() || shift.track_op() || scale.track_op() {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && x.dim(candle_core::D::Minus1)? > super::cuda::NORM_MAX_CHANNELS {
+            return norm_modulate_reference(x, shift, scale, eps);
+        }
+        return super::train_ops::norm_modulate_tracked(x, shift, scale, eps);
+    }
     #[cfg(feature = "cuda")]
     if super::cuda::fused_kernels_apply(x) && x.dim(candle_core::D::Minus1)? <= super::cuda::NORM_MAX_CHANNELS {
         return super::cuda::layer_norm_modulate(x, shift, scale, eps);
@@ -40,8 +48,12 @@ pub fn norm_modulate_reference(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: 
 
 /// `x + (y + bias) * gate`: a DiT block's gated residual with the bias of the projection that made
 /// `y` folded in. `x`, `y`: `(B, N, C)`; `bias`: `(C,)`; `gate`: `(B, 1, C)`. On the GPU one fused
-/// kernel (rounding once); elsewhere, and while gradients are recorded, tensor ops.
+/// kernel (rounding once); elsewhere tensor ops. While gradients are recorded (any input tracks),
+/// on every device, the custom op with a backward pass ([`super::train_ops::gated_residual_tracked`]).
 pub fn gated_residual(x: &Tensor, y: &Tensor, bias: Option<&Tensor>, gate: Option<&Tensor>) -> Result<Tensor> {
+    if [Some(x), Some(y), bias, gate].into_iter().flatten().any(Tensor::track_op) {
+        return super::train_ops::gated_residual_tracked(x, y, bias, gate);
+    }
     #[cfg(feature = "cuda")]
     if super::cuda::fused_kernels_apply(x) {
         return super::cuda::gated_residual(x, y, bias, gate);

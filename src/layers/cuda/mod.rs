@@ -9,6 +9,7 @@ mod heads;
 mod mix_ffn;
 mod norm;
 mod residual;
+pub(crate) mod train;
 
 pub use conv::{conv3x3, conv3x3_implicit, IGEMM_CHANNEL_MULTIPLE};
 pub use dcae::{
