@@ -5,8 +5,8 @@
 #       here: builds the training and eval examples with --features cuda into .gpu/tiny-train/
 #       (optionally with an older packed training binary, to measure before/after in one call)
 #   bash .gpu/tiny-train/train_tiny_shapes_gpu.sh bench
-#       there (carry [".gpu/tiny-train"]): throughput of the old binary and the new one (f32,
-#       bf16, larger batch) with `--profile true`, and the f32 / bf16 loss curves from one seed
+#       there (carry [".gpu/tiny-train"]): the old binary and the new one on the shipped recipe
+#       (bf16, batch 128 and 256, one seed, `--profile true`): steps/s and loss curves side by side
 #   bash .gpu/tiny-train/train_tiny_shapes_gpu.sh profile BATCH [train_tiny_shapes options...]
 #       there: every kernel of one training step (the 6th) timed by Nsight Compute, summed by kernel
 #       name, largest first: where a step's GPU time goes
@@ -60,19 +60,17 @@ setup() {
 bench() {
     local out="${OUT:-/tmp/out}"
     local t0; t0=$(date +%s)
-    local common=(--device cuda --data 20000 --seed 0 --profile true)
+    # The shipped recipe (sample prediction, bf16, batch 128), one seed: the old binary and the new
+    # one must give nearly the same losses (same math, other kernels), and their steps/s compare.
+    local common=(--device cuda --data 20000 --seed 0 --profile true --dtype bf16 --predict sample
+        --patch 4 --lr 1e-3 --warmup 200 --ema 0.998 --steps 200 --minutes 2 --log-every 50)
     {
-        if [[ -x /tmp/old_train_tiny_shapes ]]; then
-            echo "=== old binary, f32, batch 256"
-            /tmp/old_train_tiny_shapes "${common[@]}" --batch 256 --minutes 0.3 --log-every 20 --out /tmp/b0
-        fi
-        # The same seed and schedule in f32 and bf16: the loss curves must agree.
-        echo "=== new, f32, batch 256, 150 steps"
-        /tmp/train_tiny_shapes "${common[@]}" --batch 256 --steps 150 --minutes 1 --log-every 25 --out /tmp/b1
-        echo "=== new, bf16, batch 256, 150 steps"
-        /tmp/train_tiny_shapes "${common[@]}" --batch 256 --dtype bf16 --steps 150 --minutes 1 --log-every 25 --out /tmp/b2
-        echo "=== new, bf16, batch 1024"
-        /tmp/train_tiny_shapes "${common[@]}" --batch 1024 --dtype bf16 --minutes 0.25 --log-every 10 --out /tmp/b3
+        for run in "old_train_tiny_shapes 128" "train_tiny_shapes 128" "train_tiny_shapes 256"; do
+            read -r bin batch <<< "$run"
+            [[ -x /tmp/$bin ]] || continue
+            echo "=== $bin, bf16, batch $batch, 200 steps"
+            "/tmp/$bin" "${common[@]}" --batch "$batch" --out "/tmp/b_${bin}_$batch"
+        done
     } 2>&1 | tee "$out/bench.log"
     echo "bench $(( $(date +%s) - t0 ))s"
 }

@@ -291,3 +291,48 @@ fn sample_prediction_turns_the_output_into_a_velocity() {
         assert!(diff <= 1e-5 * scale, "item {b}: v differs from (x_t - x0) / {t} by {diff} (largest |v| {scale})");
     }
 }
+
+/// The whole model computes the same velocity while training (weights as Vars updated in place
+/// after the model was built; every op records its graph, and the training-only forms run: patch
+/// embed as a GEMM, channels-last Mix-FFN, the modulation and residual ops with their own
+/// backward) as at inference (plain tensors). A difference here means the sampler uses another
+/// function than the one trained: the fused q/k/v copy made at load time once froze attention at
+/// its initial weights in every training run while the saved weights moved.
+#[test]
+fn training_forward_matches_inference_forward() {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::{VarBuilder, VarMap};
+    use std::collections::HashMap;
+    use visgen::attention::plan::AttentionPlan;
+    use visgen::attention::{Backend, DenseParams, LinearParams};
+    use visgen::models::tiny_shapes::{TinyShapesConfig, TinyShapesModel};
+
+    let dev = Device::Cpu;
+    let plan = AttentionPlan::uniform(Backend::Linear(LinearParams::default()), Backend::Dense(DenseParams::default()));
+    let cfg = TinyShapesConfig::tiny_test();
+    let varmap = VarMap::new();
+    // Built first, then every Var changed in place, as an optimizer step does: the forward pass
+    // must see the new values (a copy made at load time, like a fused q/k/v weight, would not).
+    let training = TinyShapesModel::new(&cfg, &plan, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
+    for (i, (_, var)) in varmap.data().lock().unwrap().iter().enumerate() {
+        let t = var.as_tensor();
+        let noise = Tensor::randn(0f32, 0.2, t.shape(), &dev).unwrap();
+        var.set(&(noise + (i % 3) as f64 * 0.1).unwrap()).unwrap();
+    }
+    let detached: HashMap<String, Tensor> =
+        varmap.data().lock().unwrap().iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
+    let inference = TinyShapesModel::new(&cfg, &plan, VarBuilder::from_tensors(detached, DType::F32, &dev)).unwrap();
+
+    let size = cfg.image_size;
+    let x_t = Tensor::randn(0f32, 1.0, (2, 3, size, size), &dev).unwrap();
+    let t = Tensor::new(&[0.7f32, 0.3], &dev).unwrap();
+    let ids = Tensor::new(&[[1u32, 5, 9, 0], [1, 7, 0, 0]], &dev).unwrap();
+    let mask = Tensor::new(&[[1f32, 1., 1., 0.], [1., 1., 0., 0.]], &dev).unwrap();
+    let text = inference.encode_text(&ids, &mask).unwrap();
+    let want = inference.velocity(&x_t, &t, &text, &mask).unwrap();
+    let text_tracked = training.encode_text(&ids, &mask).unwrap();
+    let got = visgen::attention::with_reference_only(|| training.velocity(&x_t, &t, &text_tracked, &mask)).unwrap();
+    let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(scale > 1e-2 && diff <= 1e-4 * scale, "training forward differs by {diff} (outputs up to {scale})");
+}

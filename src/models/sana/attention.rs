@@ -33,17 +33,51 @@ fn qk_norms(kind: Option<QkNorm>, q_dim: usize, k_dim: usize, vb: &VarBuilder) -
     })
 }
 
-/// A Linear layer whose weight is the row-wise concatenation of several checkpoint Linears (q, k, v
-/// of self-attention; k, v of cross-attention): one GEMM instead of several on the same input.
-fn fused_linear(in_dim: usize, outs: &[(usize, &str)], bias: bool, vb: &VarBuilder) -> Result<Linear> {
-    let weights = outs.iter().map(|(out, name)| vb.pp(*name).get((*out, in_dim), "weight")).collect::<candle_core::Result<Vec<_>>>()?;
-    let bias = if bias {
-        let biases = outs.iter().map(|(out, name)| vb.pp(*name).get(*out, "bias")).collect::<candle_core::Result<Vec<_>>>()?;
-        Some(Tensor::cat(&biases, 0)?)
-    } else {
-        None
-    };
-    Ok(Linear::new(Tensor::cat(&weights, 0)?, bias))
+/// Several checkpoint Linears (q, k, v of self-attention; k, v of cross-attention) applied as one
+/// GEMM on their shared input, the weight being their row-wise concatenation.
+///
+/// The concatenation is a copy. Made once at load time it would freeze Vars: an optimizer updates
+/// a Var in place (`Var::set`), the copy keeps the old values, the forward pass never sees the
+/// update while the gradients still reach the Vars — the model trained is then not the model
+/// saved. So when the parts are Vars (training) the copy is made again at every forward.
+#[derive(Debug, Clone)]
+struct FusedLinear {
+    fused: Linear,
+    /// The parts (weights, biases) while they are Vars.
+    trainable: Option<(Vec<Tensor>, Option<Vec<Tensor>>)>,
+}
+
+impl FusedLinear {
+    /// `outs`: (output width, checkpoint name) per part. The init hints are candle_nn::linear's,
+    /// so that a fresh VarMap starts every part as a Linear would (not at zero: zero q and k
+    /// never move).
+    fn new(in_dim: usize, outs: &[(usize, &str)], bias: bool, vb: &VarBuilder) -> Result<Self> {
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let weights = outs
+            .iter()
+            .map(|(out, name)| vb.pp(*name).get_with_hints((*out, in_dim), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let biases = if bias {
+            let init = candle_nn::Init::Uniform { lo: -bound, up: bound };
+            Some(outs.iter().map(|(out, name)| vb.pp(*name).get_with_hints(*out, "bias", init)).collect::<candle_core::Result<Vec<_>>>()?)
+        } else {
+            None
+        };
+        let fused = Self::concatenate(&weights, biases.as_deref())?;
+        let trainable = weights.iter().chain(biases.iter().flatten()).any(Tensor::is_variable).then_some((weights, biases));
+        Ok(Self { fused, trainable })
+    }
+
+    fn concatenate(weights: &[Tensor], biases: Option<&[Tensor]>) -> Result<Linear> {
+        Ok(Linear::new(Tensor::cat(weights, 0)?, biases.map(|b| Tensor::cat(b, 0)).transpose()?))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.trainable {
+            None => Ok(self.fused.forward(x)?),
+            Some((weights, biases)) => Ok(Self::concatenate(weights, biases.as_deref())?.forward(x)?),
+        }
+    }
 }
 
 /// `(B, N, parts·C)` -> the `i`-th of `parts` blocks of C channels, as `(B, heads, N, d)`: a view,
@@ -70,7 +104,7 @@ fn output(to_out: &Linear, o: &Tensor, dtype: DType, with_bias: bool) -> Result<
 #[derive(Debug, Clone)]
 pub struct SanaSelfAttention {
     /// `to_q`, `to_k`, `to_v` concatenated: `(3C, C)`.
-    qkv: Linear,
+    qkv: FusedLinear,
     to_out: Linear,
     qk_norm: Option<(RmsNorm, RmsNorm)>,
     heads: usize,
@@ -93,7 +127,7 @@ impl SanaSelfAttention {
         };
         let backend = plan.resolve(&LayerRef { index, name: &name, role: Role::SelfAttention }, &shape)?;
         Ok(Self {
-            qkv: fused_linear(c, &[(c, "to_q"), (c, "to_k"), (c, "to_v")], cfg.attention_bias, &vb)?,
+            qkv: FusedLinear::new(c, &[(c, "to_q"), (c, "to_k"), (c, "to_v")], cfg.attention_bias, &vb)?,
             to_out: linear(c, c, vb.pp("to_out").pp("0"))?,
             qk_norm: qk_norms(cfg.qk_norm, c, c, &vb)?,
             heads: cfg.num_attention_heads,
@@ -194,7 +228,7 @@ impl TextKv {
 pub struct SanaCrossAttention {
     to_q: Linear,
     /// `to_k`, `to_v` concatenated: `(2·inner, C_text)`.
-    kv: Linear,
+    kv: FusedLinear,
     to_out: Linear,
     qk_norm: Option<(RmsNorm, RmsNorm)>,
     heads: usize,
@@ -217,7 +251,7 @@ impl SanaCrossAttention {
         let backend = plan.resolve(&LayerRef { index, name: &name, role: Role::Cross }, &shape)?;
         Ok(Self {
             to_q: linear(c, inner, vb.pp("to_q"))?,
-            kv: fused_linear(cfg.cross_attention_dim, &[(inner, "to_k"), (inner, "to_v")], true, &vb)?,
+            kv: FusedLinear::new(cfg.cross_attention_dim, &[(inner, "to_k"), (inner, "to_v")], true, &vb)?,
             to_out: linear(inner, c, vb.pp("to_out").pp("0"))?,
             qk_norm: qk_norms(cfg.qk_norm, inner, inner, &vb)?,
             heads: cfg.num_cross_attention_heads,
