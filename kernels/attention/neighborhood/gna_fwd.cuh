@@ -48,8 +48,17 @@ struct GnaArgs {
     // (64, t2, t1, t0, 1), whose smem image is the permuted tile (dilation 1 only; rows
     // outside the grid read as zero). 0: permuted copies through 4-D maps.
     int32_t direct;
+    // 1: only q is read in place (5-D map in `q`, dilation 1), k and v are permuted copies.
+    int32_t direct_q;
+    int32_t heads;            // H (the grid's y dimension is ceil(H / heads_per_cta))
+    // A CTA runs its query tile for this many consecutive heads (same list): the next head's Q
+    // and first K/V tiles load while the last P V and the epilogue of the previous one run.
+    int32_t heads_per_cta;
+    // 1: the per-element window test of v1 on every PARTIAL tile (comparison runs only).
+    int32_t generic_mask;
 };
-static_assert(sizeof(GnaArgs) == 896 && offsetof(GnaArgs, o) == 640 && offsetof(GnaArgs, axis) == 720,
+static_assert(sizeof(GnaArgs) == 896 && offsetof(GnaArgs, o) == 640 && offsetof(GnaArgs, axis) == 720 &&
+                  offsetof(GnaArgs, generic_mask) == 868,
               "GnaArgs layout changed: update src/attention/cuda/neighborhood.rs");
 
 namespace gna {
@@ -103,22 +112,72 @@ __device__ __forceinline__ void tma_load5(void* dst, const CUtensorMap* map, uin
 
 // Loads tile `tile` (128 rows, one 64-column block) of q, k or v: from the permuted copy, or in
 // place (direct): the tile's box starts at tile coordinate x tile size on each axis.
-__device__ __forceinline__ void load_tile(const GnaArgs& a, void* dst, const CUtensorMap* map, uint64_t* bar, int col, int tile,
-                                          int h, int b) {
-    if (a.direct) {
+__device__ __forceinline__ void load_tile(const GnaArgs& a, bool direct, void* dst, const CUtensorMap* map, uint64_t* bar, int col,
+                                          int tile, int h, int b) {
+    if (direct) {
         int t[3];
         tile_coords(a.axis, tile, t);
-        tma_load5(dst, map, bar, col, t[2] * a.axis[2].tile, t[1] * a.axis[1].tile, t[0] * a.axis[0].tile, b * gridDim.y + h);
+        tma_load5(dst, map, bar, col, t[2] * a.axis[2].tile, t[1] * a.axis[1].tile, t[0] * a.axis[0].tile, b * a.heads + h);
     } else {
         tma_load(dst, map, bar, col, tile * 128, h, b);
     }
 }
 
-// One consumer warpgroup: 64 of the 128 query rows of tile `qt` against its listed KV tiles.
+// Bits [0, x) of a 32-bit word, x clamped to [0, 32].
+__device__ __forceinline__ uint32_t bits_below(int x) {
+    return x <= 0 ? 0u : x >= 32 ? 0xffffffffu : (1u << x) - 1u;
+}
+
+// The window test of a PARTIAL tile when the innermost box side T2 = 2^LOG_T2 is >= 8.
+//
+// A thread's 32 columns per row are col = 8 n + lp + c (n < 16, lp = (lane % 4) 2, c < 2): with
+// T2 >= 8 the 8 columns of one n share their outer box offsets, c1 = (8 n / T2) % t1 and
+// c0 = 8 n / (T2 t1), known per n at compile time up to the runtime t1, and the innermost
+// offset is c2 = (8 n) % T2 + lp + c. The test is separable (in the window on every axis), so per
+// row and tile: axis 2 becomes a bit mask over x = c2 - lp (bit x set when key offset x + lp is
+// in [lo2, lo2 + w2)), built once; axes 0 and 1 are one test per segment of T2 columns; each
+// element is then one bit test against a compile-time bit and one select, instead of the box
+// offsets and three interval tests per element of the generic path.
+template <int LOG_T2, int BN>
+__device__ __forceinline__ void mask_partial_wide(float (&s)[BN / 2], const GnaAxis (&ax)[3], const int (&lo)[2][3],
+                                                  const int (&width)[2][3], int lp) {
+    constexpr int T2 = 1 << LOG_T2;
+    static_assert(T2 >= 8 && T2 <= BN, "wide mask: innermost box side in [8, 128]");
+    constexpr int kWords = (T2 + 31) / 32;
+    constexpr int kSegments = BN / T2;
+    constexpr int kNPerSegment = T2 / 8;
+    const int log_t1 = ax[1].log_tile, t1_mask = ax[1].tile - 1;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int start = lo[half][2] - lp, end = start + width[half][2];
+        uint32_t m[kWords];
+#pragma unroll
+        for (int w = 0; w < kWords; ++w) m[w] = bits_below(end - 32 * w) & ~bits_below(start - 32 * w);
+#pragma unroll
+        for (int seg = 0; seg < kSegments; ++seg) {
+            const int c1 = seg & t1_mask, c0 = seg >> log_t1;
+            const bool outer = (unsigned)(c1 - lo[half][1]) < (unsigned)width[half][1] &&
+                               (unsigned)(c0 - lo[half][0]) < (unsigned)width[half][0];
+#pragma unroll
+            for (int nn = 0; nn < kNPerSegment; ++nn)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int x = nn * 8 + c;  // compile-time after unrolling
+                    const uint32_t word = outer ? m[x / 32] : 0u;
+                    if (!((word >> (x % 32)) & 1u)) s[4 * (seg * kNPerSegment + nn) + 2 * half + c] = -INFINITY;
+                }
+        }
+    }
+}
+
+// One consumer warpgroup: 64 of the 128 query rows of tile `qt` against its listed KV tiles,
+// for the heads h_first .. h_first + n_heads - 1 one after the other. The K/V ring runs on across
+// heads: ring slot g (counted over the whole CTA) is stage g % kStages, phase g / kStages.
 template <int D, typename T>
 __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, const uint8_t* sK, const uint8_t* sV,
-                                        uint64_t* q_full, uint64_t* k_full, uint64_t* v_full, uint64_t* empty, int cw,
-                                        int warp, int lane, int qt, int b, int h, const int32_t* list, int n_tiles) {
+                                        uint64_t* q_full, uint64_t* q_empty, uint64_t* k_full, uint64_t* v_full,
+                                        uint64_t* empty, int cw, int warp, int lane, int qt, int b, int h_first, int n_heads,
+                                        const int32_t* list, int n_tiles) {
     using L = Tile<D, 2>;
     constexpr int BN = L::kBlockN;
     constexpr int DP = L::kDPad;
@@ -146,9 +205,11 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
             win_width[half][d] = e - s;
         }
     }
+    // PARTIAL tiles: the bit-mask test when the innermost box side is >= 8 (uniform per launch).
+    const int wide_mask = a.generic_mask ? 0 : (ax[2].log_tile >= 3 ? ax[2].log_tile : 0);
 
-    auto issue_qk = [&](float (&s)[BN / 2], int j) {
-        const uint32_t k_addr = smem_addr(sK + (j % kStages) * L::kKVBytes);
+    auto issue_qk = [&](float (&s)[BN / 2], int g) {
+        const uint32_t k_addr = smem_addr(sK + (g % kStages) * L::kKVBytes);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < (D + 15) / 16; ++kk) {
@@ -161,9 +222,7 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
     };
 
     float o[DP / 2];
-#pragma unroll
-    for (int i = 0; i < DP / 2; ++i) o[i] = 0.f;
-    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+    float row_max[2], row_sum[2];
 
     // Masks S_j by the tile's kind, then the online softmax (as in the dense kernel).
     auto softmax = [&](float (&s)[BN / 2], int j, float (&alpha)[2]) {
@@ -180,21 +239,30 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
                 lo[0][d] = win_start[0][d] - k0;
                 lo[1][d] = win_start[1][d] - k0;
             }
+            const int lp = (lane % 4) * 2;
+            switch (wide_mask) {
+                case 3: mask_partial_wide<3, BN>(s, ax, lo, win_width, lp); break;
+                case 4: mask_partial_wide<4, BN>(s, ax, lo, win_width, lp); break;
+                case 5: mask_partial_wide<5, BN>(s, ax, lo, win_width, lp); break;
+                case 6: mask_partial_wide<6, BN>(s, ax, lo, win_width, lp); break;
+                case 7: mask_partial_wide<7, BN>(s, ax, lo, win_width, lp); break;
+                default:
 #pragma unroll
-            for (int n = 0; n < BN / 8; ++n)
+                    for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    int kc[3];
-                    box_offsets(ax, n * 8 + (lane % 4) * 2 + c, kc);
+                        for (int c = 0; c < 2; ++c) {
+                            int kc[3];
+                            box_offsets(ax, n * 8 + lp + c, kc);
 #pragma unroll
-                    for (int half = 0; half < 2; ++half) {
-                        bool ok = true;
+                            for (int half = 0; half < 2; ++half) {
+                                bool ok = true;
 #pragma unroll
-                        for (int d = 0; d < 3; ++d)
-                            ok &= (unsigned)(kc[d] - lo[half][d]) < (unsigned)win_width[half][d];
-                        if (!ok) s[4 * n + 2 * half + c] = -INFINITY;
-                    }
-                }
+                                for (int d = 0; d < 3; ++d)
+                                    ok &= (unsigned)(kc[d] - lo[half][d]) < (unsigned)win_width[half][d];
+                                if (!ok) s[4 * n + 2 * half + c] = -INFINITY;
+                            }
+                        }
+            }
         } else if (kind == kExtra) {
             const int valid = a.n_extra - tile * BN;
             if (valid < BN) {
@@ -242,9 +310,9 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
 #pragma unroll
             for (int i = 0; i < 4; ++i) o[4 * n + i] *= alpha[i / 2];
     };
-    auto issue_pv = [&](int j) {
-        mbar_wait(&v_full[j % kStages], (j / kStages) & 1);
-        const uint32_t v_addr = smem_addr(sV + (j % kStages) * L::kKVBytes);
+    auto issue_pv = [&](int g) {
+        mbar_wait(&v_full[g % kStages], (g / kStages) & 1);
+        const uint32_t v_addr = smem_addr(sV + (g % kStages) * L::kKVBytes);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
@@ -254,58 +322,73 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
         wgmma_commit();
     };
 
-    // ---- main loop: the dense kernel's software pipeline over the listed tiles ----
-    mbar_wait(q_full, 0);
-    float s[BN / 2];
-    if (n_tiles > 0) {
-        mbar_wait(&k_full[0], 0);
-        issue_qk(s, 0);
-        wgmma_wait0();
-        float alpha[2];
-        softmax(s, 0, alpha);
-        pack_p(s);
-    }
-    for (int j = 0; j + 1 < n_tiles; ++j) {
-        mbar_wait(&k_full[(j + 1) % kStages], ((j + 1) / kStages) & 1);
-        issue_qk(s, j + 1);
-        issue_pv(j);
-        wgmma_wait1();
-        float alpha[2];
-        softmax(s, j + 1, alpha);
-        wgmma_wait0();
-        mbar_arrive(&empty[j % kStages]);
-        rescale_o(alpha);
-        pack_p(s);
-    }
-    if (n_tiles > 0) {
-        issue_pv(n_tiles - 1);
-        wgmma_wait0();
-    }
+    for (int item = 0; item < n_heads; ++item) {
+        const int h = h_first + item;
+        const int g0 = item * n_tiles;  // ring slot of this head's first tile
+#pragma unroll
+        for (int i = 0; i < DP / 2; ++i) o[i] = 0.f;
+        row_max[0] = row_max[1] = -INFINITY;
+        row_sum[0] = row_sum[1] = 0.f;
 
-    // ---- store O / l and lse at the original token of each row (the inverse permutation) ----
-    T* o_base = static_cast<T*>(a.o) + b * a.o_stride[0] + h * a.o_stride[1];
-    float* lse_base = a.lse + b * a.lse_stride[0] + h * a.lse_stride[1];
+        // ---- main loop: the dense kernel's software pipeline over the listed tiles ----
+        mbar_wait(q_full, item & 1);
+        float s[BN / 2];
+        if (n_tiles > 0) {
+            mbar_wait(&k_full[g0 % kStages], (g0 / kStages) & 1);
+            issue_qk(s, g0);
+            wgmma_wait0();
+            float alpha[2];
+            softmax(s, 0, alpha);
+            pack_p(s);
+        }
+        for (int j = 0; j + 1 < n_tiles; ++j) {
+            const int g = g0 + j;
+            mbar_wait(&k_full[(g + 1) % kStages], ((g + 1) / kStages) & 1);
+            issue_qk(s, g + 1);
+            issue_pv(g);
+            wgmma_wait1();
+            float alpha[2];
+            softmax(s, j + 1, alpha);
+            wgmma_wait0();
+            mbar_arrive(&empty[g % kStages]);
+            rescale_o(alpha);
+            pack_p(s);
+        }
+        // Every Q K^T of this head has completed: the producer may load the next head's Q while
+        // the last P V and the epilogue run.
+        mbar_arrive(q_empty);
+        if (n_tiles > 0) {
+            const int g = g0 + n_tiles - 1;
+            issue_pv(g);
+            wgmma_wait0();
+            mbar_arrive(&empty[g % kStages]);
+        }
+
+        // ---- store O / l and lse at the original token of each row (the inverse permutation) ----
+        T* o_base = static_cast<T*>(a.o) + b * a.o_stride[0] + h * a.o_stride[1];
+        float* lse_base = a.lse + b * a.lse_stride[0] + h * a.lse_stride[1];
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        float l = row_sum[half];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        const int token = __ldg(a.perm + qt * 128 + cw * 64 + warp * 16 + lane / 4 + half * 8);
-        if (token >= 0) {
-            T* orow = o_base + (int64_t)token * a.o_stride[2];
+        for (int half = 0; half < 2; ++half) {
+            float l = row_sum[half];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const int token = __ldg(a.perm + qt * 128 + cw * 64 + warp * 16 + lane / 4 + half * 8);
+            if (token >= 0) {
+                T* orow = o_base + (int64_t)token * a.o_stride[2];
 #pragma unroll
-            for (int n = 0; n < D / 8; ++n)
-                *reinterpret_cast<uint32_t*>(orow + n * 8 + (lane % 4) * 2) =
-                    pack2<T>(o[4 * n + 2 * half] * inv, o[4 * n + 2 * half + 1] * inv);
-            if (lane % 4 == 0)
-                lse_base[token] = l > 0.f ? (row_max[half] + __log2f(l)) * 0.69314718055994531f : -INFINITY;
+                for (int n = 0; n < D / 8; ++n)
+                    *reinterpret_cast<uint32_t*>(orow + n * 8 + (lane % 4) * 2) =
+                        pack2<T>(o[4 * n + 2 * half] * inv, o[4 * n + 2 * half + 1] * inv);
+                if (lane % 4 == 0)
+                    lse_base[token] = l > 0.f ? (row_max[half] + __log2f(l)) * 0.69314718055994531f : -INFINITY;
+            }
         }
     }
 }
 
-// CTA = one query tile (128 permuted tokens) of one (batch, head): producer warpgroup + 2
-// consumer warpgroups, the dense kernel's 3-stage K/V ring.
+// CTA = one query tile (128 permuted tokens) of one batch and `heads_per_cta` consecutive heads:
+// producer warpgroup + 2 consumer warpgroups, the dense kernel's 3-stage K/V ring.
 template <int D, typename T>
 __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
     using L = Tile<D, 2>;
@@ -321,15 +404,19 @@ __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
     uint64_t* k_full = bars + 1;
     uint64_t* v_full = bars + 1 + kStages;
     uint64_t* empty = bars + 1 + 2 * kStages;
+    uint64_t* q_empty = bars + 1 + 3 * kStages;  // 11 barriers = 88 of the 128 bytes
 
     const int tid = threadIdx.x, wg = tid / 128;
-    const int qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int qt = blockIdx.x, b = blockIdx.z;
+    const int h_first = blockIdx.y * a.heads_per_cta;
+    const int n_heads = min(a.heads_per_cta, a.heads - h_first);
     const int begin = __ldg(a.offsets + qt);
     const int n_tiles = __ldg(a.offsets + qt + 1) - begin;
     const int32_t* list = a.entries + begin;
 
     if (tid == 0) {
         mbar_init(q_full, 1);
+        mbar_init(q_empty, 128 * 2);
         for (int s = 0; s < kStages; ++s) {
             mbar_init(&k_full[s], 1);
             mbar_init(&v_full[s], 1);
@@ -342,33 +429,44 @@ __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
         if (tid == 0) {
-            mbar_expect_tx(q_full, L::kQBytes);
-            for (int c = 0; c < L::kColBlocks; ++c) load_tile(a, sQ + c * L::kQRows * 128, &a.q, q_full, c * 64, qt, h, b);
-            for (int j = 0; j < n_tiles; ++j) {
-                const int s = j % kStages;
-                if (j >= kStages) mbar_wait(&empty[s], (j / kStages - 1) & 1);
-                const int entry = __ldg(list + j);
-                const bool extra = (entry & 3) == kExtra;
-                const int tile = entry >> 2;
-                mbar_expect_tx(&k_full[s], L::kKVBytes);
-                for (int c = 0; c < L::kColBlocks; ++c) {
-                    uint8_t* dst = sK + s * L::kKVBytes + c * BN * 128;
-                    if (extra) tma_load(dst, &a.k2, &k_full[s], c * 64, tile * BN, h, b);
-                    else load_tile(a, dst, &a.k, &k_full[s], c * 64, tile, h, b);
-                }
-                mbar_expect_tx(&v_full[s], L::kKVBytes);
-                for (int c = 0; c < L::kColBlocks; ++c) {
-                    uint8_t* dst = sV + s * L::kKVBytes + c * BN * 128;
-                    if (extra) tma_load(dst, &a.v2, &v_full[s], c * 64, tile * BN, h, b);
-                    else load_tile(a, dst, &a.v, &v_full[s], c * 64, tile, h, b);
+            const bool direct_q = a.direct || a.direct_q;
+            for (int item = 0; item < n_heads; ++item) {
+                const int h = h_first + item;
+                // The consumers release Q once every Q K^T of the previous head has completed.
+                if (item > 0) mbar_wait(q_empty, (item - 1) & 1);
+                mbar_expect_tx(q_full, L::kQBytes);
+                for (int c = 0; c < L::kColBlocks; ++c)
+                    load_tile(a, direct_q, sQ + c * L::kQRows * 128, &a.q, q_full, c * 64, qt, h, b);
+                for (int j = 0; j < n_tiles; ++j) {
+                    const int g = item * n_tiles + j;
+                    const int s = g % kStages;
+                    if (g >= kStages) mbar_wait(&empty[s], (g / kStages - 1) & 1);
+                    const int entry = __ldg(list + j);
+                    const bool extra = (entry & 3) == kExtra;
+                    const int tile = entry >> 2;
+                    mbar_expect_tx(&k_full[s], L::kKVBytes);
+                    for (int c = 0; c < L::kColBlocks; ++c) {
+                        uint8_t* dst = sK + s * L::kKVBytes + c * BN * 128;
+                        if (extra) tma_load(dst, &a.k2, &k_full[s], c * 64, tile * BN, h, b);
+                        else load_tile(a, a.direct, dst, &a.k, &k_full[s], c * 64, tile, h, b);
+                    }
+                    mbar_expect_tx(&v_full[s], L::kKVBytes);
+                    for (int c = 0; c < L::kColBlocks; ++c) {
+                        uint8_t* dst = sV + s * L::kKVBytes + c * BN * 128;
+                        if (extra) tma_load(dst, &a.v2, &v_full[s], c * 64, tile * BN, h, b);
+                        else load_tile(a, a.direct, dst, &a.v, &v_full[s], c * 64, tile, h, b);
+                    }
                 }
             }
+            // No copy may be in flight when the CTA exits: the consumers wait for the last Q
+            // (q_full) and every K/V tile, so nothing else to wait for here.
         }
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
         const int cw = wg - 1, ctid = tid - 128;
         const int warp = (ctid % 128) / 32, lane = ctid % 32;
-        consume<D, T>(a, sQ, sK, sV, q_full, k_full, v_full, empty, cw, warp, lane, qt, b, h, list, n_tiles);
+        consume<D, T>(a, sQ, sK, sV, q_full, q_empty, k_full, v_full, empty, cw, warp, lane, qt, b, h_first, n_heads, list,
+                      n_tiles);
     }
 }
 
