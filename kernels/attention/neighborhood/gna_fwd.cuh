@@ -3,11 +3,16 @@
 //
 // Layout (built on the host, src/attention/neighborhood/tiles.rs): tokens are permuted so that
 // every run of 128 tokens is a box t0 x t1 x t2 of the grid inside one dilation group (NATTEN's
-// token permutation), so a query tile's windows cover few KV tiles. q, k, v arrive permuted and
-// zero-padded (gna_permute); the output is scattered back to the original token order in the
-// epilogue (no second pass). Each list entry is (kv_tile << 2 | kind):
+// token permutation), so a query tile's windows cover few KV tiles. k, v arrive permuted and
+// zero-padded (gna_permute); q too, or (dilation 1, the default) q is read in place, one 5-D TMA
+// box per tile (read once per CTA, so the box's short rows cost nothing); the output is
+// scattered back to the original token order in the epilogue (no second pass). A CTA runs one
+// query tile for `heads_per_cta` heads in a row, the K/V ring running on across heads, so the
+// next head's Q and first tiles load under the previous head's last P V and epilogue.
+// Each list entry is (kv_tile << 2 | kind):
 //   FULL     every real query of the tile sees every key: no masking at all
-//   PARTIAL  the window test per element, from the tokens' intra-group coordinates
+//   PARTIAL  the window test per element, from the tokens' intra-group coordinates (a bit mask
+//            per row along the innermost axis when its box side is >= 8: mask_partial_wide)
 //   EXTRA    128 extra KV tokens (FLUX text) seen by every query; only the ragged end is masked
 // The extra tokens share the softmax with the grid keys, so no log-sum-exp merge is needed.
 //

@@ -1,13 +1,19 @@
 //! Launcher for the GNA forward kernel (kernels/attention/neighborhood/gna_fwd.cu).
 //!
-//! One call = (1) `gna_permute_16bit` gathers q, k, v into the tile-permuted, zero-padded
-//! layout of [`tiles::plan`] (or, with `VISGEN_GNA_IN_PLACE=1`, dilation 1 and B, H mergeable,
-//! nothing: the kernel reads each tile in place as one 5-D TMA box (D, L2, L1, L0, B*H) whose
-//! shared-memory image is the permuted tile; measured slower, see `can_read_in_place`);
+//! One call = (1) `gna_permute_16bit` gathers k, v (and q when it cannot be read in place, see
+//! `q_in_place`) into the tile-permuted, zero-padded layout of [`tiles::plan`] (or, with
+//! `VISGEN_GNA_IN_PLACE=1`, dilation 1 and B, H mergeable, nothing: the kernel reads each tile
+//! in place as one 5-D TMA box (D, L2, L1, L0, B*H) whose shared-memory image is the permuted
+//! tile; measured slower for k and v, see `can_read_in_place`);
 //! (2) `gna_fwd_*` runs the block-sparse flash loop over each query tile's
 //! list of KV tiles (full / partial / extra) and writes `O (B, H, N, D)` and the natural-log
 //! `lse (B, H, N)` straight into the original token order. The tiling (permutation, lists) is
 //! built on the host once per (grid, parameters, extra-token tiles) and cached on the device.
+//! A CTA runs one query tile for `heads_per_cta` heads (2 on large problems).
+//!
+//! Switches for comparison runs (bench_sparse, tests): `VISGEN_GNA_PERMUTE_Q=1` (q permuted
+//! too), `VISGEN_GNA_HEADS_PER_CTA=n`, `VISGEN_GNA_GENERIC_MASK=1` (the per-element window
+//! test on every PARTIAL tile), `VISGEN_GNA_IN_PLACE=1`.
 //!
 //! bf16 / f16, head dims 64, 72, 96, 112, 128; f32 accumulation. Semantics: those of
 //! [`crate::attention::neighborhood::reference`] (the CPU oracle).
