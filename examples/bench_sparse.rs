@@ -11,7 +11,8 @@
 //! query tile and the dense kernel attends the extra keys too, so it is (grid tiles visited +
 //! extra tiles visited) / (query tiles x (grid KV tiles + extra KV tiles)).
 //! Then the same call under other configurations (environment switches of the launcher): v1
-//! (q permuted, one head per CTA, per-element window test), each of those alone, in place.
+//! (q permuted, per-element window test, no ping-pong), each of those alone, 2 heads per CTA,
+//! in place.
 
 #[cfg(feature = "cuda")]
 fn main() -> anyhow::Result<()> {
@@ -89,12 +90,13 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         })?;
         // The same under other launcher configurations (environment switches), to compare.
-        let variants: [(&str, &[(&str, &str)]); 6] = [
-            ("v1 (q permuted, 1 head/CTA, generic mask)", &[("VISGEN_GNA_PERMUTE_Q", "1"), ("VISGEN_GNA_HEADS_PER_CTA", "1"), ("VISGEN_GNA_GENERIC_MASK", "1")]),
+        let variants: [(&str, &[(&str, &str)]); 7] = [
+            ("v1 (q permuted, generic mask, no ping-pong)", &[("VISGEN_GNA_PERMUTE_Q", "1"), ("VISGEN_GNA_GENERIC_MASK", "1"), ("VISGEN_GNA_PINGPONG", "0")]),
+            ("no ping-pong", &[("VISGEN_GNA_PINGPONG", "0")]),
             ("q permuted", &[("VISGEN_GNA_PERMUTE_Q", "1")]),
-            ("1 head per CTA", &[("VISGEN_GNA_HEADS_PER_CTA", "1")]),
-            ("4 heads per CTA", &[("VISGEN_GNA_HEADS_PER_CTA", "4")]),
             ("generic mask", &[("VISGEN_GNA_GENERIC_MASK", "1")]),
+            ("2 heads per CTA", &[("VISGEN_GNA_HEADS_PER_CTA", "2")]),
+            ("no ping-pong, 2 heads per CTA", &[("VISGEN_GNA_PINGPONG", "0"), ("VISGEN_GNA_HEADS_PER_CTA", "2")]),
             ("in place (no permutation pass)", &[("VISGEN_GNA_IN_PLACE", "1")]),
         ];
         let mut variant_ms = Vec::new();

@@ -313,11 +313,12 @@ fn with_env<T>(vars: &[(&str, &str)], f: impl FnOnce() -> T) -> T {
 
 #[test]
 fn fast_paths_equal_the_v1_configuration_bit_for_bit() {
-    // The bit-mask window test (innermost box side >= 8), q read in place and 2 or 3 heads per
-    // CTA (H = 3: the last CTA of a row runs one head) against v1: per-element test, q permuted,
-    // one head per CTA. Same arithmetic in the same order, so the outputs must be identical.
+    // The bit-mask window test (innermost box side >= 8), q read in place, the ping-pong of the
+    // consumer warpgroups and 2 or 3 heads per CTA (H = 3: the last CTA of a row runs one head)
+    // against v1: per-element test, q permuted, no ping-pong, one head per CTA. Same arithmetic
+    // in the same order, so the outputs must be identical.
     let dev = gpu();
-    let v1 = [("VISGEN_GNA_GENERIC_MASK", "1"), ("VISGEN_GNA_PERMUTE_Q", "1"), ("VISGEN_GNA_HEADS_PER_CTA", "1")];
+    let v1 = [("VISGEN_GNA_GENERIC_MASK", "1"), ("VISGEN_GNA_PERMUTE_Q", "1"), ("VISGEN_GNA_HEADS_PER_CTA", "1"), ("VISGEN_GNA_PINGPONG", "0")];
     for (i, (grid, p, ne)) in shapes().into_iter().enumerate() {
         let n: usize = grid.iter().product();
         let (b, h, d) = (2, 3, gna::HEAD_DIMS[i % gna::HEAD_DIMS.len()]);
@@ -328,12 +329,14 @@ fn fast_paths_equal_the_v1_configuration_bit_for_bit() {
         let (o_ref, l_ref) = with_env(&v1, || gna::forward_poisoned(&q, &k, &v, &grid, &p, extra, 0.1).unwrap());
         let (o_ref, l_ref) = (to_cpu_f32(&o_ref), to_cpu_f32(&l_ref));
         assert_eq!(count_nan(&o_ref) + count_nan(&l_ref), 0, "{grid:?}: v1 left rows unwritten");
-        for heads in ["1", "2", "3"] {
-            let (o, l) = with_env(&[("VISGEN_GNA_HEADS_PER_CTA", heads)], || gna::forward_poisoned(&q, &k, &v, &grid, &p, extra, 0.1).unwrap());
+        for (heads, pingpong) in [("1", "1"), ("2", "1"), ("3", "1"), ("1", "0"), ("2", "0")] {
+            let vars = [("VISGEN_GNA_HEADS_PER_CTA", heads), ("VISGEN_GNA_PINGPONG", pingpong)];
+            let (o, l) = with_env(&vars, || gna::forward_poisoned(&q, &k, &v, &grid, &p, extra, 0.1).unwrap());
             let (o, l) = (to_cpu_f32(&o), to_cpu_f32(&l));
-            assert_eq!(count_nan(&o) + count_nan(&l), 0, "{grid:?} {heads} heads per CTA: rows unwritten");
-            assert_eq!(errors(&o, &o_ref).0, 0.0, "{grid:?} {p:?}: {heads} heads per CTA vs v1");
-            assert_eq!(errors(&l, &l_ref).0, 0.0, "{grid:?} {p:?}: lse, {heads} heads per CTA vs v1");
+            let what = format!("{grid:?} {p:?}: {heads} heads per CTA, ping-pong {pingpong}");
+            assert_eq!(count_nan(&o) + count_nan(&l), 0, "{what}: rows unwritten");
+            assert_eq!(errors(&o, &o_ref).0, 0.0, "{what}: O differs from v1");
+            assert_eq!(errors(&l, &l_ref).0, 0.0, "{what}: lse differs from v1");
         }
     }
 }

@@ -6,9 +6,11 @@
 // token permutation), so a query tile's windows cover few KV tiles. k, v arrive permuted and
 // zero-padded (gna_permute); q too, or (dilation 1, the default) q is read in place, one 5-D TMA
 // box per tile (read once per CTA, so the box's short rows cost nothing); the output is
-// scattered back to the original token order in the epilogue (no second pass). A CTA runs one
-// query tile for `heads_per_cta` heads in a row, the K/V ring running on across heads, so the
-// next head's Q and first tiles load under the previous head's last P V and epilogue.
+// scattered back to the original token order in the epilogue (no second pass). The two consumer
+// warpgroups ping-pong their GEMMs (FlashAttention-3), so the softmax and window test of one
+// run under the other's GEMMs. A CTA may run one query tile for `heads_per_cta` heads in a row
+// (1 by default), the K/V ring running on across heads, so the next head's Q and first tiles
+// load under the previous head's last P V and epilogue.
 // Each list entry is (kv_tile << 2 | kind):
 //   FULL     every real query of the tile sees every key: no masking at all
 //   PARTIAL  the window test per element, from the tokens' intra-group coordinates (a bit mask
@@ -61,9 +63,12 @@ struct GnaArgs {
     int32_t heads_per_cta;
     // 1: the per-element window test of v1 on every PARTIAL tile (comparison runs only).
     int32_t generic_mask;
+    // 1: the two consumer warpgroups take turns issuing their GEMMs (FlashAttention-3's
+    // ping-pong), so one's softmax (and window test) runs under the other's GEMMs.
+    int32_t pingpong;
 };
 static_assert(sizeof(GnaArgs) == 896 && offsetof(GnaArgs, o) == 640 && offsetof(GnaArgs, axis) == 720 &&
-                  offsetof(GnaArgs, generic_mask) == 868,
+                  offsetof(GnaArgs, pingpong) == 872,
               "GnaArgs layout changed: update src/attention/cuda/neighborhood.rs");
 
 namespace gna {
@@ -126,6 +131,15 @@ __device__ __forceinline__ void load_tile(const GnaArgs& a, bool direct, void* d
     } else {
         tma_load(dst, map, bar, col, tile * 128, h, b);
     }
+}
+
+// Named barriers 1 and 2 (0 is __syncthreads): the ping-pong turns of consumer warpgroups 0 and 1,
+// 256 threads each (128 wait with sync, the other warpgroup's 128 arrive).
+__device__ __forceinline__ void turn_wait(int cw) {
+    asm volatile("bar.sync %0, 256;\n" ::"r"(1 + cw) : "memory");
+}
+__device__ __forceinline__ void turn_pass(int cw) {
+    asm volatile("bar.arrive %0, 256;\n" ::"r"(1 + (cw ^ 1)) : "memory");
 }
 
 // Bits [0, x) of a 32-bit word, x clamped to [0, 32].
@@ -327,6 +341,13 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
         wgmma_commit();
     };
 
+    // Ping-pong: each warpgroup issues its Q K^T (and P V) only on its turn and then passes the
+    // turn, so the GEMMs of one run while the other is in its softmax. Warpgroup 0 starts; both
+    // run the same number of tiles, so the turns pair up, and warpgroup 0 takes the last turn
+    // warpgroup 1 passes (after the loop) so that no barrier is left half arrived.
+    const bool pingpong = a.pingpong != 0;
+    if (pingpong && cw == 1) turn_pass(cw);
+
     for (int item = 0; item < n_heads; ++item) {
         const int h = h_first + item;
         const int g0 = item * n_tiles;  // ring slot of this head's first tile
@@ -340,7 +361,9 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
         float s[BN / 2];
         if (n_tiles > 0) {
             mbar_wait(&k_full[g0 % kStages], (g0 / kStages) & 1);
+            if (pingpong) turn_wait(cw);
             issue_qk(s, g0);
+            if (pingpong) turn_pass(cw);
             wgmma_wait0();
             float alpha[2];
             softmax(s, 0, alpha);
@@ -349,8 +372,10 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
         for (int j = 0; j + 1 < n_tiles; ++j) {
             const int g = g0 + j;
             mbar_wait(&k_full[(g + 1) % kStages], ((g + 1) / kStages) & 1);
+            if (pingpong) turn_wait(cw);
             issue_qk(s, g + 1);
             issue_pv(g);
+            if (pingpong) turn_pass(cw);
             wgmma_wait1();
             float alpha[2];
             softmax(s, j + 1, alpha);
@@ -390,6 +415,7 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
             }
         }
     }
+    if (pingpong && cw == 0) turn_wait(cw);
 }
 
 // CTA = one query tile (128 permuted tokens) of one batch and `heads_per_cta` consecutive heads:

@@ -9,11 +9,12 @@
 //! list of KV tiles (full / partial / extra) and writes `O (B, H, N, D)` and the natural-log
 //! `lse (B, H, N)` straight into the original token order. The tiling (permutation, lists) is
 //! built on the host once per (grid, parameters, extra-token tiles) and cached on the device.
-//! A CTA runs one query tile for `heads_per_cta` heads (2 on large problems).
+//! A CTA runs one query tile for `heads_per_cta` heads (1 unless asked).
 //!
 //! Switches for comparison runs (bench_sparse, tests): `VISGEN_GNA_PERMUTE_Q=1` (q permuted
 //! too), `VISGEN_GNA_HEADS_PER_CTA=n`, `VISGEN_GNA_GENERIC_MASK=1` (the per-element window
-//! test on every PARTIAL tile), `VISGEN_GNA_IN_PLACE=1`.
+//! test on every PARTIAL tile), `VISGEN_GNA_PINGPONG=0` (no ping-pong of the consumer
+//! warpgroups), `VISGEN_GNA_IN_PLACE=1`.
 //!
 //! bf16 / f16, head dims 64, 72, 96, 112, 128; f32 accumulation. Semantics: those of
 //! [`crate::attention::neighborhood::reference`] (the CPU oracle).
@@ -67,12 +68,13 @@ struct GnaArgs {
     heads: i32,
     heads_per_cta: i32,
     generic_mask: i32,
+    pingpong: i32,
 }
 // SAFETY: plain old data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for GnaArgs {}
 const _: () = assert!(std::mem::size_of::<GnaArgs>() == 896);
 const _: () = assert!(
-    std::mem::offset_of!(GnaArgs, o) == 640 && std::mem::offset_of!(GnaArgs, axis) == 720 && std::mem::offset_of!(GnaArgs, generic_mask) == 868
+    std::mem::offset_of!(GnaArgs, o) == 640 && std::mem::offset_of!(GnaArgs, axis) == 720 && std::mem::offset_of!(GnaArgs, pingpong) == 872
 );
 const _: () = assert!(std::mem::size_of::<AxisTiling>() == 40);
 
@@ -244,17 +246,19 @@ fn q_in_place(q: &Tensor, params: &NeighborhoodParams) -> bool {
     std::env::var_os("VISGEN_GNA_PERMUTE_Q").is_none() && in_place_readable(q, params)
 }
 
-/// Heads per CTA: 2 when that still leaves >= 1024 CTAs (8 waves on 132 SMs), else 1;
-/// `VISGEN_GNA_HEADS_PER_CTA=n` overrides (tests, comparison runs).
-fn heads_per_cta(q_tiles: usize, b: usize, h: usize) -> usize {
-    if let Some(n) = std::env::var("VISGEN_GNA_HEADS_PER_CTA").ok().and_then(|s| s.parse::<usize>().ok()) {
-        return n.clamp(1, h.max(1));
+/// Heads per CTA: 1 unless `VISGEN_GNA_HEADS_PER_CTA=n` (tests, comparison runs). Measured on
+/// the H200 (kernels/NOTES.md, ## neighborhood): 2 heads per CTA hide the per-CTA fill but
+/// double the K/V working set in L2, a wash on FLUX-4K and 6% slower on the 3-D video shape.
+fn heads_per_cta(h: usize) -> usize {
+    match std::env::var("VISGEN_GNA_HEADS_PER_CTA").ok().and_then(|s| s.parse::<usize>().ok()) {
+        Some(n) => n.clamp(1, h.max(1)),
+        None => 1,
     }
-    if h >= 2 && q_tiles * b * h.div_ceil(2) >= 1024 {
-        2
-    } else {
-        1
-    }
+}
+
+/// Whether the consumer warpgroups ping-pong their GEMMs: on unless `VISGEN_GNA_PINGPONG=0`.
+fn pingpong() -> bool {
+    std::env::var("VISGEN_GNA_PINGPONG").map_or(true, |v| v != "0")
 }
 
 /// Device address of a tensor's first element (16-bit elements).
@@ -422,7 +426,7 @@ fn forward_impl(
         maps[3] = tensor_map(ptr_16bit(k2, &dev)?, dtype, (b, h, n_extra, d), strides3(k2))?;
         maps[4] = tensor_map(ptr_16bit(v2, &dev)?, dtype, (b, h, n_extra, d), strides3(v2))?;
     }
-    let hpc = heads_per_cta(t.q_tiles(), b, h);
+    let hpc = heads_per_cta(h);
     let mut args = GnaArgs {
         maps,
         o: 0,
@@ -441,6 +445,7 @@ fn forward_impl(
         heads: h as i32,
         heads_per_cta: hpc as i32,
         generic_mask: std::env::var_os("VISGEN_GNA_GENERIC_MASK").is_some() as i32,
+        pingpong: pingpong() as i32,
     };
     let suffix = if dtype == DType::BF16 { "bf16" } else { "f16" };
     let (o_bf16, o_f16) = match dtype {
