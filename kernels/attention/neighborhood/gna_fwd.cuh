@@ -14,7 +14,7 @@
 // Each list entry is (kv_tile << 2 | kind):
 //   FULL     every real query of the tile sees every key: no masking at all
 //   PARTIAL  the window test per element, from the tokens' intra-group coordinates (a bit mask
-//            per row along the innermost axis when its box side is >= 8: mask_partial_wide)
+//            per row along the innermost axis when its box side is >= 8: wide_keep, computed under the tile's Q K^T)
 //   EXTRA    128 extra KV tokens (FLUX text) seen by every query; only the ragged end is masked
 // The extra tokens share the softmax with the grid keys, so no log-sum-exp merge is needed.
 //
@@ -147,24 +147,27 @@ __device__ __forceinline__ uint32_t bits_below(int x) {
     return x <= 0 ? 0u : x >= 32 ? 0xffffffffu : (1u << x) - 1u;
 }
 
-// The window test of a PARTIAL tile when the innermost box side T2 = 2^LOG_T2 is >= 8.
+// The window test of a PARTIAL tile when the innermost box side T2 = 2^LOG_T2 is >= 8, as one
+// 32-bit word per row of the thread: bit 2 n + c of keep[half] set when the key of column
+// 8 n + lp + c (lp = (lane % 4) 2) is in the row's window. It depends on the tile, not on S,
+// so it is computed while the tile's Q K^T is on the tensor cores; after the GEMM only the
+// select per element is left.
 //
-// A thread's 32 columns per row are col = 8 n + lp + c (n < 16, lp = (lane % 4) 2, c < 2): with
-// T2 >= 8 the 8 columns of one n share their outer box offsets, c1 = (8 n / T2) % t1 and
-// c0 = 8 n / (T2 t1), known per n at compile time up to the runtime t1, and the innermost
-// offset is c2 = (8 n) % T2 + lp + c. The test is separable (in the window on every axis), so per
-// row and tile: axis 2 becomes a bit mask over x = c2 - lp (bit x set when key offset x + lp is
-// in [lo2, lo2 + w2)), built once; axes 0 and 1 are one test per segment of T2 columns; each
-// element is then one bit test against a compile-time bit and one select, instead of the box
-// offsets and three interval tests per element of the generic path.
+// With T2 >= 8 the 8 columns of one n share their outer box offsets: segment seg = 8 n / T2
+// (T2 columns), c1 = seg % t1, c0 = seg / t1, and the innermost offset is
+// c2 = (8 n) % T2 + lp + c. The test is separable (in the window on every axis): axis 2 is a
+// bit mask m over x = c2 - lp (bit x set when key offset x + lp is in [lo2, lo2 + w2)), the
+// same for every segment, whose bits x = 8 nn + c (nn < T2 / 8) are gathered into a pattern of
+// T2 / 4 bits; axes 0 and 1 are one test per segment, which keeps or clears its copy of the pattern.
 template <int LOG_T2, int BN>
-__device__ __forceinline__ void mask_partial_wide(float (&s)[BN / 2], const GnaAxis (&ax)[3], const int (&lo)[2][3],
-                                                  const int (&width)[2][3], int lp) {
+__device__ __forceinline__ void wide_keep(const GnaAxis (&ax)[3], const int (&lo)[2][3], const int (&width)[2][3], int lp,
+                                          uint32_t (&keep)[2]) {
     constexpr int T2 = 1 << LOG_T2;
-    static_assert(T2 >= 8 && T2 <= BN, "wide mask: innermost box side in [8, 128]");
+    static_assert(T2 >= 8 && T2 <= BN && BN == 128, "wide mask: innermost box side in [8, 128], 128-key tiles");
     constexpr int kWords = (T2 + 31) / 32;
     constexpr int kSegments = BN / T2;
     constexpr int kNPerSegment = T2 / 8;
+    constexpr int kBits = 2 * kNPerSegment;  // pattern bits per segment; kSegments * kBits = 32
     const int log_t1 = ax[1].log_tile, t1_mask = ax[1].tile - 1;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -172,20 +175,21 @@ __device__ __forceinline__ void mask_partial_wide(float (&s)[BN / 2], const GnaA
         uint32_t m[kWords];
 #pragma unroll
         for (int w = 0; w < kWords; ++w) m[w] = bits_below(end - 32 * w) & ~bits_below(start - 32 * w);
+        uint32_t pattern = 0;
+#pragma unroll
+        for (int nn = 0; nn < kNPerSegment; ++nn) {
+            const int x = nn * 8;  // compile-time after unrolling
+            pattern |= ((m[x / 32] >> (x % 32)) & 3u) << (2 * nn);
+        }
+        uint32_t k = 0;
 #pragma unroll
         for (int seg = 0; seg < kSegments; ++seg) {
             const int c1 = seg & t1_mask, c0 = seg >> log_t1;
             const bool outer = (unsigned)(c1 - lo[half][1]) < (unsigned)width[half][1] &&
                                (unsigned)(c0 - lo[half][0]) < (unsigned)width[half][0];
-#pragma unroll
-            for (int nn = 0; nn < kNPerSegment; ++nn)
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    const int x = nn * 8 + c;  // compile-time after unrolling
-                    const uint32_t word = outer ? m[x / 32] : 0u;
-                    if (!((word >> (x % 32)) & 1u)) s[4 * (seg * kNPerSegment + nn) + 2 * half + c] = -INFINITY;
-                }
+            if (outer) k |= pattern << (seg * kBits);
         }
+        keep[half] = k;
     }
 }
 
@@ -243,45 +247,68 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
     float o[DP / 2];
     float row_max[2], row_sum[2];
 
-    // Masks S_j by the tile's kind, then the online softmax (as in the dense kernel).
-    auto softmax = [&](float (&s)[BN / 2], int j, float (&alpha)[2]) {
+    // Window start of this thread's rows relative to KV tile `tile`, per axis.
+    const int lp = (lane % 4) * 2;
+    auto relative_starts = [&](int tile, int (&lo)[2][3]) {
+        int ktc[3];
+        tile_coords(ax, tile, ktc);
+#pragma unroll
+        for (int d = 0; d < 3; ++d) {
+            const int k0 = (ktc[d] % ax[d].tiles_per_group) * ax[d].tile;
+            lo[0][d] = win_start[0][d] - k0;
+            lo[1][d] = win_start[1][d] - k0;
+        }
+    };
+    // List entry j, and for a PARTIAL tile with the bit-mask test its keep words (see
+    // wide_keep): called before waiting for the tile's Q K^T, so it runs under the GEMM.
+    auto prepare = [&](int j, uint32_t (&keep)[2]) -> int {
         const int entry = __ldg(list + j);
-        const int kind = entry & 3, tile = entry >> 2;
-        if (kind == kPartial) {
-            // Key intra-group coordinate along axis d = tile start + box offset of the column;
-            // in the window when (unsigned)(j_d - start) < width on all three axes.
-            int ktc[3], lo[2][3];
-            tile_coords(ax, tile, ktc);
-#pragma unroll
-            for (int d = 0; d < 3; ++d) {
-                const int k0 = (ktc[d] % ax[d].tiles_per_group) * ax[d].tile;
-                lo[0][d] = win_start[0][d] - k0;
-                lo[1][d] = win_start[1][d] - k0;
-            }
-            const int lp = (lane % 4) * 2;
+        keep[0] = keep[1] = 0xffffffffu;
+        if ((entry & 3) == kPartial && wide_mask) {
+            int lo[2][3];
+            relative_starts(entry >> 2, lo);
             switch (wide_mask) {
-                case 3: mask_partial_wide<3, BN>(s, ax, lo, win_width, lp); break;
-                case 4: mask_partial_wide<4, BN>(s, ax, lo, win_width, lp); break;
-                case 5: mask_partial_wide<5, BN>(s, ax, lo, win_width, lp); break;
-                case 6: mask_partial_wide<6, BN>(s, ax, lo, win_width, lp); break;
-                case 7: mask_partial_wide<7, BN>(s, ax, lo, win_width, lp); break;
-                default:
-#pragma unroll
-                    for (int n = 0; n < BN / 8; ++n)
-#pragma unroll
-                        for (int c = 0; c < 2; ++c) {
-                            int kc[3];
-                            box_offsets(ax, n * 8 + lp + c, kc);
-#pragma unroll
-                            for (int half = 0; half < 2; ++half) {
-                                bool ok = true;
-#pragma unroll
-                                for (int d = 0; d < 3; ++d)
-                                    ok &= (unsigned)(kc[d] - lo[half][d]) < (unsigned)win_width[half][d];
-                                if (!ok) s[4 * n + 2 * half + c] = -INFINITY;
-                            }
-                        }
+                case 3: wide_keep<3, BN>(ax, lo, win_width, lp, keep); break;
+                case 4: wide_keep<4, BN>(ax, lo, win_width, lp, keep); break;
+                case 5: wide_keep<5, BN>(ax, lo, win_width, lp, keep); break;
+                case 6: wide_keep<6, BN>(ax, lo, win_width, lp, keep); break;
+                default: wide_keep<7, BN>(ax, lo, win_width, lp, keep); break;
             }
+        }
+        return entry;
+    };
+
+    // Masks S_j by the tile's kind, then the online softmax (as in the dense kernel).
+    auto softmax = [&](float (&s)[BN / 2], int entry, const uint32_t (&keep)[2], float (&alpha)[2]) {
+        const int kind = entry & 3, tile = entry >> 2;
+        if (kind == kPartial && wide_mask) {
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                for (int half = 0; half < 2; ++half)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c)
+                        if (!((keep[half] >> (2 * n + c)) & 1u)) s[4 * n + 2 * half + c] = -INFINITY;
+        } else if (kind == kPartial) {
+            // Generic test (innermost box side < 8): key intra-group coordinate along axis d =
+            // tile start + box offset of the column; in the window when
+            // (unsigned)(j_d - start) < width on all three axes.
+            int lo[2][3];
+            relative_starts(tile, lo);
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    int kc[3];
+                    box_offsets(ax, n * 8 + lp + c, kc);
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        bool ok = true;
+#pragma unroll
+                        for (int d = 0; d < 3; ++d) ok &= (unsigned)(kc[d] - lo[half][d]) < (unsigned)win_width[half][d];
+                        if (!ok) s[4 * n + 2 * half + c] = -INFINITY;
+                    }
+                }
         } else if (kind == kExtra) {
             const int valid = a.n_extra - tile * BN;
             if (valid < BN) {
@@ -364,9 +391,11 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
             if (pingpong) turn_wait(cw);
             issue_qk(s, g0);
             if (pingpong) turn_pass(cw);
+            uint32_t keep[2];
+            const int entry = prepare(0, keep);
             wgmma_wait0();
             float alpha[2];
-            softmax(s, 0, alpha);
+            softmax(s, entry, keep, alpha);
             pack_p(s);
         }
         for (int j = 0; j + 1 < n_tiles; ++j) {
@@ -376,9 +405,11 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
             issue_qk(s, g + 1);
             issue_pv(g);
             if (pingpong) turn_pass(cw);
+            uint32_t keep[2];
+            const int entry = prepare(j + 1, keep);
             wgmma_wait1();
             float alpha[2];
-            softmax(s, j + 1, alpha);
+            softmax(s, entry, keep, alpha);
             wgmma_wait0();
             mbar_arrive(&empty[g % kStages]);
             rescale_o(alpha);
