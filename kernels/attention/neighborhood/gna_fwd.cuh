@@ -147,6 +147,28 @@ __device__ __forceinline__ uint32_t bits_below(int x) {
     return x <= 0 ? 0u : x >= 32 ? 0xffffffffu : (1u << x) - 1u;
 }
 
+// Spreads the low 32 / KBITS bits of x so that bit i lands at bit i * KBITS (KBITS = 2 .. 32).
+template <int KBITS>
+__device__ __forceinline__ uint32_t spread_bits(uint32_t x) {
+    if constexpr (KBITS == 2) {
+        x = (x | x << 8) & 0x00FF00FFu;
+        x = (x | x << 4) & 0x0F0F0F0Fu;
+        x = (x | x << 2) & 0x33333333u;
+        return (x | x << 1) & 0x55555555u;
+    } else if constexpr (KBITS == 4) {
+        x = (x | x << 12) & 0x000F000Fu;
+        x = (x | x << 6) & 0x03030303u;
+        return (x | x << 3) & 0x11111111u;
+    } else if constexpr (KBITS == 8) {
+        x = (x | x << 14) & 0x00030003u;
+        return (x | x << 7) & 0x01010101u;
+    } else if constexpr (KBITS == 16) {
+        return (x | x << 15) & 0x00010001u;
+    } else {
+        return x & 1u;
+    }
+}
+
 // The window test of a PARTIAL tile when the innermost box side T2 = 2^LOG_T2 is >= 8, as one
 // 32-bit word per row of the thread: bit 2 n + c of keep[half] set when the key of column
 // 8 n + lp + c (lp = (lane % 4) 2) is in the row's window. It depends on the tile, not on S,
@@ -155,20 +177,24 @@ __device__ __forceinline__ uint32_t bits_below(int x) {
 //
 // With T2 >= 8 the 8 columns of one n share their outer box offsets: segment seg = 8 n / T2
 // (T2 columns), c1 = seg % t1, c0 = seg / t1, and the innermost offset is
-// c2 = (8 n) % T2 + lp + c. The test is separable (in the window on every axis): axis 2 is a
-// bit mask m over x = c2 - lp (bit x set when key offset x + lp is in [lo2, lo2 + w2)), the
-// same for every segment, whose bits x = 8 nn + c (nn < T2 / 8) are gathered into a pattern of
-// T2 / 4 bits; axes 0 and 1 are one test per segment, which keeps or clears its copy of the pattern.
+// c2 = (8 n) % T2 + lp + c. The test is separable (in the window on every axis):
+// - axis 2: a bit mask m over x = c2 - lp (bit x set when key offset x + lp is in
+//   [lo2, lo2 + w2)), the same in every segment; its bits x = 8 nn + c (nn < T2 / 8) gathered
+//   give the segment's pattern of KBITS = T2 / 4 bits;
+// - axes 0 and 1: the allowed segments {c0 t1 + c1 : c0 in [lo0, lo0 + w0), c1 in [lo1, lo1 + w1)}
+//   are the interval mask of c1 times the copies (one bit every t1, `rep0`: one per c0 < t0)
+//   that fall in the c0 interval; no carries, the factors' bits do not overlap;
+// - keep = (allowed segments spread to one bit every KBITS) x pattern.
+// Checked against the per-element definition by the bit-equality test against v1.
 template <int LOG_T2, int BN>
-__device__ __forceinline__ void wide_keep(const GnaAxis (&ax)[3], const int (&lo)[2][3], const int (&width)[2][3], int lp,
-                                          uint32_t (&keep)[2]) {
+__device__ __forceinline__ void wide_keep(const GnaAxis (&ax)[3], uint32_t rep0, const int (&lo)[2][3], const int (&width)[2][3],
+                                          int lp, uint32_t (&keep)[2]) {
     constexpr int T2 = 1 << LOG_T2;
     static_assert(T2 >= 8 && T2 <= BN && BN == 128, "wide mask: innermost box side in [8, 128], 128-key tiles");
     constexpr int kWords = (T2 + 31) / 32;
-    constexpr int kSegments = BN / T2;
     constexpr int kNPerSegment = T2 / 8;
-    constexpr int kBits = 2 * kNPerSegment;  // pattern bits per segment; kSegments * kBits = 32
-    const int log_t1 = ax[1].log_tile, t1_mask = ax[1].tile - 1;
+    constexpr int kBits = 2 * kNPerSegment;  // pattern bits per segment; (BN / T2) * kBits = 32
+    const int t1 = ax[1].tile, t0 = ax[0].tile;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int start = lo[half][2] - lp, end = start + width[half][2];
@@ -177,19 +203,11 @@ __device__ __forceinline__ void wide_keep(const GnaAxis (&ax)[3], const int (&lo
         for (int w = 0; w < kWords; ++w) m[w] = bits_below(end - 32 * w) & ~bits_below(start - 32 * w);
         uint32_t pattern = 0;
 #pragma unroll
-        for (int nn = 0; nn < kNPerSegment; ++nn) {
-            const int x = nn * 8;  // compile-time after unrolling
-            pattern |= ((m[x / 32] >> (x % 32)) & 3u) << (2 * nn);
-        }
-        uint32_t k = 0;
-#pragma unroll
-        for (int seg = 0; seg < kSegments; ++seg) {
-            const int c1 = seg & t1_mask, c0 = seg >> log_t1;
-            const bool outer = (unsigned)(c1 - lo[half][1]) < (unsigned)width[half][1] &&
-                               (unsigned)(c0 - lo[half][0]) < (unsigned)width[half][0];
-            if (outer) k |= pattern << (seg * kBits);
-        }
-        keep[half] = k;
+        for (int nn = 0; nn < kNPerSegment; ++nn) pattern |= ((m[(nn * 8) / 32] >> ((nn * 8) % 32)) & 3u) << (2 * nn);
+        const uint32_t rows1 = bits_below(min(lo[half][1] + width[half][1], t1)) & ~bits_below(lo[half][1]);
+        const uint32_t copies0 =
+            rep0 & bits_below(min(lo[half][0] + width[half][0], t0) * t1) & ~bits_below(lo[half][0] * t1);
+        keep[half] = spread_bits<kBits>(rows1 * copies0) * pattern;
     }
 }
 
@@ -230,6 +248,10 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
     }
     // PARTIAL tiles: the bit-mask test when the innermost box side is >= 8 (uniform per launch).
     const int wide_mask = a.generic_mask ? 0 : (ax[2].log_tile >= 3 ? ax[2].log_tile : 0);
+    uint32_t rep0 = 0;  // one bit every t1 segments, per c0 < t0 (wide_keep)
+#pragma unroll
+    for (int c0 = 0; c0 < 16; ++c0)
+        if (c0 < ax[0].tile && c0 * ax[1].tile < 32) rep0 |= 1u << (c0 * ax[1].tile);
 
     auto issue_qk = [&](float (&s)[BN / 2], int g) {
         const uint32_t k_addr = smem_addr(sK + (g % kStages) * L::kKVBytes);
@@ -268,11 +290,11 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
             int lo[2][3];
             relative_starts(entry >> 2, lo);
             switch (wide_mask) {
-                case 3: wide_keep<3, BN>(ax, lo, win_width, lp, keep); break;
-                case 4: wide_keep<4, BN>(ax, lo, win_width, lp, keep); break;
-                case 5: wide_keep<5, BN>(ax, lo, win_width, lp, keep); break;
-                case 6: wide_keep<6, BN>(ax, lo, win_width, lp, keep); break;
-                default: wide_keep<7, BN>(ax, lo, win_width, lp, keep); break;
+                case 3: wide_keep<3, BN>(ax, rep0, lo, win_width, lp, keep); break;
+                case 4: wide_keep<4, BN>(ax, rep0, lo, win_width, lp, keep); break;
+                case 5: wide_keep<5, BN>(ax, rep0, lo, win_width, lp, keep); break;
+                case 6: wide_keep<6, BN>(ax, rep0, lo, win_width, lp, keep); break;
+                default: wide_keep<7, BN>(ax, rep0, lo, win_width, lp, keep); break;
             }
         }
         return entry;
