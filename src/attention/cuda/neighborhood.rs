@@ -247,8 +247,9 @@ fn q_in_place(q: &Tensor, params: &NeighborhoodParams) -> bool {
 }
 
 /// Heads per CTA: 1 unless `VISGEN_GNA_HEADS_PER_CTA=n` (tests, comparison runs). Measured on
-/// the H200 (kernels/NOTES.md, ## neighborhood): 2 heads per CTA hide the per-CTA fill but
-/// double the K/V working set in L2, a wash on FLUX-4K and 6% slower on the 3-D video shape.
+/// the H200 (kernels/NOTES.md, ## neighborhood): 2 heads per CTA (the next head's loads under
+/// the previous head's drain) double the K/V working set in L2: 10-14% slower on FLUX-4K s16
+/// with the ping-pong, 6% slower on the 3-D video shape without it, elsewhere within noise.
 fn heads_per_cta(h: usize) -> usize {
     match std::env::var("VISGEN_GNA_HEADS_PER_CTA").ok().and_then(|s| s.parse::<usize>().ok()) {
         Some(n) => n.clamp(1, h.max(1)),
@@ -258,7 +259,7 @@ fn heads_per_cta(h: usize) -> usize {
 
 /// Whether the consumer warpgroups ping-pong their GEMMs: on unless `VISGEN_GNA_PINGPONG=0`.
 fn pingpong() -> bool {
-    std::env::var("VISGEN_GNA_PINGPONG").map_or(true, |v| v != "0")
+    std::env::var("VISGEN_GNA_PINGPONG").as_deref() != Ok("0")
 }
 
 /// Device address of a tensor's first element (16-bit elements).
