@@ -1,12 +1,18 @@
 //! Times the sparse attention CUDA kernels (GNA, and PSA when present) against our dense kernel
 //! on the same shapes, in the same run (bf16, random inputs):
 //!
-//!   cargo run --release --features cuda --example bench_sparse [-- --reps N] [--psa-only]
+//!   cargo run --release --features cuda --example bench_sparse [-- --reps N] [--psa-only | --gna-only]
 //!
 //! Per case: time (median of samples of back-to-back calls between CUDA events; the GNA time
-//! includes the permutation kernel; the in-place path's time, 5-D TMA boxes, follows),
-//! effective TFLOP/s (4 N K D per head, K = keys per query), tile TFLOP/s (the FLOPs of the visited 128x128 tiles), our dense kernel's time,
-//! speedup, fraction of KV tiles visited, and the goal speedup 0.9 / fraction.
+//! includes the permutation kernel), effective TFLOP/s (4 N K D per head, K = keys per query),
+//! tile TFLOP/s (the FLOPs of the visited 128x128 tiles, extra-token tiles included), our dense
+//! kernel's time, speedup, fraction of KV tiles visited and the goal speedup 0.9 / fraction.
+//! The fraction counts the extra-token (text) tiles on both sides: GNA visits them for every
+//! query tile and the dense kernel attends the extra keys too, so it is (grid tiles visited +
+//! extra tiles visited) / (query tiles x (grid KV tiles + extra KV tiles)).
+//! Then the same call under other configurations (environment switches of the launcher): v1
+//! (q permuted, per-element window test, no ping-pong), each of those alone, 2 heads per CTA,
+//! in place.
 
 #[cfg(feature = "cuda")]
 fn main() -> anyhow::Result<()> {
@@ -21,6 +27,8 @@ fn main() -> anyhow::Result<()> {
     };
     // --psa-only: skip the GNA cases (shorter device calls).
     let psa_only = std::env::args().any(|a| a == "--psa-only");
+    // --gna-only: skip the PSA case.
+    let gna_only = std::env::args().any(|a| a == "--gna-only");
     let device = Device::new_cuda(0)?;
     let dev = device.as_cuda_device()?.clone();
     let stream = dev.cuda_stream();
@@ -81,20 +89,37 @@ fn main() -> anyhow::Result<()> {
             gna::forward(&q, &k, &v, &c.grid, &p, extra, scale)?;
             Ok(())
         })?;
-        // The same with in-place reads (5-D TMA boxes, no permutation pass), to compare.
-        std::env::set_var("VISGEN_GNA_IN_PLACE", "1");
-        let in_place_ms = time(3, &mut || {
-            gna::forward(&q, &k, &v, &c.grid, &p, extra, scale)?;
-            Ok(())
-        })?;
-        std::env::remove_var("VISGEN_GNA_IN_PLACE");
+        // The same under other launcher configurations (environment switches), to compare.
+        let variants: [(&str, &[(&str, &str)]); 7] = [
+            ("v1 (q permuted, generic mask, no ping-pong)", &[("VISGEN_GNA_PERMUTE_Q", "1"), ("VISGEN_GNA_GENERIC_MASK", "1"), ("VISGEN_GNA_PINGPONG", "0")]),
+            ("no ping-pong", &[("VISGEN_GNA_PINGPONG", "0")]),
+            ("q permuted", &[("VISGEN_GNA_PERMUTE_Q", "1")]),
+            ("generic mask", &[("VISGEN_GNA_GENERIC_MASK", "1")]),
+            ("2 heads per CTA", &[("VISGEN_GNA_HEADS_PER_CTA", "2")]),
+            ("no ping-pong, 2 heads per CTA", &[("VISGEN_GNA_PINGPONG", "0"), ("VISGEN_GNA_HEADS_PER_CTA", "2")]),
+            ("in place (no permutation pass)", &[("VISGEN_GNA_IN_PLACE", "1")]),
+        ];
+        let mut variant_ms = Vec::new();
+        for (name, vars) in variants {
+            for (key, val) in vars {
+                std::env::set_var(key, val);
+            }
+            let ms = time(3, &mut || {
+                gna::forward(&q, &k, &v, &c.grid, &p, extra, scale)?;
+                Ok(())
+            });
+            for (key, _) in vars {
+                std::env::remove_var(key);
+            }
+            variant_ms.push((name, ms?));
+        }
         let dense_ms = time(1, &mut || {
             dense::forward(&q, &k, &v, None, extra, scale)?;
             Ok(())
         })?;
         let keys_per_query = c.kernel.iter().product::<usize>() + c.extra;
         let flops_eff = 4.0 * (c.heads * n) as f64 * keys_per_query as f64 * c.d as f64;
-        let extra_tiles = c.extra.div_ceil(128) * t.q_tiles();
+        let extra_tiles = t.entries.len() - t.visited; // extra-token tiles visited (every query tile with a real query)
         let flops_tiles = 4.0 * c.heads as f64 * ((t.visited + extra_tiles) * 128 * 128) as f64 * c.d as f64;
         let fraction = t.visited_fraction();
         let goal = 0.9 / fraction;
@@ -111,20 +136,29 @@ fn main() -> anyhow::Result<()> {
             goal,
             if speedup >= goal { "yes" } else { "no" }
         );
-        println!("    in place (no permutation pass): {in_place_ms:.3} ms (speedup {:.2})", dense_ms / in_place_ms);
+        for (name, ms) in &variant_ms {
+            println!("    {name:<44} {ms:>8.3} ms (speedup {:.2})", dense_ms / ms);
+        }
         println!(
-            "    box {:?}, {} query tiles, {} KV tiles visited ({} full, {} partial), {} extra-token tiles",
+            "    box {:?}, {} query tiles, {} KV tiles visited ({} full, {} partial), {} extra-token tiles visited; \
+             fraction = ({} + {}) / ({} x ({} + {})); grid tiles alone {:.4}",
             t.axes.map(|a| a.tile),
             t.q_tiles(),
             t.visited,
             t.full,
             t.visited - t.full,
-            extra_tiles
+            extra_tiles,
+            t.visited,
+            extra_tiles,
+            n.div_ceil(128),
+            n.div_ceil(128),
+            c.extra.div_ceil(128),
+            t.visited as f64 / (n.div_ceil(128) as f64).powi(2)
         );
     }
 
     // PSA at its defaults (10% full, 5% 2x, 0% 4x, 20% 8x, 65% skipped) on SANA-Video 480p.
-    {
+    if !gna_only {
         use visgen::attention::cuda::pyramid as psa;
         use visgen::attention::PyramidParams;
         let (b, h, n, d) = (1usize, 20usize, 32760usize, 112usize);

@@ -39,6 +39,12 @@ fn shapes() -> Vec<(Vec<usize>, NeighborhoodParams, usize)> {
         (vec![6, 16, 20], params(&[4, 8, 8], &[2, 4, 4], &[1, 1, 1], &[true, false, false]), 0),
         (vec![9, 10, 11], params(&[3, 3, 3], &[1, 2, 3], &[2, 2, 3], &[false, true, false]), 20),
         (vec![5, 7, 9], params(&[5, 7, 9], &[5, 7, 9], &[1, 1, 1], &[false, false, false]), 0),
+        // boxes whose PARTIAL tiles take the bit-mask test with every innermost side >= 8 not
+        // covered above: (1, 4, 32), (1, 2, 64), (8, 2, 8) with a causal axis, (2, 4, 16)
+        (vec![4, 200], params(&[3, 65], &[1, 1], &[1, 1], &[false, false]), 0),
+        (vec![6, 300], params(&[3, 97], &[1, 2], &[1, 1], &[false, false]), 50),
+        (vec![8, 12, 24], params(&[3, 5, 9], &[1, 1, 2], &[1, 1, 1], &[false, false, true]), 0),
+        (vec![6, 16, 16], params(&[4, 7, 7], &[1, 1, 1], &[1, 1, 1], &[false, false, false]), 0),
     ]
 }
 
@@ -291,4 +297,46 @@ fn parity_in_place_path() {
         }
     }
     assert!(failures.is_empty(), "{} failing cases:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// Runs `f` with the environment switches `vars` set (tests run with one thread).
+fn with_env<T>(vars: &[(&str, &str)], f: impl FnOnce() -> T) -> T {
+    for (k, v) in vars {
+        std::env::set_var(k, v);
+    }
+    let out = f();
+    for (k, _) in vars {
+        std::env::remove_var(k);
+    }
+    out
+}
+
+#[test]
+fn fast_paths_equal_the_v1_configuration_bit_for_bit() {
+    // The bit-mask window test (innermost box side >= 8), q read in place, the ping-pong of the
+    // consumer warpgroups and 2 or 3 heads per CTA (H = 3: the last CTA of a row runs one head)
+    // against v1: per-element test, q permuted, no ping-pong, one head per CTA. Same arithmetic
+    // in the same order, so the outputs must be identical.
+    let dev = gpu();
+    let v1 = [("VISGEN_GNA_GENERIC_MASK", "1"), ("VISGEN_GNA_PERMUTE_Q", "1"), ("VISGEN_GNA_HEADS_PER_CTA", "1"), ("VISGEN_GNA_PINGPONG", "0")];
+    for (i, (grid, p, ne)) in shapes().into_iter().enumerate() {
+        let n: usize = grid.iter().product();
+        let (b, h, d) = (2, 3, gna::HEAD_DIMS[i % gna::HEAD_DIMS.len()]);
+        let rnd = |len: usize| Tensor::randn(0f32, 1.0, (b, h, len, d), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let (q, k, v) = (rnd(n), rnd(n), rnd(n));
+        let (k2, v2) = (rnd(ne.max(1)), rnd(ne.max(1)));
+        let extra = (ne > 0).then_some((&k2, &v2));
+        let (o_ref, l_ref) = with_env(&v1, || gna::forward_poisoned(&q, &k, &v, &grid, &p, extra, 0.1).unwrap());
+        let (o_ref, l_ref) = (to_cpu_f32(&o_ref), to_cpu_f32(&l_ref));
+        assert_eq!(count_nan(&o_ref) + count_nan(&l_ref), 0, "{grid:?}: v1 left rows unwritten");
+        for (heads, pingpong) in [("1", "1"), ("2", "1"), ("3", "1"), ("1", "0"), ("2", "0")] {
+            let vars = [("VISGEN_GNA_HEADS_PER_CTA", heads), ("VISGEN_GNA_PINGPONG", pingpong)];
+            let (o, l) = with_env(&vars, || gna::forward_poisoned(&q, &k, &v, &grid, &p, extra, 0.1).unwrap());
+            let (o, l) = (to_cpu_f32(&o), to_cpu_f32(&l));
+            let what = format!("{grid:?} {p:?}: {heads} heads per CTA, ping-pong {pingpong}");
+            assert_eq!(count_nan(&o) + count_nan(&l), 0, "{what}: rows unwritten");
+            assert_eq!(errors(&o, &o_ref).0, 0.0, "{what}: O differs from v1");
+            assert_eq!(errors(&l, &l_ref).0, 0.0, "{what}: lse differs from v1");
+        }
+    }
 }

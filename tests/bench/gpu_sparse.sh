@@ -8,6 +8,7 @@
 #
 # PACK_DIR=... packs elsewhere (e.g. /work/main/.gpu/cuda-sparse for the device call's checkout).
 # PSA_ONLY=1 (pack and run): cuda_pyramid and the PSA bench case only.
+# GNA_ONLY=1 (pack and run): cuda_neighborhood and the GNA bench cases only.
 #
 # Everything the run prints also goes to $OUT/sparse_check.log. The tests set an environment
 # variable (VISGEN_GNA_IN_PLACE) while they run: keep --test-threads=1.
@@ -22,6 +23,7 @@ pack() {
     local out="${PACK_DIR:-$root/.gpu/sparse}"
     local test_args="--test cuda_neighborhood --test cuda_pyramid"
     [ "${PSA_ONLY:-0}" = 1 ] && test_args="--test cuda_pyramid"
+    [ "${GNA_ONLY:-0}" = 1 ] && test_args="--test cuda_neighborhood"
     rm -rf "$out" && mkdir -p "$out"
     cargo build --release --features cuda --example bench_sparse
     local tests
@@ -55,16 +57,20 @@ run() {
         done
         if [ -x /tmp/cuda_neighborhood ] && [ "${PSA_ONLY:-0}" != 1 ]; then
             echo "=== cuda_neighborhood"
-            timeout 60 /tmp/cuda_neighborhood --test-threads=1 --nocapture 2>&1
+            timeout 120 /tmp/cuda_neighborhood --test-threads=1 --nocapture 2>&1
         fi
         echo "=== bench_sparse"
         if [ "${PSA_ONLY:-0}" = 1 ]; then
             timeout 60 /tmp/bench_sparse --reps 5 --psa-only 2>&1
+        elif [ "${GNA_ONLY:-0}" = 1 ]; then
+            timeout 100 /tmp/bench_sparse --reps 5 --gna-only 2>&1
         else
             timeout 100 /tmp/bench_sparse --reps 5 2>&1
         fi
-        echo "=== cuda_pyramid"
-        timeout 60 /tmp/cuda_pyramid --test-threads=1 --nocapture 2>&1
+        if [ -x /tmp/cuda_pyramid ] && [ "${GNA_ONLY:-0}" != 1 ]; then
+            echo "=== cuda_pyramid"
+            timeout 60 /tmp/cuda_pyramid --test-threads=1 --nocapture 2>&1
+        fi
         echo "=== done"
     } 2>&1 | tee "$log"
 }

@@ -3,11 +3,18 @@
 //
 // Layout (built on the host, src/attention/neighborhood/tiles.rs): tokens are permuted so that
 // every run of 128 tokens is a box t0 x t1 x t2 of the grid inside one dilation group (NATTEN's
-// token permutation), so a query tile's windows cover few KV tiles. q, k, v arrive permuted and
-// zero-padded (gna_permute); the output is scattered back to the original token order in the
-// epilogue (no second pass). Each list entry is (kv_tile << 2 | kind):
+// token permutation), so a query tile's windows cover few KV tiles. k, v arrive permuted and
+// zero-padded (gna_permute); q too, or (dilation 1, the default) q is read in place, one 5-D TMA
+// box per tile (read once per CTA, so the box's short rows cost nothing); the output is
+// scattered back to the original token order in the epilogue (no second pass). The two consumer
+// warpgroups ping-pong their GEMMs (FlashAttention-3), so the softmax and window test of one
+// run under the other's GEMMs. A CTA may run one query tile for `heads_per_cta` heads in a row
+// (1 by default), the K/V ring running on across heads, so the next head's Q and first tiles
+// load under the previous head's last P V and epilogue.
+// Each list entry is (kv_tile << 2 | kind):
 //   FULL     every real query of the tile sees every key: no masking at all
-//   PARTIAL  the window test per element, from the tokens' intra-group coordinates
+//   PARTIAL  the window test per element, from the tokens' intra-group coordinates (a bit mask
+//            per row along the innermost axis when its box side is >= 8: wide_keep, computed under the tile's Q K^T)
 //   EXTRA    128 extra KV tokens (FLUX text) seen by every query; only the ragged end is masked
 // The extra tokens share the softmax with the grid keys, so no log-sum-exp merge is needed.
 //
@@ -48,8 +55,20 @@ struct GnaArgs {
     // (64, t2, t1, t0, 1), whose smem image is the permuted tile (dilation 1 only; rows
     // outside the grid read as zero). 0: permuted copies through 4-D maps.
     int32_t direct;
+    // 1: only q is read in place (5-D map in `q`, dilation 1), k and v are permuted copies.
+    int32_t direct_q;
+    int32_t heads;            // H (the grid's y dimension is ceil(H / heads_per_cta))
+    // A CTA runs its query tile for this many consecutive heads (same list): the next head's Q
+    // and first K/V tiles load while the last P V and the epilogue of the previous one run.
+    int32_t heads_per_cta;
+    // 1: the per-element window test of v1 on every PARTIAL tile (comparison runs only).
+    int32_t generic_mask;
+    // 1: the two consumer warpgroups take turns issuing their GEMMs (FlashAttention-3's
+    // ping-pong), so one's softmax (and window test) runs under the other's GEMMs.
+    int32_t pingpong;
 };
-static_assert(sizeof(GnaArgs) == 896 && offsetof(GnaArgs, o) == 640 && offsetof(GnaArgs, axis) == 720,
+static_assert(sizeof(GnaArgs) == 896 && offsetof(GnaArgs, o) == 640 && offsetof(GnaArgs, axis) == 720 &&
+                  offsetof(GnaArgs, pingpong) == 872,
               "GnaArgs layout changed: update src/attention/cuda/neighborhood.rs");
 
 namespace gna {
@@ -103,22 +122,103 @@ __device__ __forceinline__ void tma_load5(void* dst, const CUtensorMap* map, uin
 
 // Loads tile `tile` (128 rows, one 64-column block) of q, k or v: from the permuted copy, or in
 // place (direct): the tile's box starts at tile coordinate x tile size on each axis.
-__device__ __forceinline__ void load_tile(const GnaArgs& a, void* dst, const CUtensorMap* map, uint64_t* bar, int col, int tile,
-                                          int h, int b) {
-    if (a.direct) {
+__device__ __forceinline__ void load_tile(const GnaArgs& a, bool direct, void* dst, const CUtensorMap* map, uint64_t* bar, int col,
+                                          int tile, int h, int b) {
+    if (direct) {
         int t[3];
         tile_coords(a.axis, tile, t);
-        tma_load5(dst, map, bar, col, t[2] * a.axis[2].tile, t[1] * a.axis[1].tile, t[0] * a.axis[0].tile, b * gridDim.y + h);
+        tma_load5(dst, map, bar, col, t[2] * a.axis[2].tile, t[1] * a.axis[1].tile, t[0] * a.axis[0].tile, b * a.heads + h);
     } else {
         tma_load(dst, map, bar, col, tile * 128, h, b);
     }
 }
 
-// One consumer warpgroup: 64 of the 128 query rows of tile `qt` against its listed KV tiles.
+// Named barriers 1 and 2 (0 is __syncthreads): the ping-pong turns of consumer warpgroups 0 and 1,
+// 256 threads each (128 wait with sync, the other warpgroup's 128 arrive).
+__device__ __forceinline__ void turn_wait(int cw) {
+    asm volatile("bar.sync %0, 256;\n" ::"r"(1 + cw) : "memory");
+}
+__device__ __forceinline__ void turn_pass(int cw) {
+    asm volatile("bar.arrive %0, 256;\n" ::"r"(1 + (cw ^ 1)) : "memory");
+}
+
+// Bits [0, x) of a 32-bit word, x clamped to [0, 32].
+__device__ __forceinline__ uint32_t bits_below(int x) {
+    return x <= 0 ? 0u : x >= 32 ? 0xffffffffu : (1u << x) - 1u;
+}
+
+// Spreads the low 32 / KBITS bits of x so that bit i lands at bit i * KBITS (KBITS = 2 .. 32).
+template <int KBITS>
+__device__ __forceinline__ uint32_t spread_bits(uint32_t x) {
+    if constexpr (KBITS == 2) {
+        x = (x | x << 8) & 0x00FF00FFu;
+        x = (x | x << 4) & 0x0F0F0F0Fu;
+        x = (x | x << 2) & 0x33333333u;
+        return (x | x << 1) & 0x55555555u;
+    } else if constexpr (KBITS == 4) {
+        x = (x | x << 12) & 0x000F000Fu;
+        x = (x | x << 6) & 0x03030303u;
+        return (x | x << 3) & 0x11111111u;
+    } else if constexpr (KBITS == 8) {
+        x = (x | x << 14) & 0x00030003u;
+        return (x | x << 7) & 0x01010101u;
+    } else if constexpr (KBITS == 16) {
+        return (x | x << 15) & 0x00010001u;
+    } else {
+        return x & 1u;
+    }
+}
+
+// The window test of a PARTIAL tile when the innermost box side T2 = 2^LOG_T2 is >= 8, as one
+// 32-bit word per row of the thread: bit 2 n + c of keep[half] set when the key of column
+// 8 n + lp + c (lp = (lane % 4) 2) is in the row's window. It depends on the tile, not on S,
+// so it is computed while the tile's Q K^T is on the tensor cores; after the GEMM only the
+// select per element is left.
+//
+// With T2 >= 8 the 8 columns of one n share their outer box offsets: segment seg = 8 n / T2
+// (T2 columns), c1 = seg % t1, c0 = seg / t1, and the innermost offset is
+// c2 = (8 n) % T2 + lp + c. The test is separable (in the window on every axis):
+// - axis 2: a bit mask m over x = c2 - lp (bit x set when key offset x + lp is in
+//   [lo2, lo2 + w2)), the same in every segment; its bits x = 8 nn + c (nn < T2 / 8) gathered
+//   give the segment's pattern of KBITS = T2 / 4 bits;
+// - axes 0 and 1: the allowed segments {c0 t1 + c1 : c0 in [lo0, lo0 + w0), c1 in [lo1, lo1 + w1)}
+//   are the interval mask of c1 times the copies (one bit every t1, `rep0`: one per c0 < t0)
+//   that fall in the c0 interval; no carries, the factors' bits do not overlap;
+// - keep = (allowed segments spread to one bit every KBITS) x pattern.
+// Checked against the per-element definition by the bit-equality test against v1.
+template <int LOG_T2, int BN>
+__device__ __forceinline__ void wide_keep(const GnaAxis (&ax)[3], uint32_t rep0, const int (&lo)[2][3], const int (&width)[2][3],
+                                          int lp, uint32_t (&keep)[2]) {
+    constexpr int T2 = 1 << LOG_T2;
+    static_assert(T2 >= 8 && T2 <= BN && BN == 128, "wide mask: innermost box side in [8, 128], 128-key tiles");
+    constexpr int kWords = (T2 + 31) / 32;
+    constexpr int kNPerSegment = T2 / 8;
+    constexpr int kBits = 2 * kNPerSegment;  // pattern bits per segment; (BN / T2) * kBits = 32
+    const int t1 = ax[1].tile, t0 = ax[0].tile;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int start = lo[half][2] - lp, end = start + width[half][2];
+        uint32_t m[kWords];
+#pragma unroll
+        for (int w = 0; w < kWords; ++w) m[w] = bits_below(end - 32 * w) & ~bits_below(start - 32 * w);
+        uint32_t pattern = 0;
+#pragma unroll
+        for (int nn = 0; nn < kNPerSegment; ++nn) pattern |= ((m[(nn * 8) / 32] >> ((nn * 8) % 32)) & 3u) << (2 * nn);
+        const uint32_t rows1 = bits_below(min(lo[half][1] + width[half][1], t1)) & ~bits_below(lo[half][1]);
+        const uint32_t copies0 =
+            rep0 & bits_below(min(lo[half][0] + width[half][0], t0) * t1) & ~bits_below(lo[half][0] * t1);
+        keep[half] = spread_bits<kBits>(rows1 * copies0) * pattern;
+    }
+}
+
+// One consumer warpgroup: 64 of the 128 query rows of tile `qt` against its listed KV tiles,
+// for the heads h_first .. h_first + n_heads - 1 one after the other. The K/V ring runs on across
+// heads: ring slot g (counted over the whole CTA) is stage g % kStages, phase g / kStages.
 template <int D, typename T>
 __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, const uint8_t* sK, const uint8_t* sV,
-                                        uint64_t* q_full, uint64_t* k_full, uint64_t* v_full, uint64_t* empty, int cw,
-                                        int warp, int lane, int qt, int b, int h, const int32_t* list, int n_tiles) {
+                                        uint64_t* q_full, uint64_t* q_empty, uint64_t* k_full, uint64_t* v_full,
+                                        uint64_t* empty, int cw, int warp, int lane, int qt, int b, int h_first, int n_heads,
+                                        const int32_t* list, int n_tiles) {
     using L = Tile<D, 2>;
     constexpr int BN = L::kBlockN;
     constexpr int DP = L::kDPad;
@@ -146,9 +246,15 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
             win_width[half][d] = e - s;
         }
     }
+    // PARTIAL tiles: the bit-mask test when the innermost box side is >= 8 (uniform per launch).
+    const int wide_mask = a.generic_mask ? 0 : (ax[2].log_tile >= 3 ? ax[2].log_tile : 0);
+    uint32_t rep0 = 0;  // one bit every t1 segments, per c0 < t0 (wide_keep)
+#pragma unroll
+    for (int c0 = 0; c0 < 16; ++c0)
+        if (c0 < ax[0].tile && c0 * ax[1].tile < 32) rep0 |= 1u << (c0 * ax[1].tile);
 
-    auto issue_qk = [&](float (&s)[BN / 2], int j) {
-        const uint32_t k_addr = smem_addr(sK + (j % kStages) * L::kKVBytes);
+    auto issue_qk = [&](float (&s)[BN / 2], int g) {
+        const uint32_t k_addr = smem_addr(sK + (g % kStages) * L::kKVBytes);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < (D + 15) / 16; ++kk) {
@@ -161,37 +267,67 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
     };
 
     float o[DP / 2];
+    float row_max[2], row_sum[2];
+
+    // Window start of this thread's rows relative to KV tile `tile`, per axis.
+    const int lp = (lane % 4) * 2;
+    auto relative_starts = [&](int tile, int (&lo)[2][3]) {
+        int ktc[3];
+        tile_coords(ax, tile, ktc);
 #pragma unroll
-    for (int i = 0; i < DP / 2; ++i) o[i] = 0.f;
-    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+        for (int d = 0; d < 3; ++d) {
+            const int k0 = (ktc[d] % ax[d].tiles_per_group) * ax[d].tile;
+            lo[0][d] = win_start[0][d] - k0;
+            lo[1][d] = win_start[1][d] - k0;
+        }
+    };
+    // List entry j, and for a PARTIAL tile with the bit-mask test its keep words (see
+    // wide_keep): called before waiting for the tile's Q K^T, so it runs under the GEMM.
+    auto prepare = [&](int j, uint32_t (&keep)[2]) -> int {
+        const int entry = __ldg(list + j);
+        keep[0] = keep[1] = 0xffffffffu;
+        if ((entry & 3) == kPartial && wide_mask) {
+            int lo[2][3];
+            relative_starts(entry >> 2, lo);
+            switch (wide_mask) {
+                case 3: wide_keep<3, BN>(ax, rep0, lo, win_width, lp, keep); break;
+                case 4: wide_keep<4, BN>(ax, rep0, lo, win_width, lp, keep); break;
+                case 5: wide_keep<5, BN>(ax, rep0, lo, win_width, lp, keep); break;
+                case 6: wide_keep<6, BN>(ax, rep0, lo, win_width, lp, keep); break;
+                default: wide_keep<7, BN>(ax, rep0, lo, win_width, lp, keep); break;
+            }
+        }
+        return entry;
+    };
 
     // Masks S_j by the tile's kind, then the online softmax (as in the dense kernel).
-    auto softmax = [&](float (&s)[BN / 2], int j, float (&alpha)[2]) {
-        const int entry = __ldg(list + j);
+    auto softmax = [&](float (&s)[BN / 2], int entry, const uint32_t (&keep)[2], float (&alpha)[2]) {
         const int kind = entry & 3, tile = entry >> 2;
-        if (kind == kPartial) {
-            // Key intra-group coordinate along axis d = tile start + box offset of the column;
-            // in the window when (unsigned)(j_d - start) < width on all three axes.
-            int ktc[3], lo[2][3];
-            tile_coords(ax, tile, ktc);
+        if (kind == kPartial && wide_mask) {
 #pragma unroll
-            for (int d = 0; d < 3; ++d) {
-                const int k0 = (ktc[d] % ax[d].tiles_per_group) * ax[d].tile;
-                lo[0][d] = win_start[0][d] - k0;
-                lo[1][d] = win_start[1][d] - k0;
-            }
+            for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                for (int half = 0; half < 2; ++half)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c)
+                        if (!((keep[half] >> (2 * n + c)) & 1u)) s[4 * n + 2 * half + c] = -INFINITY;
+        } else if (kind == kPartial) {
+            // Generic test (innermost box side < 8): key intra-group coordinate along axis d =
+            // tile start + box offset of the column; in the window when
+            // (unsigned)(j_d - start) < width on all three axes.
+            int lo[2][3];
+            relative_starts(tile, lo);
 #pragma unroll
             for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
                 for (int c = 0; c < 2; ++c) {
                     int kc[3];
-                    box_offsets(ax, n * 8 + (lane % 4) * 2 + c, kc);
+                    box_offsets(ax, n * 8 + lp + c, kc);
 #pragma unroll
                     for (int half = 0; half < 2; ++half) {
                         bool ok = true;
 #pragma unroll
-                        for (int d = 0; d < 3; ++d)
-                            ok &= (unsigned)(kc[d] - lo[half][d]) < (unsigned)win_width[half][d];
+                        for (int d = 0; d < 3; ++d) ok &= (unsigned)(kc[d] - lo[half][d]) < (unsigned)win_width[half][d];
                         if (!ok) s[4 * n + 2 * half + c] = -INFINITY;
                     }
                 }
@@ -242,9 +378,9 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
 #pragma unroll
             for (int i = 0; i < 4; ++i) o[4 * n + i] *= alpha[i / 2];
     };
-    auto issue_pv = [&](int j) {
-        mbar_wait(&v_full[j % kStages], (j / kStages) & 1);
-        const uint32_t v_addr = smem_addr(sV + (j % kStages) * L::kKVBytes);
+    auto issue_pv = [&](int g) {
+        mbar_wait(&v_full[g % kStages], (g / kStages) & 1);
+        const uint32_t v_addr = smem_addr(sV + (g % kStages) * L::kKVBytes);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
@@ -254,58 +390,89 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
         wgmma_commit();
     };
 
-    // ---- main loop: the dense kernel's software pipeline over the listed tiles ----
-    mbar_wait(q_full, 0);
-    float s[BN / 2];
-    if (n_tiles > 0) {
-        mbar_wait(&k_full[0], 0);
-        issue_qk(s, 0);
-        wgmma_wait0();
-        float alpha[2];
-        softmax(s, 0, alpha);
-        pack_p(s);
-    }
-    for (int j = 0; j + 1 < n_tiles; ++j) {
-        mbar_wait(&k_full[(j + 1) % kStages], ((j + 1) / kStages) & 1);
-        issue_qk(s, j + 1);
-        issue_pv(j);
-        wgmma_wait1();
-        float alpha[2];
-        softmax(s, j + 1, alpha);
-        wgmma_wait0();
-        mbar_arrive(&empty[j % kStages]);
-        rescale_o(alpha);
-        pack_p(s);
-    }
-    if (n_tiles > 0) {
-        issue_pv(n_tiles - 1);
-        wgmma_wait0();
-    }
+    // Ping-pong: each warpgroup issues its Q K^T (and P V) only on its turn and then passes the
+    // turn, so the GEMMs of one run while the other is in its softmax. Warpgroup 0 starts; both
+    // run the same number of tiles, so the turns pair up, and warpgroup 0 takes the last turn
+    // warpgroup 1 passes (after the loop) so that no barrier is left half arrived.
+    const bool pingpong = a.pingpong != 0;
+    if (pingpong && cw == 1) turn_pass(cw);
 
-    // ---- store O / l and lse at the original token of each row (the inverse permutation) ----
-    T* o_base = static_cast<T*>(a.o) + b * a.o_stride[0] + h * a.o_stride[1];
-    float* lse_base = a.lse + b * a.lse_stride[0] + h * a.lse_stride[1];
+    for (int item = 0; item < n_heads; ++item) {
+        const int h = h_first + item;
+        const int g0 = item * n_tiles;  // ring slot of this head's first tile
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        float l = row_sum[half];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        const int token = __ldg(a.perm + qt * 128 + cw * 64 + warp * 16 + lane / 4 + half * 8);
-        if (token >= 0) {
-            T* orow = o_base + (int64_t)token * a.o_stride[2];
+        for (int i = 0; i < DP / 2; ++i) o[i] = 0.f;
+        row_max[0] = row_max[1] = -INFINITY;
+        row_sum[0] = row_sum[1] = 0.f;
+
+        // ---- main loop: the dense kernel's software pipeline over the listed tiles ----
+        mbar_wait(q_full, item & 1);
+        float s[BN / 2];
+        if (n_tiles > 0) {
+            mbar_wait(&k_full[g0 % kStages], (g0 / kStages) & 1);
+            if (pingpong) turn_wait(cw);
+            issue_qk(s, g0);
+            if (pingpong) turn_pass(cw);
+            uint32_t keep[2];
+            const int entry = prepare(0, keep);
+            wgmma_wait0();
+            float alpha[2];
+            softmax(s, entry, keep, alpha);
+            pack_p(s);
+        }
+        for (int j = 0; j + 1 < n_tiles; ++j) {
+            const int g = g0 + j;
+            mbar_wait(&k_full[(g + 1) % kStages], ((g + 1) / kStages) & 1);
+            if (pingpong) turn_wait(cw);
+            issue_qk(s, g + 1);
+            issue_pv(g);
+            if (pingpong) turn_pass(cw);
+            uint32_t keep[2];
+            const int entry = prepare(j + 1, keep);
+            wgmma_wait1();
+            float alpha[2];
+            softmax(s, entry, keep, alpha);
+            wgmma_wait0();
+            mbar_arrive(&empty[g % kStages]);
+            rescale_o(alpha);
+            pack_p(s);
+        }
+        // Every Q K^T of this head has completed: the producer may load the next head's Q while
+        // the last P V and the epilogue run.
+        mbar_arrive(q_empty);
+        if (n_tiles > 0) {
+            const int g = g0 + n_tiles - 1;
+            issue_pv(g);
+            wgmma_wait0();
+            mbar_arrive(&empty[g % kStages]);
+        }
+
+        // ---- store O / l and lse at the original token of each row (the inverse permutation) ----
+        T* o_base = static_cast<T*>(a.o) + b * a.o_stride[0] + h * a.o_stride[1];
+        float* lse_base = a.lse + b * a.lse_stride[0] + h * a.lse_stride[1];
 #pragma unroll
-            for (int n = 0; n < D / 8; ++n)
-                *reinterpret_cast<uint32_t*>(orow + n * 8 + (lane % 4) * 2) =
-                    pack2<T>(o[4 * n + 2 * half] * inv, o[4 * n + 2 * half + 1] * inv);
-            if (lane % 4 == 0)
-                lse_base[token] = l > 0.f ? (row_max[half] + __log2f(l)) * 0.69314718055994531f : -INFINITY;
+        for (int half = 0; half < 2; ++half) {
+            float l = row_sum[half];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const int token = __ldg(a.perm + qt * 128 + cw * 64 + warp * 16 + lane / 4 + half * 8);
+            if (token >= 0) {
+                T* orow = o_base + (int64_t)token * a.o_stride[2];
+#pragma unroll
+                for (int n = 0; n < D / 8; ++n)
+                    *reinterpret_cast<uint32_t*>(orow + n * 8 + (lane % 4) * 2) =
+                        pack2<T>(o[4 * n + 2 * half] * inv, o[4 * n + 2 * half + 1] * inv);
+                if (lane % 4 == 0)
+                    lse_base[token] = l > 0.f ? (row_max[half] + __log2f(l)) * 0.69314718055994531f : -INFINITY;
+            }
         }
     }
+    if (pingpong && cw == 0) turn_wait(cw);
 }
 
-// CTA = one query tile (128 permuted tokens) of one (batch, head): producer warpgroup + 2
-// consumer warpgroups, the dense kernel's 3-stage K/V ring.
+// CTA = one query tile (128 permuted tokens) of one batch and `heads_per_cta` consecutive heads:
+// producer warpgroup + 2 consumer warpgroups, the dense kernel's 3-stage K/V ring.
 template <int D, typename T>
 __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
     using L = Tile<D, 2>;
@@ -321,15 +488,19 @@ __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
     uint64_t* k_full = bars + 1;
     uint64_t* v_full = bars + 1 + kStages;
     uint64_t* empty = bars + 1 + 2 * kStages;
+    uint64_t* q_empty = bars + 1 + 3 * kStages;  // 11 barriers = 88 of the 128 bytes
 
     const int tid = threadIdx.x, wg = tid / 128;
-    const int qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int qt = blockIdx.x, b = blockIdx.z;
+    const int h_first = blockIdx.y * a.heads_per_cta;
+    const int n_heads = min(a.heads_per_cta, a.heads - h_first);
     const int begin = __ldg(a.offsets + qt);
     const int n_tiles = __ldg(a.offsets + qt + 1) - begin;
     const int32_t* list = a.entries + begin;
 
     if (tid == 0) {
         mbar_init(q_full, 1);
+        mbar_init(q_empty, 128 * 2);
         for (int s = 0; s < kStages; ++s) {
             mbar_init(&k_full[s], 1);
             mbar_init(&v_full[s], 1);
@@ -342,33 +513,44 @@ __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
         if (tid == 0) {
-            mbar_expect_tx(q_full, L::kQBytes);
-            for (int c = 0; c < L::kColBlocks; ++c) load_tile(a, sQ + c * L::kQRows * 128, &a.q, q_full, c * 64, qt, h, b);
-            for (int j = 0; j < n_tiles; ++j) {
-                const int s = j % kStages;
-                if (j >= kStages) mbar_wait(&empty[s], (j / kStages - 1) & 1);
-                const int entry = __ldg(list + j);
-                const bool extra = (entry & 3) == kExtra;
-                const int tile = entry >> 2;
-                mbar_expect_tx(&k_full[s], L::kKVBytes);
-                for (int c = 0; c < L::kColBlocks; ++c) {
-                    uint8_t* dst = sK + s * L::kKVBytes + c * BN * 128;
-                    if (extra) tma_load(dst, &a.k2, &k_full[s], c * 64, tile * BN, h, b);
-                    else load_tile(a, dst, &a.k, &k_full[s], c * 64, tile, h, b);
-                }
-                mbar_expect_tx(&v_full[s], L::kKVBytes);
-                for (int c = 0; c < L::kColBlocks; ++c) {
-                    uint8_t* dst = sV + s * L::kKVBytes + c * BN * 128;
-                    if (extra) tma_load(dst, &a.v2, &v_full[s], c * 64, tile * BN, h, b);
-                    else load_tile(a, dst, &a.v, &v_full[s], c * 64, tile, h, b);
+            const bool direct_q = a.direct || a.direct_q;
+            for (int item = 0; item < n_heads; ++item) {
+                const int h = h_first + item;
+                // The consumers release Q once every Q K^T of the previous head has completed.
+                if (item > 0) mbar_wait(q_empty, (item - 1) & 1);
+                mbar_expect_tx(q_full, L::kQBytes);
+                for (int c = 0; c < L::kColBlocks; ++c)
+                    load_tile(a, direct_q, sQ + c * L::kQRows * 128, &a.q, q_full, c * 64, qt, h, b);
+                for (int j = 0; j < n_tiles; ++j) {
+                    const int g = item * n_tiles + j;
+                    const int s = g % kStages;
+                    if (g >= kStages) mbar_wait(&empty[s], (g / kStages - 1) & 1);
+                    const int entry = __ldg(list + j);
+                    const bool extra = (entry & 3) == kExtra;
+                    const int tile = entry >> 2;
+                    mbar_expect_tx(&k_full[s], L::kKVBytes);
+                    for (int c = 0; c < L::kColBlocks; ++c) {
+                        uint8_t* dst = sK + s * L::kKVBytes + c * BN * 128;
+                        if (extra) tma_load(dst, &a.k2, &k_full[s], c * 64, tile * BN, h, b);
+                        else load_tile(a, a.direct, dst, &a.k, &k_full[s], c * 64, tile, h, b);
+                    }
+                    mbar_expect_tx(&v_full[s], L::kKVBytes);
+                    for (int c = 0; c < L::kColBlocks; ++c) {
+                        uint8_t* dst = sV + s * L::kKVBytes + c * BN * 128;
+                        if (extra) tma_load(dst, &a.v2, &v_full[s], c * 64, tile * BN, h, b);
+                        else load_tile(a, a.direct, dst, &a.v, &v_full[s], c * 64, tile, h, b);
+                    }
                 }
             }
+            // No copy may be in flight when the CTA exits: the consumers wait for the last Q
+            // (q_full) and every K/V tile, so nothing else to wait for here.
         }
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
         const int cw = wg - 1, ctid = tid - 128;
         const int warp = (ctid % 128) / 32, lane = ctid % 32;
-        consume<D, T>(a, sQ, sK, sV, q_full, k_full, v_full, empty, cw, warp, lane, qt, b, h, list, n_tiles);
+        consume<D, T>(a, sQ, sK, sV, q_full, q_empty, k_full, v_full, empty, cw, warp, lane, qt, b, h_first, n_heads, list,
+                      n_tiles);
     }
 }
 

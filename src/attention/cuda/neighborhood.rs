@@ -1,13 +1,20 @@
 //! Launcher for the GNA forward kernel (kernels/attention/neighborhood/gna_fwd.cu).
 //!
-//! One call = (1) `gna_permute_16bit` gathers q, k, v into the tile-permuted, zero-padded
-//! layout of [`tiles::plan`] (or, with `VISGEN_GNA_IN_PLACE=1`, dilation 1 and B, H mergeable,
-//! nothing: the kernel reads each tile in place as one 5-D TMA box (D, L2, L1, L0, B*H) whose
-//! shared-memory image is the permuted tile; measured slower, see `can_read_in_place`);
+//! One call = (1) `gna_permute_16bit` gathers k, v (and q when it cannot be read in place, see
+//! `q_in_place`) into the tile-permuted, zero-padded layout of [`tiles::plan`] (or, with
+//! `VISGEN_GNA_IN_PLACE=1`, dilation 1 and B, H mergeable, nothing: the kernel reads each tile
+//! in place as one 5-D TMA box (D, L2, L1, L0, B*H) whose shared-memory image is the permuted
+//! tile; measured slower for k and v, see `can_read_in_place`);
 //! (2) `gna_fwd_*` runs the block-sparse flash loop over each query tile's
 //! list of KV tiles (full / partial / extra) and writes `O (B, H, N, D)` and the natural-log
 //! `lse (B, H, N)` straight into the original token order. The tiling (permutation, lists) is
 //! built on the host once per (grid, parameters, extra-token tiles) and cached on the device.
+//! A CTA runs one query tile for `heads_per_cta` heads (1 unless asked).
+//!
+//! Switches for comparison runs (bench_sparse, tests): `VISGEN_GNA_PERMUTE_Q=1` (q permuted
+//! too), `VISGEN_GNA_HEADS_PER_CTA=n`, `VISGEN_GNA_GENERIC_MASK=1` (the per-element window
+//! test on every PARTIAL tile), `VISGEN_GNA_PINGPONG=0` (no ping-pong of the consumer
+//! warpgroups), `VISGEN_GNA_IN_PLACE=1`.
 //!
 //! bf16 / f16, head dims 64, 72, 96, 112, 128; f32 accumulation. Semantics: those of
 //! [`crate::attention::neighborhood::reference`] (the CPU oracle).
@@ -57,11 +64,18 @@ struct GnaArgs {
     n_extra: i32,
     scale_log2: f32,
     direct: i32,
+    direct_q: i32,
+    heads: i32,
+    heads_per_cta: i32,
+    generic_mask: i32,
+    pingpong: i32,
 }
 // SAFETY: plain old data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for GnaArgs {}
 const _: () = assert!(std::mem::size_of::<GnaArgs>() == 896);
-const _: () = assert!(std::mem::offset_of!(GnaArgs, o) == 640 && std::mem::offset_of!(GnaArgs, axis) == 720);
+const _: () = assert!(
+    std::mem::offset_of!(GnaArgs, o) == 640 && std::mem::offset_of!(GnaArgs, axis) == 720 && std::mem::offset_of!(GnaArgs, pingpong) == 872
+);
 const _: () = assert!(std::mem::size_of::<AxisTiling>() == 40);
 
 /// Mirror of `GnaPermuteArgs` in gna_fwd.cuh.
@@ -211,16 +225,41 @@ fn tensor_map5(ptr: u64, dtype: DType, t: &Tensor, axes: &[AxisTiling; 3]) -> Re
 /// vs 10.15 ms in place): each KV tile is read by ~50 query tiles, and 128 contiguous rows
 /// stream better than a box of short row segments, which outweighs the permutation pass.
 fn can_read_in_place(tensors: [&Tensor; 3], params: &NeighborhoodParams) -> bool {
-    if std::env::var_os("VISGEN_GNA_IN_PLACE").is_none() || params.dilation.iter().any(|&d| d != 1) {
-        return false;
+    std::env::var_os("VISGEN_GNA_IN_PLACE").is_some() && tensors.iter().all(|t| in_place_readable(t, params))
+}
+
+/// Whether a 5-D map can read `t` in place: dilation 1 on every axis, B and H mergeable,
+/// 16-byte aligned rows.
+fn in_place_readable(t: &Tensor, params: &NeighborhoodParams) -> bool {
+    let (s, dims) = (t.stride(), t.dims());
+    params.dilation.iter().all(|&d| d == 1)
+        && s[3] == 1
+        && s[..3].iter().all(|x| x % 8 == 0)
+        && t.layout().start_offset() % 8 == 0
+        && (dims[0] == 1 || s[0] == dims[1] * s[1])
+}
+
+/// Whether q alone is read in place (k and v permuted): the default where possible. Q is read
+/// once per CTA, so the slower box reads of the in-place path cost nothing there, and a third
+/// of the permutation pass goes away. `VISGEN_GNA_PERMUTE_Q=1` permutes q too (comparison).
+fn q_in_place(q: &Tensor, params: &NeighborhoodParams) -> bool {
+    std::env::var_os("VISGEN_GNA_PERMUTE_Q").is_none() && in_place_readable(q, params)
+}
+
+/// Heads per CTA: 1 unless `VISGEN_GNA_HEADS_PER_CTA=n` (tests, comparison runs). Measured on
+/// the H200 (kernels/NOTES.md, ## neighborhood): 2 heads per CTA (the next head's loads under
+/// the previous head's drain) double the K/V working set in L2: 10-14% slower on FLUX-4K s16
+/// with the ping-pong, 6% slower on the 3-D video shape without it, elsewhere within noise.
+fn heads_per_cta(h: usize) -> usize {
+    match std::env::var("VISGEN_GNA_HEADS_PER_CTA").ok().and_then(|s| s.parse::<usize>().ok()) {
+        Some(n) => n.clamp(1, h.max(1)),
+        None => 1,
     }
-    tensors.iter().all(|t| {
-        let (s, dims) = (t.stride(), t.dims());
-        s[3] == 1
-            && s[..3].iter().all(|x| x % 8 == 0)
-            && t.layout().start_offset() % 8 == 0
-            && (dims[0] == 1 || s[0] == dims[1] * s[1])
-    })
+}
+
+/// Whether the consumer warpgroups ping-pong their GEMMs: on unless `VISGEN_GNA_PINGPONG=0`.
+fn pingpong() -> bool {
+    std::env::var("VISGEN_GNA_PINGPONG").as_deref() != Ok("0")
 }
 
 /// Device address of a tensor's first element (16-bit elements).
@@ -329,12 +368,15 @@ fn forward_impl(
     let t = &dt.tiling;
     let stream = dev.cuda_stream();
 
-    // (1) permute q, k, v into (B, H, n_pad, D), zero padding; or read them in place.
+    // (1) permute q, k, v into (B, H, n_pad, D), zero padding; or read them in place (all three,
+    // or q alone: the default).
     let (q, k, v) = (kernel_view(q)?, kernel_view(k)?, kernel_view(v)?);
     let direct = can_read_in_place([&q, &k, &v], params);
-    let perm_elems = if direct { 1 } else { b * h * t.n_pad * d };
-    // SAFETY: every element is written by gna_permute before it is read (unused when direct).
-    let bufs: [CudaSlice<u16>; 3] = unsafe { [dev.alloc::<u16>(perm_elems)?, dev.alloc::<u16>(perm_elems)?, dev.alloc::<u16>(perm_elems)?] };
+    let direct_q = direct || q_in_place(&q, params);
+    let full_elems = b * h * t.n_pad * d;
+    let elems = [if direct_q { 1 } else { full_elems }, if direct { 1 } else { full_elems }, if direct { 1 } else { full_elems }];
+    // SAFETY: every element is written by gna_permute before it is read (unused when read in place).
+    let bufs: [CudaSlice<u16>; 3] = unsafe { [dev.alloc::<u16>(elems[0])?, dev.alloc::<u16>(elems[1])?, dev.alloc::<u16>(elems[2])?] };
     if !direct {
         let mut pargs = GnaPermuteArgs {
             heads: h as i32,
@@ -343,14 +385,21 @@ fn forward_impl(
             perm: dt.perm.device_ptr(&stream).0,
             ..Default::default()
         };
+        // grid z = the tensors to permute: k, v, and q unless it is read in place
+        let mut count = 0;
         for (i, src) in [&q, &k, &v].into_iter().enumerate() {
-            pargs.src[i] = ptr_16bit(src, &dev)?;
-            pargs.src_stride[i] = strides3(src);
-            pargs.dst[i] = bufs[i].device_ptr(&stream).0;
+            if i == 0 && direct_q {
+                continue;
+            }
+            pargs.src[count] = ptr_16bit(src, &dev)?;
+            pargs.src_stride[count] = strides3(src);
+            pargs.dst[count] = bufs[i].device_ptr(&stream).0;
+            count += 1;
         }
         let permute = crate::kernels::load(&dev, MODULE, "gna_permute_16bit")?;
         let chunks = t.n_pad * d / 8;
-        let cfg = LaunchConfig { grid_dim: (chunks.div_ceil(256) as u32, (b * h) as u32, 3), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg =
+            LaunchConfig { grid_dim: (chunks.div_ceil(256) as u32, (b * h) as u32, count as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut launch = permute.builder();
         launch.arg(&pargs);
         // SAFETY: sources cover (B, H, N, D) at their strides; destinations hold 3 x B·H·n_pad·D.
@@ -368,7 +417,7 @@ fn forward_impl(
     let permuted = [d as i64 * t.n_pad as i64 * h as i64, (t.n_pad * d) as i64, d as i64];
     let mut maps = [[0u64; 16]; 5];
     for (i, (buf, src)) in bufs.iter().zip([&q, &k, &v]).enumerate() {
-        maps[i] = if direct {
+        maps[i] = if direct || (i == 0 && direct_q) {
             tensor_map5(ptr_16bit(src, &dev)?, dtype, src, &t.axes)?
         } else {
             tensor_map(buf.device_ptr(&stream).0, dtype, (b, h, t.n_pad, d), permuted)?
@@ -378,6 +427,7 @@ fn forward_impl(
         maps[3] = tensor_map(ptr_16bit(k2, &dev)?, dtype, (b, h, n_extra, d), strides3(k2))?;
         maps[4] = tensor_map(ptr_16bit(v2, &dev)?, dtype, (b, h, n_extra, d), strides3(v2))?;
     }
+    let hpc = heads_per_cta(h);
     let mut args = GnaArgs {
         maps,
         o: 0,
@@ -392,6 +442,11 @@ fn forward_impl(
         n_extra: n_extra as i32,
         scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
         direct: direct as i32,
+        direct_q: direct_q as i32,
+        heads: h as i32,
+        heads_per_cta: hpc as i32,
+        generic_mask: std::env::var_os("VISGEN_GNA_GENERIC_MASK").is_some() as i32,
+        pingpong: pingpong() as i32,
     };
     let suffix = if dtype == DType::BF16 { "bf16" } else { "f16" };
     let (o_bf16, o_f16) = match dtype {
@@ -415,7 +470,7 @@ fn forward_impl(
     // barriers, 1 KB to align to the swizzle atom.
     let smem = (128 * pad + 2 * 3 * 128 * pad) * 2 + 128 + 1024;
     kernel.set_max_dynamic_smem(smem)?;
-    let cfg = LaunchConfig { grid_dim: (t.q_tiles() as u32, h as u32, b as u32), block_dim: (384, 1, 1), shared_mem_bytes: smem as u32 };
+    let cfg = LaunchConfig { grid_dim: (t.q_tiles() as u32, h.div_ceil(hpc) as u32, b as u32), block_dim: (384, 1, 1), shared_mem_bytes: smem as u32 };
     let mut launch = kernel.builder();
     launch.arg(&args);
     // SAFETY: the maps cover the permuted buffers and the extra tensors; the lists index tiles

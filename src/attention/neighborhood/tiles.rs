@@ -140,6 +140,8 @@ pub struct GnaTiling {
     /// grid tiles visited, of which full (extra tiles not counted)
     pub visited: usize,
     pub full: usize,
+    /// KV tiles of extra tokens (ceil(n_extra / 128)), listed for every query tile with a real query
+    pub extra_tiles: usize,
 }
 
 impl GnaTiling {
@@ -147,10 +149,15 @@ impl GnaTiling {
         self.offsets.len() - 1
     }
 
-    /// Fraction of the dense kernel's KV tile visits (ceil(N/128)^2) that this tiling makes.
+    /// Fraction of the dense kernel's KV tile visits that this tiling makes, extra tokens
+    /// included on both sides: (grid tiles visited + extra-token tiles visited) /
+    /// (ceil(N/128) x (ceil(N/128) + extra-token tiles)), the dense kernel attending the extra
+    /// keys too. Without extra tokens: visited / ceil(N/128)^2.
     pub fn visited_fraction(&self) -> f64 {
-        let dense = self.n.div_ceil(TILE).pow(2);
-        self.visited as f64 / dense.max(1) as f64
+        let q_tiles = self.n.div_ceil(TILE);
+        let extra_visits = self.entries.len() - self.visited;
+        let dense = q_tiles * (q_tiles + self.extra_tiles);
+        (self.visited + extra_visits) as f64 / dense.max(1) as f64
     }
 
     /// Per-axis coordinate of permuted token `p`: (tile coordinate, offset inside the box).
@@ -239,7 +246,7 @@ fn build(axes: [AxisTiling; 3], n: usize, n_extra: usize) -> GnaTiling {
     let q_tiles = tiles.iter().product::<usize>();
     let n_pad = q_tiles * TILE;
     let lens = [axes[0].len as usize, axes[1].len as usize, axes[2].len as usize];
-    let mut tiling = GnaTiling { axes, n, n_pad, perm: vec![-1; n_pad], offsets: vec![0], entries: Vec::new(), visited: 0, full: 0 };
+    let mut tiling = GnaTiling { axes, n, n_pad, perm: vec![-1; n_pad], offsets: vec![0], entries: Vec::new(), visited: 0, full: 0, extra_tiles: n_extra.div_ceil(TILE) };
     for p in 0..n_pad {
         let split = tiling.split(p);
         let coords: Option<Vec<usize>> = (0..3)
