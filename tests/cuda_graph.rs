@@ -10,9 +10,11 @@
 //! Run on the H200: `cargo test --release --features cuda --test cuda_graph`.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use visgen::attention::plan::AttentionPlan;
-use visgen::models::sana::{SanaConfig, SanaTransformer, StepGraphs, TextContext};
+use visgen::models::sana::{SanaTransformer, StepGraphs, TextContext};
 use visgen::pipelines::sana::SanaPipeline;
 use visgen::pipelines::{DeviceChoice, Flow, ImageRequest, LoadOptions, Pipeline};
 use visgen::weights::random::random_var_builder;
@@ -35,18 +37,10 @@ fn assert_same_bits(what: &str, a: &Tensor, b: &Tensor) {
     assert_eq!(differ, 0, "{what}: {differ} of {} values differ", a.len());
 }
 
-/// The small SANA of tests/cuda_ops.rs (head dims 32 and 64: both attention kernels run), with or
+/// The small SANA of tests/common (head dims 32 and 64: both attention kernels run), with or
 /// without SANA-Sprint's guidance embedding.
 fn small_model(dev: &Device, guidance_embeds: bool) -> SanaTransformer {
-    let cfg = SanaConfig {
-        num_attention_heads: 2,
-        attention_head_dim: 32,
-        num_cross_attention_heads: 1,
-        cross_attention_head_dim: 64,
-        cross_attention_dim: 64,
-        guidance_embeds,
-        ..SanaConfig::tiny()
-    };
+    let cfg = common::small_sana_config(guidance_embeds);
     let plan = AttentionPlan::from_spec(&visgen::spec::find_spec("tiny-random").unwrap().attention).unwrap();
     SanaTransformer::new(&cfg, &plan, random_var_builder(3, DType::BF16, dev)).unwrap()
 }

@@ -10,6 +10,8 @@
 //! Run on the H200: `cargo test --release --features cuda --test cuda_ops`.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
@@ -190,18 +192,11 @@ fn bad_inputs_are_errors_not_panics() {
 #[test]
 fn sana_transformer_on_gpu_matches_cpu() {
     use visgen::attention::plan::AttentionPlan;
-    use visgen::models::sana::{SanaConfig, SanaTransformer};
+    use visgen::models::sana::SanaTransformer;
     use visgen::weights::random::random_var_builder;
 
     let dev = gpu();
-    let cfg = SanaConfig {
-        num_attention_heads: 2,
-        attention_head_dim: 32,
-        num_cross_attention_heads: 1,
-        cross_attention_head_dim: 64,
-        cross_attention_dim: 64,
-        ..SanaConfig::tiny()
-    };
+    let cfg = common::small_sana_config(false);
     let plan = AttentionPlan::from_spec(&visgen::spec::find_spec("tiny-random").unwrap().attention).unwrap();
     let cpu = SanaTransformer::new(&cfg, &plan, random_var_builder(3, DType::F32, &Device::Cpu)).unwrap();
     let (b, side, text_len) = (2, 8, 7);

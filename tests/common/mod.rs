@@ -80,3 +80,17 @@ pub fn assert_close(actual: &Tensor, expected: &Tensor, what: &str) {
     assert!(rel <= 1e-4, "{what}: max relative error {rel:e} > 1e-4");
     assert!(excess <= 0.0, "{what}: an element exceeds |a-b| <= 1e-5·max|b| + 1e-3·|b| by {excess:e}");
 }
+
+/// A small SANA whose self-attention (head dim 32) and cross-attention (head dim 64) run both GPU
+/// attention kernels; optionally with SANA-Sprint's guidance embedding. Shared by the GPU tests.
+pub fn small_sana_config(guidance_embeds: bool) -> visgen::models::sana::SanaConfig {
+    visgen::models::sana::SanaConfig {
+        num_attention_heads: 2,
+        attention_head_dim: 32,
+        num_cross_attention_heads: 1,
+        cross_attention_head_dim: 64,
+        cross_attention_dim: 64,
+        guidance_embeds,
+        ..visgen::models::sana::SanaConfig::tiny()
+    }
+}
