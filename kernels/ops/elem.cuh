@@ -1,4 +1,5 @@
-// Element conversions shared by the fused layer kernels: loads widen to f32, stores round once.
+// Shared by the fused layer kernels: element conversions (loads widen to f32, stores round once)
+// and a block-wide sum.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -15,5 +16,21 @@ template <typename T> __device__ __forceinline__ T from_f32(float v);
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half from_f32(float v) { return __float2half(v); }
 template <> __device__ __forceinline__ float from_f32(float v) { return v; }
+
+// Sum over a block of THREADS threads (a multiple of 32); every thread gets the result. `scratch`
+// holds THREADS / 32 floats of shared memory; calls may follow each other with the same scratch.
+template <int THREADS>
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();  // scratch may still be read from the previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < THREADS / 32; ++w) total += scratch[w];
+    return total;
+}
 
 }  // namespace ops

@@ -25,19 +25,6 @@ struct Layout {
     long long mod_stride;  // elements between the shift (and scale) rows of consecutive batches
 };
 
-// Sum over the block; every thread gets the result.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    __syncthreads();  // scratch may still be read from the previous call
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < THREADS / 32; ++w) total += scratch[w];
-    return total;
-}
 
 template <typename T>
 __device__ void layer_norm_modulate(const T* __restrict__ x, const T* __restrict__ shift, const T* __restrict__ scale,
@@ -57,7 +44,7 @@ __device__ void layer_norm_modulate(const T* __restrict__ x, const T* __restrict
         sum += v[k];
     }
     // compute: mean, then the biased variance from the centered values
-    const float mean = block_sum(sum, scratch) / L.channels;
+    const float mean = ops::block_sum<THREADS>(sum, scratch) / L.channels;
     float sq = 0.f;
 #pragma unroll
     for (int k = 0; k < PER_THREAD; ++k) {
@@ -65,7 +52,7 @@ __device__ void layer_norm_modulate(const T* __restrict__ x, const T* __restrict
         const float d = c < L.channels ? v[k] - mean : 0.f;
         sq += d * d;
     }
-    const float rstd = rsqrtf(block_sum(sq, scratch) / L.channels + L.eps);
+    const float rstd = rsqrtf(ops::block_sum<THREADS>(sq, scratch) / L.channels + L.eps);
 
     // store: (x - mean) · rstd · (1 + scale) + shift
     T* out = y + (size_t)r * L.channels;

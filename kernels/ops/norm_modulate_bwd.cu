@@ -28,18 +28,6 @@ struct Layout {
     float eps;
 };
 
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    __syncthreads();  // scratch may still be read from the previous call
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < THREADS / 32; ++w) total += scratch[w];
-    return total;
-}
 
 // dy, x: (rows, C); scale: (B, C) contiguous; packed: (B, N + 2, C); stats: (rows, 2) f32.
 template <typename T>
@@ -61,7 +49,7 @@ __device__ void rows(const T* __restrict__ dy, const T* __restrict__ x, const T*
         v[k] = c < L.channels ? to_f32(xr[c]) : 0.f;
         sum += v[k];
     }
-    const float mean = block_sum(sum, scratch) / L.channels;
+    const float mean = ops::block_sum<THREADS>(sum, scratch) / L.channels;
     float sq = 0.f;
 #pragma unroll
     for (int k = 0; k < PER_THREAD; ++k) {
@@ -69,7 +57,7 @@ __device__ void rows(const T* __restrict__ dy, const T* __restrict__ x, const T*
         const float d = c < L.channels ? v[k] - mean : 0.f;
         sq += d * d;
     }
-    const float rstd = rsqrtf(block_sum(sq, scratch) / L.channels + L.eps);
+    const float rstd = rsqrtf(ops::block_sum<THREADS>(sq, scratch) / L.channels + L.eps);
 
     // v becomes x̂, g becomes ĝ; then the two channel means of the dx formula
     float sum_g = 0.f, sum_gx = 0.f;
@@ -82,8 +70,8 @@ __device__ void rows(const T* __restrict__ dy, const T* __restrict__ x, const T*
         sum_g += g[k];
         sum_gx += g[k] * v[k];
     }
-    const float mean_g = block_sum(sum_g, scratch) / L.channels;
-    const float mean_gx = block_sum(sum_gx, scratch) / L.channels;
+    const float mean_g = ops::block_sum<THREADS>(sum_g, scratch) / L.channels;
+    const float mean_gx = ops::block_sum<THREADS>(sum_gx, scratch) / L.channels;
 
     T* dx = packed + ((size_t)b * (L.rows_per_batch + 2) + t) * L.channels;
 #pragma unroll
