@@ -2,6 +2,7 @@
 //! on the same shapes, in the same run (bf16, random inputs):
 //!
 //!   cargo run --release --features cuda --example bench_sparse [-- --reps N] [--psa-only | --gna-only]
+//!     [--case NAME] [--profile]
 //!
 //! Per case: time (median of samples of back-to-back calls between CUDA events; the GNA time
 //! includes the permutation kernel), effective TFLOP/s (4 N K D per head, K = keys per query),
@@ -29,6 +30,10 @@ fn main() -> anyhow::Result<()> {
     let psa_only = std::env::args().any(|a| a == "--psa-only");
     // --gna-only: skip the PSA case.
     let gna_only = std::env::args().any(|a| a == "--gna-only");
+    // --case NAME: only the GNA case of that exact name.
+    let case_filter: Option<String> = std::env::args().position(|a| a == "--case").and_then(|i| std::env::args().nth(i + 1));
+    // --profile: per GNA case two forward calls (warm-up + one for the profiler), no timing.
+    let profile = std::env::args().any(|a| a == "--profile");
     let device = Device::new_cuda(0)?;
     let dev = device.as_cuda_device()?.clone();
     let stream = dev.cuda_stream();
@@ -67,7 +72,8 @@ fn main() -> anyhow::Result<()> {
         "{:<28} {:>9} {:>8} {:>8} {:>10} {:>8} {:>9} {:>8} {:>6}",
         "case", "GNA ms", "eff TF/s", "tile TF/s", "dense ms", "speedup", "fraction", "goal", "met"
     );
-    for c in cases.iter().filter(|_| !psa_only) {
+    let selected = |c: &&Case| !psa_only && case_filter.as_deref().is_none_or(|f| c.name == f);
+    for c in cases.iter().filter(selected) {
         let n: usize = c.grid.iter().product();
         let p = NeighborhoodParams {
             kernel: c.kernel.clone(),
@@ -85,6 +91,14 @@ fn main() -> anyhow::Result<()> {
         let scale = 1.0 / (c.d as f64).sqrt();
         let tiling = gna::device_tiling(&dev, &c.grid, &p, c.extra)?;
         let t = &tiling.tiling;
+        if profile {
+            for _ in 0..2 {
+                gna::forward(&q, &k, &v, &c.grid, &p, extra, scale)?;
+            }
+            device.synchronize()?;
+            println!("{}: profiled ({} KV tiles visited, {} full)", c.name, t.visited, t.full);
+            continue;
+        }
         let sparse_ms = time(3, &mut || {
             gna::forward(&q, &k, &v, &c.grid, &p, extra, scale)?;
             Ok(())
@@ -158,7 +172,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     // PSA at its defaults (10% full, 5% 2x, 0% 4x, 20% 8x, 65% skipped) on SANA-Video 480p.
-    if !gna_only {
+    if !gna_only && case_filter.is_none() && !profile {
         use visgen::attention::cuda::pyramid as psa;
         use visgen::attention::PyramidParams;
         let (b, h, n, d) = (1usize, 20usize, 32760usize, 112usize);

@@ -142,6 +142,21 @@ __device__ __forceinline__ void turn_pass(int cw) {
     asm volatile("bar.arrive %0, 256;\n" ::"r"(1 + (cw ^ 1)) : "memory");
 }
 
+// Division by a divisor d >= 1 fixed for the launch, for dividends in [0, 2^31): multiply-high
+// by a magic number (Granlund-Montgomery, round-up variant), q = (umulhi(n, m) + n) >> l with
+// l = ceil(log2 d), m = 2^32 (2^l - d) / d + 1. A runtime `/` or `%` compiles to ~25 dependent
+// instructions, three of them on the MUFU/XU pipe the softmax's exp2 needs (ncu, device run 7).
+struct FastDiv {
+    uint32_t m;
+    int32_t l, d;
+    __device__ __forceinline__ explicit FastDiv(int32_t d_) : d(d_) {
+        l = 32 - __clz(d_ - 1);  // 0 for d = 1
+        m = (uint32_t)(((1ull << 32) * ((1ull << l) - (uint64_t)d_)) / (uint64_t)d_ + 1ull);
+    }
+    __device__ __forceinline__ int32_t div(int32_t n) const { return (int32_t)((__umulhi((uint32_t)n, m) + (uint32_t)n) >> l); }
+    __device__ __forceinline__ int32_t mod(int32_t n) const { return n - div(n) * d; }
+};
+
 // Bits [0, x) of a 32-bit word, x clamped to [0, 32].
 __device__ __forceinline__ uint32_t bits_below(int x) {
     return x <= 0 ? 0u : x >= 32 ? 0xffffffffu : (1u << x) - 1u;
@@ -271,12 +286,19 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
 
     // Window start of this thread's rows relative to KV tile `tile`, per axis.
     const int lp = (lane % 4) * 2;
+    // Per PARTIAL tile, so its divisions by the launch's tile counts go through FastDiv (the
+    // tile_coords arithmetic with `/` and `%` was ~165 SASS instructions on the tile's critical path).
+    const FastDiv div_tiles2(ax[2].tiles), div_tiles1(ax[1].tiles);
+    const FastDiv div_group[3] = {FastDiv(ax[0].tiles_per_group), FastDiv(ax[1].tiles_per_group), FastDiv(ax[2].tiles_per_group)};
     auto relative_starts = [&](int tile, int (&lo)[2][3]) {
         int ktc[3];
-        tile_coords(ax, tile, ktc);
+        const int rest = div_tiles2.div(tile);
+        ktc[2] = tile - rest * ax[2].tiles;
+        ktc[0] = div_tiles1.div(rest);
+        ktc[1] = rest - ktc[0] * ax[1].tiles;
 #pragma unroll
         for (int d = 0; d < 3; ++d) {
-            const int k0 = (ktc[d] % ax[d].tiles_per_group) * ax[d].tile;
+            const int k0 = div_group[d].mod(ktc[d]) * ax[d].tile;
             lo[0][d] = win_start[0][d] - k0;
             lo[1][d] = win_start[1][d] - k0;
         }
