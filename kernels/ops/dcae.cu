@@ -6,6 +6,8 @@
 //   linattn_state:       per head, partial sums over a chunk of tokens of S = Σ relu(k) [v, 1]ᵀ
 //   linattn_out:         o_n = relu(q_n)·S[:, :d] / (relu(q_n)·S[:, d] + eps), f32 throughout
 //   rms_norm_residual:   y = x / sqrt(mean(x²) + eps) · w + b + residual over the last dim
+//   rms_norm_channels_residual: the same over the channels of an NCHW tensor (DC-AE's ResBlock:
+//                        norm(conv2(..)) + x), rms_norm.cuh's kernel with a residual
 //
 // The attention reads q, k, v in place from the two (B, N, 3C) tensors the reference concatenates
 // (the to_qkv projection and the multi-scale branch): head h's channels are [96·h', 96·h' + 96)
@@ -13,6 +15,7 @@
 // Math in f32, one rounding per output; the reference computes the attention in f32 too.
 
 #include "elem.cuh"
+#include "rms_norm.cuh"
 
 namespace dcae {
 
@@ -220,36 +223,6 @@ __device__ void rms_norm_residual(const T* __restrict__ x, const float* __restri
     }
 }
 
-// RMSNorm over the channels of an NCHW tensor + residual (DC-AE's ResBlock: norm(conv2(..)) + x),
-// one thread per pixel, two passes over the channels (the second mostly from L2), one rounding.
-struct ChannelsLayout {
-    int batch, channels;
-    long long pixels;
-    float eps;
-};
-
-template <typename T>
-__device__ void rms_norm_channels_residual(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
-                                           const T* __restrict__ res, T* __restrict__ y, ChannelsLayout L) {
-    const long long p = blockIdx.x * (long long)NORM_THREADS + threadIdx.x;
-    if (p >= L.pixels) return;
-    const size_t base = (size_t)blockIdx.y * L.channels * L.pixels + p;
-    float sq = 0.f;
-    for (int c = 0; c < L.channels; ++c) {
-        const float v = to_f32(x[base + (size_t)c * L.pixels]);
-        sq = fmaf(v, v, sq);
-    }
-    const float rstd = rsqrtf(sq / L.channels + L.eps);
-    for (int c = 0; c < L.channels; ++c) {
-        const size_t i = base + (size_t)c * L.pixels;
-        float v = to_f32(x[i]) * rstd;
-        if (w) v *= w[c];
-        if (bias) v += bias[c];
-        v += to_f32(res[i]);
-        y[i] = from_f32<T>(v);
-    }
-}
-
 // (rows, cols) -> (cols, rows) per batch through a 32x32 shared tile: NCHW <-> NHWC of the
 // EfficientViT blocks (rows = channels, cols = pixels, or the reverse). grid: (ceil(cols / 32),
 // ceil(rows / 32), batch); block: (32, 8).
@@ -293,9 +266,9 @@ __device__ void transpose(const T* __restrict__ in, T* __restrict__ out, int row
         const T* x, const float* w, const float* bias, const T* res, T* y, dcae::NormLayout L) {                  \
         dcae::rms_norm_residual<T>(x, w, bias, res, y, L);                                                        \
     }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(dcae::NORM_THREADS) rms_norm_channels_residual_##SUFFIX(         \
-        const T* x, const float* w, const float* bias, const T* res, T* y, dcae::ChannelsLayout L) {              \
-        dcae::rms_norm_channels_residual<T>(x, w, bias, res, y, L);                                               \
+    extern "C" __global__ void __launch_bounds__(rms_norm::THREADS) rms_norm_channels_residual_##SUFFIX(          \
+        const T* x, const float* w, const float* bias, const T* res, T* y, rms_norm::Layout L) {                  \
+        rms_norm::channels<T>(x, w, bias, res, y, L);                                                             \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) transpose_##SUFFIX(const T* in, T* out, int rows, int cols) { \
         dcae::transpose<T>(in, out, rows, cols);                                                                  \

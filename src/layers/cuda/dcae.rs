@@ -229,6 +229,7 @@ fn norm_typed<T: CudaDType + DeviceRepr>(
     Ok(into_tensor(out, &dev, x.dims()))
 }
 
+/// Mirror of `rms_norm::Layout` (kernels/ops/rms_norm.cuh).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 struct ChannelsLayout {
