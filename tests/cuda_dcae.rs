@@ -15,6 +15,7 @@ mod common;
 
 use std::collections::HashMap;
 
+use common::{check, errors, max_abs};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 use visgen::attention::with_reference_only;
@@ -28,35 +29,6 @@ fn gpu() -> Device {
 
 fn randn(shape: &[usize], scale: f64) -> Tensor {
     (Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap() * scale).unwrap()
-}
-
-/// (max abs error, relative L2 error) of `actual` against the f32 `expected`, both on the CPU.
-fn errors(actual: &Tensor, expected: &Tensor) -> (f64, f64) {
-    assert_eq!(actual.dims(), expected.dims());
-    let a: Vec<f64> = actual.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let e: Vec<f64> = expected.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    assert!(a.iter().all(|v| v.is_finite()), "non-finite output");
-    let max_abs = a.iter().zip(&e).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
-    let num: f64 = a.iter().zip(&e).map(|(x, y)| (x - y).powi(2)).sum();
-    let den: f64 = e.iter().map(|y| y * y).sum::<f64>().max(1e-30);
-    (max_abs, (num / den).sqrt())
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64
-}
-
-/// The rule of tests/cuda_ops.rs.
-fn check(what: &str, dtype: DType, ours: (f64, f64), naive: (f64, f64), scale: f64) {
-    let unit = match dtype {
-        DType::BF16 => 2f64.powi(-8),
-        DType::F16 => 2f64.powi(-11),
-        _ => 2f64.powi(-20),
-    };
-    let ok_abs = ours.0 <= 2.0 * naive.0 + 4.0 * unit * scale;
-    let ok_rel = ours.1 <= 2.0 * naive.1 + 4.0 * unit;
-    println!("{what}: ours max-abs {:.3e} rel-L2 {:.3e}; naive {:.3e} {:.3e}", ours.0, ours.1, naive.0, naive.1);
-    assert!(ok_abs && ok_rel, "{what}: ours {ours:?} vs naive {naive:?}");
 }
 
 /// Random weights for every tensor a model built from `build` asks for: matrices and kernels

@@ -10,6 +10,9 @@
 //! Run on the H200: `cargo test --release --features cuda --test cuda_train_ops`.
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::{check, errors, max_abs};
 use candle_core::{DType, Device, Tensor, Var};
 use visgen::layers::modulation::{gated_residual_reference, norm_modulate_reference};
 use visgen::layers::train_glu::glu_depthwise3x3_tracked;
@@ -23,34 +26,6 @@ fn gpu() -> Device {
 
 fn randn(shape: &[usize], scale: f64, shift: f64) -> Tensor {
     ((Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap() * scale).unwrap() + shift).unwrap()
-}
-
-/// (max abs error, relative L2 error) of `actual` against the f32 `expected`.
-fn errors(actual: &Tensor, expected: &Tensor) -> (f64, f64) {
-    let a: Vec<f64> = actual.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let e: Vec<f64> = expected.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    assert_eq!(a.len(), e.len());
-    assert!(a.iter().all(|v| v.is_finite()), "non-finite output");
-    let max_abs = a.iter().zip(&e).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
-    let num: f64 = a.iter().zip(&e).map(|(x, y)| (x - y).powi(2)).sum();
-    let den: f64 = e.iter().map(|y| y * y).sum::<f64>().max(1e-30);
-    (max_abs, (num / den).sqrt())
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64
-}
-
-fn check(what: &str, dtype: DType, ours: (f64, f64), naive: (f64, f64), scale: f64) {
-    let unit = match dtype {
-        DType::BF16 => 2f64.powi(-8),
-        DType::F16 => 2f64.powi(-11),
-        _ => 2f64.powi(-20),
-    };
-    let ok_abs = ours.0 <= 2.0 * naive.0 + 4.0 * unit * scale;
-    let ok_rel = ours.1 <= 2.0 * naive.1 + 4.0 * unit;
-    println!("{what}: ours max-abs {:.3e} rel-L2 {:.3e}; naive {:.3e} {:.3e}", ours.0, ours.1, naive.0, naive.1);
-    assert!(ok_abs && ok_rel, "{what}: ours {ours:?} vs naive {naive:?}");
 }
 
 /// Output and gradients of `sum(out ⊙ R)` w.r.t. `inputs`, with `f` run on copies of the inputs

@@ -1,5 +1,5 @@
 // Shared by the fused layer kernels: element conversions (loads widen to f32, stores round once)
-// and a block-wide sum.
+// a block-wide sum and the row statistics of a LayerNorm.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -31,6 +31,30 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 #pragma unroll
     for (int w = 0; w < THREADS / 32; ++w) total += scratch[w];
     return total;
+}
+
+// One row of `channels` elements in registers (this thread's share: elements threadIdx.x + k·THREADS,
+// zeros beyond the row) and its mean and 1/sqrt(var + eps), two-pass: the variance from the centered
+// values, no cancellation. The LayerNorm kernels' forward and backward share it.
+template <int THREADS, int PER_THREAD, typename T>
+__device__ __forceinline__ void load_row_stats(const T* __restrict__ row, int channels, float eps, float (&v)[PER_THREAD],
+                                               float* scratch, float& mean, float& rstd) {
+    float sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < PER_THREAD; ++k) {
+        const int c = threadIdx.x + k * THREADS;
+        v[k] = c < channels ? to_f32(row[c]) : 0.f;
+        sum += v[k];
+    }
+    mean = block_sum<THREADS>(sum, scratch) / channels;
+    float sq = 0.f;
+#pragma unroll
+    for (int k = 0; k < PER_THREAD; ++k) {
+        const int c = threadIdx.x + k * THREADS;
+        const float d = c < channels ? v[k] - mean : 0.f;
+        sq += d * d;
+    }
+    rstd = rsqrtf(block_sum<THREADS>(sq, scratch) / channels + eps);
 }
 
 }  // namespace ops

@@ -34,25 +34,9 @@ __device__ void layer_norm_modulate(const T* __restrict__ x, const T* __restrict
     const int b = r / L.rows_per_batch;
     const T* row = x + (size_t)r * L.channels;
 
-    // load: this thread's elements, strided by THREADS (coalesced)
-    float v[PER_THREAD];
-    float sum = 0.f;
-#pragma unroll
-    for (int k = 0; k < PER_THREAD; ++k) {
-        const int c = threadIdx.x + k * THREADS;
-        v[k] = c < L.channels ? to_f32(row[c]) : 0.f;
-        sum += v[k];
-    }
-    // compute: mean, then the biased variance from the centered values
-    const float mean = ops::block_sum<THREADS>(sum, scratch) / L.channels;
-    float sq = 0.f;
-#pragma unroll
-    for (int k = 0; k < PER_THREAD; ++k) {
-        const int c = threadIdx.x + k * THREADS;
-        const float d = c < L.channels ? v[k] - mean : 0.f;
-        sq += d * d;
-    }
-    const float rstd = rsqrtf(ops::block_sum<THREADS>(sq, scratch) / L.channels + L.eps);
+    // load this thread's elements (strided by THREADS: coalesced), then mean and 1/σ
+    float v[PER_THREAD], mean, rstd;
+    ops::load_row_stats<THREADS>(row, L.channels, L.eps, v, scratch, mean, rstd);
 
     // store: (x - mean) · rstd · (1 + scale) + shift
     T* out = y + (size_t)r * L.channels;

@@ -40,24 +40,9 @@ __device__ void rows(const T* __restrict__ dy, const T* __restrict__ x, const T*
     const T* gr = dy + (size_t)r * L.channels;
     const T* sc = scale + (size_t)b * L.channels;
 
-    // load x, then μ and σ (two-pass, as the forward)
-    float v[PER_THREAD], g[PER_THREAD];
-    float sum = 0.f;
-#pragma unroll
-    for (int k = 0; k < PER_THREAD; ++k) {
-        const int c = threadIdx.x + k * THREADS;
-        v[k] = c < L.channels ? to_f32(xr[c]) : 0.f;
-        sum += v[k];
-    }
-    const float mean = ops::block_sum<THREADS>(sum, scratch) / L.channels;
-    float sq = 0.f;
-#pragma unroll
-    for (int k = 0; k < PER_THREAD; ++k) {
-        const int c = threadIdx.x + k * THREADS;
-        const float d = c < L.channels ? v[k] - mean : 0.f;
-        sq += d * d;
-    }
-    const float rstd = rsqrtf(ops::block_sum<THREADS>(sq, scratch) / L.channels + L.eps);
+    // load x, then μ and 1/σ (two-pass, as the forward)
+    float v[PER_THREAD], g[PER_THREAD], mean, rstd;
+    ops::load_row_stats<THREADS>(xr, L.channels, L.eps, v, scratch, mean, rstd);
 
     // v becomes x̂, g becomes ĝ; then the two channel means of the dx formula
     float sum_g = 0.f, sum_gx = 0.f;

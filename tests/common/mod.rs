@@ -94,3 +94,36 @@ pub fn small_sana_config(guidance_embeds: bool) -> visgen::models::sana::SanaCon
         ..visgen::models::sana::SanaConfig::tiny()
     }
 }
+
+/// (max abs error, relative L2 error) of `actual` (any device, any dtype) against the f32
+/// `expected`, element by element in memory order; a non-finite value in `actual` fails the test.
+pub fn errors(actual: &Tensor, expected: &Tensor) -> (f64, f64) {
+    let values = |t: &Tensor| -> Vec<f64> { t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
+    let (a, e) = (values(actual), values(expected));
+    assert_eq!(a.len(), e.len(), "element counts");
+    assert!(a.iter().all(|v| v.is_finite()), "non-finite output");
+    let max_abs = a.iter().zip(&e).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let num: f64 = a.iter().zip(&e).map(|(x, y)| (x - y).powi(2)).sum();
+    let den: f64 = e.iter().map(|y| y * y).sum::<f64>().max(1e-30);
+    (max_abs, (num / den).sqrt())
+}
+
+/// max |t|, on any device.
+pub fn max_abs(t: &Tensor) -> f64 {
+    t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64
+}
+
+/// The GPU kernels' rule (flash-attention's): in each dtype, our error against the f32 reference
+/// is at most twice the naive low-precision path's error, in max-abs and relative L2, plus a floor
+/// of a few units of the dtype's rounding (`scale`: the size of the values, for the max-abs floor).
+pub fn check(what: &str, dtype: DType, ours: (f64, f64), naive: (f64, f64), scale: f64) {
+    let unit = match dtype {
+        DType::BF16 => 2f64.powi(-8),
+        DType::F16 => 2f64.powi(-11),
+        _ => 2f64.powi(-20),
+    };
+    let ok_abs = ours.0 <= 2.0 * naive.0 + 4.0 * unit * scale;
+    let ok_rel = ours.1 <= 2.0 * naive.1 + 4.0 * unit;
+    println!("{what}: ours max-abs {:.3e} rel-L2 {:.3e}; naive {:.3e} {:.3e}", ours.0, ours.1, naive.0, naive.1);
+    assert!(ok_abs && ok_rel, "{what}: ours {ours:?} vs naive {naive:?}");
+}
