@@ -9,14 +9,15 @@ use super::{launch_err, suffix, OptionalArg, BatchRows};
 use crate::attention::cuda::{cuda_device, into_tensor, CudaRead};
 use crate::error::{Error, Result};
 
+/// Mirror of the kernel's `Layout` (kernels/ops/norm_modulate.cu); the training launchers (train.rs) use it too.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-struct NormLayout {
-    rows: i32,
-    channels: i32,
-    rows_per_batch: i32,
-    eps: f32,
-    mod_stride: i64,
+pub(super) struct NormLayout {
+    pub(super) rows: i32,
+    pub(super) channels: i32,
+    pub(super) rows_per_batch: i32,
+    pub(super) eps: f32,
+    pub(super) mod_stride: i64,
 }
 unsafe impl DeviceRepr for NormLayout {}
 

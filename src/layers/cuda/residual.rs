@@ -8,13 +8,14 @@ use super::{launch_err, suffix, OptionalArg, BatchRows};
 use crate::attention::cuda::{cuda_device, into_tensor, CudaRead};
 use crate::error::{Error, Result};
 
+/// Mirror of the kernel's `Layout` (kernels/ops/gated_residual.cu); the training launchers (train.rs) use it too.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-struct ResidualLayout {
-    rows: i64,
-    channels: i32,
-    rows_per_batch: i32,
-    gate_stride: i64,
+pub(super) struct ResidualLayout {
+    pub(super) rows: i64,
+    pub(super) channels: i32,
+    pub(super) rows_per_batch: i32,
+    pub(super) gate_stride: i64,
 }
 unsafe impl DeviceRepr for ResidualLayout {}
 

@@ -8,6 +8,8 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::backend::BackendStorage;
 use candle_core::{DType, Layout, WithDType};
 
+use super::norm::NormLayout;
+use super::residual::ResidualLayout;
 use super::{launch_err, suffix, NORM_MAX_CHANNELS};
 use crate::error::{Error, Result};
 
@@ -45,17 +47,6 @@ fn check_channels(what: &str, c: usize) -> Result<()> {
     }
     Ok(())
 }
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct NormLayout {
-    rows: i32,
-    channels: i32,
-    rows_per_batch: i32,
-    eps: f32,
-    mod_stride: i64,
-}
-unsafe impl DeviceRepr for NormLayout {}
 
 /// `LN(x) · (1 + scale) + shift`: `x` `(B, N, C)`, `shift`, `scale` `(B, 1, C)`.
 pub(crate) fn norm_modulate_forward(x: Input, shift: Input, scale: Input, dims: (usize, usize, usize), eps: f32) -> Result<CudaStorage> {
@@ -125,16 +116,6 @@ fn norm_backward_typed<T: CudaDType + DeviceRepr + WithDType>(dy: Input, x: Inpu
     }
     Ok(CudaStorage::wrap_cuda_slice(packed, dev))
 }
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct ResidualLayout {
-    rows: i64,
-    channels: i32,
-    rows_per_batch: i32,
-    gate_stride: i64,
-}
-unsafe impl DeviceRepr for ResidualLayout {}
 
 /// `x + y · gate`: `x`, `y` `(B, N, C)`, `gate` `(B, 1, C)` (the bias is already in `y`).
 pub(crate) fn gated_residual_forward(x: Input, y: Input, gate: Input, dims: (usize, usize, usize)) -> Result<CudaStorage> {
