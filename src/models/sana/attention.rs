@@ -41,10 +41,11 @@ fn qk_norms(kind: Option<QkNorm>, q_dim: usize, k_dim: usize, vb: &VarBuilder) -
 /// update while the gradients still reach the Vars — the model trained is then not the model
 /// saved. So when the parts are Vars (training) the copy is made again at every forward.
 #[derive(Debug, Clone)]
-struct FusedLinear {
-    fused: Linear,
-    /// The parts (weights, biases) while they are Vars.
-    trainable: Option<(Vec<Tensor>, Option<Vec<Tensor>>)>,
+enum FusedLinear {
+    /// Plain tensors: concatenated once, at load time.
+    Fixed(Linear),
+    /// The parts (weights, biases) while they are Vars, concatenated at every forward.
+    Trainable(Vec<Tensor>, Option<Vec<Tensor>>),
 }
 
 impl FusedLinear {
@@ -63,9 +64,11 @@ impl FusedLinear {
         } else {
             None
         };
-        let fused = Self::concatenate(&weights, biases.as_deref())?;
-        let trainable = weights.iter().chain(biases.iter().flatten()).any(Tensor::is_variable).then_some((weights, biases));
-        Ok(Self { fused, trainable })
+        if weights.iter().chain(biases.iter().flatten()).any(Tensor::is_variable) {
+            Ok(Self::Trainable(weights, biases))
+        } else {
+            Ok(Self::Fixed(Self::concatenate(&weights, biases.as_deref())?))
+        }
     }
 
     fn concatenate(weights: &[Tensor], biases: Option<&[Tensor]>) -> Result<Linear> {
@@ -73,9 +76,9 @@ impl FusedLinear {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.trainable {
-            None => Ok(self.fused.forward(x)?),
-            Some((weights, biases)) => Ok(Self::concatenate(weights, biases.as_deref())?.forward(x)?),
+        match self {
+            Self::Fixed(linear) => Ok(linear.forward(x)?),
+            Self::Trainable(weights, biases) => Ok(Self::concatenate(weights, biases.as_deref())?.forward(x)?),
         }
     }
 }
