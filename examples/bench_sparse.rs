@@ -5,15 +5,15 @@
 //!     [--case NAME] [--profile]
 //!
 //! Per case: time (median of samples of back-to-back calls between CUDA events; the GNA time
-//! includes the permutation kernel), effective TFLOP/s (4 N K D per head, K = keys per query),
+//! includes the permutation kernel; GNA and dense samples alternate, and the speedup is the
+//! median of the per-round ratios, so a clock change during the run hits both), effective TFLOP/s (4 N K D per head, K = keys per query),
 //! tile TFLOP/s (the FLOPs of the visited 128x128 tiles, extra-token tiles included), our dense
 //! kernel's time, speedup, fraction of KV tiles visited and the goal speedup 0.9 / fraction.
 //! The fraction counts the extra-token (text) tiles on both sides: GNA visits them for every
 //! query tile and the dense kernel attends the extra keys too, so it is (grid tiles visited +
 //! extra tiles visited) / (query tiles x (grid KV tiles + extra KV tiles)).
-//! Then the same call under other configurations (environment switches of the launcher): v1
-//! (q permuted, per-element window test, no ping-pong), each of those alone, 2 heads per CTA,
-//! in place.
+//! Then the same call under the launcher's other configurations (`gna::KernelOptions`): plain
+//! (q permuted, no ping-pong), each of those alone, in place, the CTA schedules.
 
 #[cfg(feature = "cuda")]
 fn main() -> anyhow::Result<()> {
@@ -37,20 +37,24 @@ fn main() -> anyhow::Result<()> {
     let device = Device::new_cuda(0)?;
     let dev = device.as_cuda_device()?.clone();
     let stream = dev.cuda_stream();
+    // ms per call of `calls` back-to-back calls of `f`, between two CUDA events.
+    let sample = |calls: usize, f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+        let e0 = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        for _ in 0..calls {
+            f()?;
+        }
+        let e1 = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        Ok(e0.elapsed_ms(&e1).map_err(|e| anyhow::anyhow!("{e:?}"))? as f64 / calls as f64)
+    };
+    let median = |mut v: Vec<f64>| -> f64 {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
     // Median ms per call of `f` over `reps` samples of `calls` calls, after one warm-up call.
     let time = |calls: usize, f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
         f()?;
-        let mut ts = Vec::new();
-        for _ in 0..reps {
-            let e0 = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            for _ in 0..calls {
-                f()?;
-            }
-            let e1 = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            ts.push(e0.elapsed_ms(&e1).map_err(|e| anyhow::anyhow!("{e:?}"))? as f64 / calls as f64);
-        }
-        ts.sort_by(|a, b| a.total_cmp(b));
-        Ok(ts[ts.len() / 2])
+        let samples = (0..reps).map(|_| sample(calls, f)).collect::<anyhow::Result<Vec<f64>>>()?;
+        Ok(median(samples))
     };
 
     struct Case {
@@ -99,45 +103,55 @@ fn main() -> anyhow::Result<()> {
             println!("{}: profiled ({} KV tiles visited, {} full)", c.name, t.visited, t.full);
             continue;
         }
-        let sparse_ms = time(3, &mut || {
+        // GNA and dense alternate: per round one untimed GNA call (the dense call evicted its data
+        // from L2), 3 timed GNA calls, 1 timed dense call; warm-up of each first.
+        let mut run_gna = || -> anyhow::Result<()> {
             gna::forward(&q, &k, &v, &c.grid, &p, extra, scale)?;
             Ok(())
-        })?;
-        // The same under other launcher configurations (environment switches), to compare.
-        let variants: [(&str, &[(&str, &str)]); 7] = [
-            ("v1 (q permuted, generic mask, no ping-pong)", &[("VISGEN_GNA_PERMUTE_Q", "1"), ("VISGEN_GNA_GENERIC_MASK", "1"), ("VISGEN_GNA_PINGPONG", "0")]),
-            ("no ping-pong", &[("VISGEN_GNA_PINGPONG", "0")]),
-            ("q permuted", &[("VISGEN_GNA_PERMUTE_Q", "1")]),
-            ("generic mask", &[("VISGEN_GNA_GENERIC_MASK", "1")]),
-            ("2 heads per CTA", &[("VISGEN_GNA_HEADS_PER_CTA", "2")]),
-            ("no ping-pong, 2 heads per CTA", &[("VISGEN_GNA_PINGPONG", "0"), ("VISGEN_GNA_HEADS_PER_CTA", "2")]),
-            ("in place (no permutation pass)", &[("VISGEN_GNA_IN_PLACE", "1")]),
-        ];
-        let mut variant_ms = Vec::new();
-        for (name, vars) in variants {
-            for (key, val) in vars {
-                std::env::set_var(key, val);
-            }
-            let ms = time(3, &mut || {
-                gna::forward(&q, &k, &v, &c.grid, &p, extra, scale)?;
-                Ok(())
-            });
-            for (key, _) in vars {
-                std::env::remove_var(key);
-            }
-            variant_ms.push((name, ms?));
-        }
-        let dense_ms = time(1, &mut || {
+        };
+        let mut run_dense = || -> anyhow::Result<()> {
             dense::forward(&q, &k, &v, None, extra, scale)?;
             Ok(())
-        })?;
+        };
+        run_gna()?;
+        run_dense()?;
+        let (mut gna_samples, mut dense_samples, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..reps {
+            run_gna()?;
+            let g = sample(3, &mut run_gna)?;
+            let d = sample(1, &mut run_dense)?;
+            gna_samples.push(g);
+            dense_samples.push(d);
+            ratios.push(d / g);
+        }
+        let (sparse_ms, dense_ms, speedup) = (median(gna_samples), median(dense_samples), median(ratios));
+        // The same under the launcher's other configurations, to compare.
+        use gna::{KernelOptions as Opts, Schedule};
+        let plain = Opts { permute_q: true, pingpong: false, ..Default::default() };
+        let variants: [(&str, Opts); 8] = [
+            ("plain (q permuted, no ping-pong)", plain),
+            ("no ping-pong", Opts { pingpong: false, ..Default::default() }),
+            ("q permuted", Opts { permute_q: true, ..Default::default() }),
+            ("in place (no permutation pass)", Opts { in_place: true, ..Default::default() }),
+            ("one query tile per CTA", Opts { schedule: Schedule::Consecutive(1), ..Default::default() }),
+            ("2 query tiles per CTA", Opts { schedule: Schedule::Consecutive(2), ..Default::default() }),
+            ("persistent (round robin, 1 CTA per SM)", Opts { schedule: Schedule::Persistent, ..Default::default() }),
+            ("persistent, no ping-pong", Opts { schedule: Schedule::Persistent, pingpong: false, ..Default::default() }),
+        ];
+        let mut variant_ms = Vec::new();
+        for (name, opts) in variants {
+            let ms = time(3, &mut || {
+                gna::forward_with(&q, &k, &v, &c.grid, &p, extra, scale, &opts)?;
+                Ok(())
+            })?;
+            variant_ms.push((name, ms));
+        }
         let keys_per_query = c.kernel.iter().product::<usize>() + c.extra;
         let flops_eff = 4.0 * (c.heads * n) as f64 * keys_per_query as f64 * c.d as f64;
         let extra_tiles = t.entries.len() - t.visited; // extra-token tiles visited (every query tile with a real query)
         let flops_tiles = 4.0 * c.heads as f64 * ((t.visited + extra_tiles) * 128 * 128) as f64 * c.d as f64;
         let fraction = t.visited_fraction();
         let goal = 0.9 / fraction;
-        let speedup = dense_ms / sparse_ms;
         println!(
             "{:<28} {:>9.3} {:>8.0} {:>8.0} {:>10.3} {:>8.2} {:>9.4} {:>8.2} {:>6}",
             c.name,
@@ -154,13 +168,14 @@ fn main() -> anyhow::Result<()> {
             println!("    {name:<44} {ms:>8.3} ms (speedup {:.2})", dense_ms / ms);
         }
         println!(
-            "    box {:?}, {} query tiles, {} KV tiles visited ({} full, {} partial), {} extra-token tiles visited; \
-             fraction = ({} + {}) / ({} x ({} + {})); grid tiles alone {:.4}",
+            "    box {:?}, {} query tiles, {} KV tiles visited ({} full, {} partial, {} keep-word patterns), \
+             {} extra-token tiles visited; fraction = ({} + {}) / ({} x ({} + {})); grid tiles alone {:.4}",
             t.axes.map(|a| a.tile),
             t.q_tiles(),
             t.visited,
             t.full,
             t.visited - t.full,
+            t.patterns(),
             extra_tiles,
             t.visited,
             extra_tiles,

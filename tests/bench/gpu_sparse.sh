@@ -11,7 +11,7 @@
 # GNA_ONLY=1 (pack and run): cuda_neighborhood and the GNA bench cases only.
 #
 # Everything the run prints also goes to $OUT/sparse_check.log. The tests set an environment
-# variable (VISGEN_GNA_IN_PLACE) while they run: keep --test-threads=1.
+# variable (VISGEN_PSA_SERIAL_PRODUCER) while they run: keep --test-threads=1.
 set -uo pipefail
 mode="${1:-}"
 

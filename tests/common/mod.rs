@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+pub mod gna_shapes;
+
 use candle_core::{DType, Device, Shape, Tensor};
 
 /// max |a - b| / max |b|: the error relative to the scale of the reference tensor.

@@ -1,20 +1,18 @@
 //! Launcher for the GNA forward kernel (kernels/attention/neighborhood/gna_fwd.cu).
 //!
 //! One call = (1) `gna_permute_16bit` gathers k, v (and q when it cannot be read in place, see
-//! `q_in_place`) into the tile-permuted, zero-padded layout of [`tiles::plan`] (or, with
-//! `VISGEN_GNA_IN_PLACE=1`, dilation 1 and B, H mergeable, nothing: the kernel reads each tile
-//! in place as one 5-D TMA box (D, L2, L1, L0, B*H) whose shared-memory image is the permuted
-//! tile; measured slower for k and v, see `can_read_in_place`);
+//! [`KernelOptions::permute_q`]) into the tile-permuted, zero-padded layout of [`tiles::plan`] (or, with
+//! [`KernelOptions::in_place`], dilation 1 and B, H mergeable, nothing: the kernel reads each
+//! tile in place as one 5-D TMA box (D, L2, L1, L0, B*H) whose shared-memory image is the
+//! permuted tile; measured slower for k and v, see `can_read_in_place`);
 //! (2) `gna_fwd_*` runs the block-sparse flash loop over each query tile's
 //! list of KV tiles (full / partial / extra) and writes `O (B, H, N, D)` and the natural-log
-//! `lse (B, H, N)` straight into the original token order. The tiling (permutation, lists) is
-//! built on the host once per (grid, parameters, extra-token tiles) and cached on the device.
-//! A CTA runs one query tile for `heads_per_cta` heads (1 unless asked).
+//! `lse (B, H, N)` straight into the original token order. The tiling (permutation, lists, the
+//! keep words of PARTIAL tiles) is built on the host once per (grid, parameters, extra-token
+//! tiles) and cached on the device.
 //!
-//! Switches for comparison runs (bench_sparse, tests): `VISGEN_GNA_PERMUTE_Q=1` (q permuted
-//! too), `VISGEN_GNA_HEADS_PER_CTA=n`, `VISGEN_GNA_GENERIC_MASK=1` (the per-element window
-//! test on every PARTIAL tile), `VISGEN_GNA_PINGPONG=0` (no ping-pong of the consumer
-//! warpgroups), `VISGEN_GNA_IN_PLACE=1`.
+//! [`forward`] runs the measured-fastest configuration ([`KernelOptions::default`]);
+//! [`forward_with`] takes the others (comparison runs in bench_sparse, equality tests).
 //!
 //! bf16 / f16, head dims 64, 72, 96, 112, 128; f32 accumulation. Semantics: those of
 //! [`crate::attention::neighborhood::reference`] (the CPU oracle).
@@ -57,6 +55,8 @@ struct GnaArgs {
     perm: u64,
     offsets: u64,
     entries: u64,
+    mask_of: u64,
+    masks: u64,
     o_stride: [i64; 3],
     lse_stride: [i64; 2],
     axis: [AxisTiling; 3],
@@ -66,15 +66,20 @@ struct GnaArgs {
     direct: i32,
     direct_q: i32,
     heads: i32,
-    heads_per_cta: i32,
-    generic_mask: i32,
     pingpong: i32,
+    q_tiles: i32,
+    work_total: i32,
+    work_per_cta: i32,
+    work_step: i32,
+    work_cta_stride: i32,
 }
 // SAFETY: plain old data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for GnaArgs {}
-const _: () = assert!(std::mem::size_of::<GnaArgs>() == 896);
+const _: () = assert!(std::mem::size_of::<GnaArgs>() == 1024);
 const _: () = assert!(
-    std::mem::offset_of!(GnaArgs, o) == 640 && std::mem::offset_of!(GnaArgs, axis) == 720 && std::mem::offset_of!(GnaArgs, pingpong) == 872
+    std::mem::offset_of!(GnaArgs, o) == 640
+        && std::mem::offset_of!(GnaArgs, axis) == 736
+        && std::mem::offset_of!(GnaArgs, work_cta_stride) == 900
 );
 const _: () = assert!(std::mem::size_of::<AxisTiling>() == 40);
 
@@ -101,6 +106,8 @@ pub struct DeviceTiling {
     perm: CudaSlice<i32>,
     offsets: CudaSlice<i32>,
     entries: CudaSlice<i32>,
+    mask_of: CudaSlice<i32>,
+    masks: CudaSlice<u32>,
 }
 
 type Key = (DeviceId, Vec<usize>, Vec<usize>, Vec<usize>, Vec<usize>, Vec<bool>, usize);
@@ -127,9 +134,17 @@ pub fn device_tiling(dev: &CudaDevice, grid: &[usize], p: &NeighborhoodParams, n
         return Err(err(format!("grid {grid:?} too large for 32-bit tile indices")));
     }
     let stream = dev.cuda_stream();
-    let up = |v: &[i32]| stream.clone_htod(v).map_err(|e| err(format!("upload: {e:?}")));
-    let entries = if tiling.entries.is_empty() { up(&[0])? } else { up(&tiling.entries)? };
-    let t = Arc::new(DeviceTiling { perm: up(&tiling.perm)?, offsets: up(&tiling.offsets)?, entries, tiling });
+    // (an empty list still gets one element: a null pointer is not a valid kernel argument)
+    let up = |v: &[i32]| stream.clone_htod(if v.is_empty() { &[0][..] } else { v }).map_err(|e| err(format!("upload: {e:?}")));
+    let masks = stream.clone_htod(if tiling.masks.is_empty() { &[0u32][..] } else { &tiling.masks }).map_err(|e| err(format!("upload: {e:?}")))?;
+    let t = Arc::new(DeviceTiling {
+        perm: up(&tiling.perm)?,
+        offsets: up(&tiling.offsets)?,
+        entries: up(&tiling.entries)?,
+        mask_of: up(&tiling.mask_of)?,
+        masks,
+        tiling,
+    });
     cache.lock().map_err(|_| err("tiling cache poisoned"))?.insert(key, t.clone());
     Ok(t)
 }
@@ -218,18 +233,68 @@ fn tensor_map5(ptr: u64, dtype: DType, t: &Tensor, axes: &[AxisTiling; 3]) -> Re
     Ok(unsafe { map.assume_init() }.opaque)
 }
 
-/// Whether q, k, v are read in place (no permutation pass): only when asked for with
-/// `VISGEN_GNA_IN_PLACE=1`, and possible: dilation 1 on every axis (a dilation group is a
-/// strided set, not a box), B and H mergeable, 16-byte aligned rows. Measured on the H200
-/// (kernels/NOTES.md, ## neighborhood): the permuted path is faster (FLUX-4K strided 9.49 ms
-/// vs 10.15 ms in place): each KV tile is read by ~50 query tiles, and 128 contiguous rows
-/// stream better than a box of short row segments, which outweighs the permutation pass.
-fn can_read_in_place(tensors: [&Tensor; 3], params: &NeighborhoodParams) -> bool {
-    std::env::var_os("VISGEN_GNA_IN_PLACE").is_some() && tensors.iter().all(|t| in_place_readable(t, params))
+/// How the launcher runs the kernel. The default is the configuration measured fastest on the
+/// H200 (kernels/NOTES.md, ## neighborhood); the others give identical results (tested) and
+/// exist for comparison runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelOptions {
+    /// q, k and v read in place, no permutation pass (where possible: see `can_read_in_place`).
+    /// Measured slower: each KV tile is read by ~50 query tiles, and 128 contiguous rows
+    /// stream better than a box of short row segments, which outweighs the permutation pass
+    /// (FLUX-4K strided 9.49 ms permuted vs 10.15 ms in place).
+    pub in_place: bool,
+    /// q permuted like k and v instead of read in place. Reading q in place is free (it is
+    /// loaded once per CTA) and saves a third of the permutation pass.
+    pub permute_q: bool,
+    /// The two consumer warpgroups take turns issuing their GEMMs (FlashAttention-3).
+    pub pingpong: bool,
+    pub schedule: Schedule,
 }
 
-/// Whether a 5-D map can read `t` in place: dilation 1 on every axis, B and H mergeable,
-/// 16-byte aligned rows.
+impl Default for KernelOptions {
+    fn default() -> Self {
+        Self { in_place: false, permute_q: false, pingpong: true, schedule: Schedule::Consecutive(1) }
+    }
+}
+
+/// How the work items (one query tile of one head and batch; query tiles innermost) are spread
+/// over CTAs. A CTA with several items loads the next item's Q and first K/V tiles under the
+/// previous item's last P V and epilogue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// Each CTA runs `n` consecutive items (1: one CTA per item).
+    Consecutive(usize),
+    /// `n` CTAs, CTA c runs items c, c + n, c + 2n, ...: all CTAs move through the heads
+    /// together, so one head's K/V stays the L2 working set.
+    RoundRobin(usize),
+    /// `RoundRobin` over one CTA per SM (the kernel fits one CTA per SM).
+    Persistent,
+}
+
+impl Schedule {
+    /// (grid size, items per CTA, step between a CTA's items, step between CTAs' first items).
+    fn layout(self, items: usize, sms: usize) -> (usize, usize, usize, usize) {
+        match self {
+            Schedule::Consecutive(n) => {
+                let n = n.clamp(1, items.max(1));
+                (items.div_ceil(n), n, 1, n)
+            }
+            Schedule::RoundRobin(ctas) => {
+                let ctas = ctas.clamp(1, items.max(1));
+                (ctas, items.div_ceil(ctas), ctas, 1)
+            }
+            Schedule::Persistent => Schedule::RoundRobin(sms).layout(items, sms),
+        }
+    }
+}
+
+/// Whether q, k, v are all read in place: asked for, and possible for every tensor.
+fn can_read_in_place(tensors: [&Tensor; 3], params: &NeighborhoodParams, opts: &KernelOptions) -> bool {
+    opts.in_place && tensors.iter().all(|t| in_place_readable(t, params))
+}
+
+/// Whether a 5-D map can read `t` in place: dilation 1 on every axis (a dilation group is a
+/// strided set, not a box), B and H mergeable, 16-byte aligned rows.
 fn in_place_readable(t: &Tensor, params: &NeighborhoodParams) -> bool {
     let (s, dims) = (t.stride(), t.dims());
     params.dilation.iter().all(|&d| d == 1)
@@ -237,29 +302,6 @@ fn in_place_readable(t: &Tensor, params: &NeighborhoodParams) -> bool {
         && s[..3].iter().all(|x| x % 8 == 0)
         && t.layout().start_offset() % 8 == 0
         && (dims[0] == 1 || s[0] == dims[1] * s[1])
-}
-
-/// Whether q alone is read in place (k and v permuted): the default where possible. Q is read
-/// once per CTA, so the slower box reads of the in-place path cost nothing there, and a third
-/// of the permutation pass goes away. `VISGEN_GNA_PERMUTE_Q=1` permutes q too (comparison).
-fn q_in_place(q: &Tensor, params: &NeighborhoodParams) -> bool {
-    std::env::var_os("VISGEN_GNA_PERMUTE_Q").is_none() && in_place_readable(q, params)
-}
-
-/// Heads per CTA: 1 unless `VISGEN_GNA_HEADS_PER_CTA=n` (tests, comparison runs). Measured on
-/// the H200 (kernels/NOTES.md, ## neighborhood): 2 heads per CTA (the next head's loads under
-/// the previous head's drain) double the K/V working set in L2: 10-14% slower on FLUX-4K s16
-/// with the ping-pong, 6% slower on the 3-D video shape without it, elsewhere within noise.
-fn heads_per_cta(h: usize) -> usize {
-    match std::env::var("VISGEN_GNA_HEADS_PER_CTA").ok().and_then(|s| s.parse::<usize>().ok()) {
-        Some(n) => n.clamp(1, h.max(1)),
-        None => 1,
-    }
-}
-
-/// Whether the consumer warpgroups ping-pong their GEMMs: on unless `VISGEN_GNA_PINGPONG=0`.
-fn pingpong() -> bool {
-    std::env::var("VISGEN_GNA_PINGPONG").as_deref() != Ok("0")
 }
 
 /// Device address of a tensor's first element (16-bit elements).
@@ -306,11 +348,27 @@ pub fn forward(
     extra_kv: Option<(&Tensor, &Tensor)>,
     scale: f64,
 ) -> Result<(Tensor, Tensor)> {
-    forward_impl(q, k, v, grid, params, extra_kv, scale, false)
+    forward_impl(q, k, v, grid, params, extra_kv, scale, &KernelOptions::default(), false)
 }
 
-/// [`forward`] with both outputs filled with NaN bytes before the launch (tests).
+/// [`forward`] in another configuration of the kernel (same results).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grid: &[usize],
+    params: &NeighborhoodParams,
+    extra_kv: Option<(&Tensor, &Tensor)>,
+    scale: f64,
+    opts: &KernelOptions,
+) -> Result<(Tensor, Tensor)> {
+    forward_impl(q, k, v, grid, params, extra_kv, scale, opts, false)
+}
+
+/// [`forward_with`] with both outputs filled with NaN bytes before the launch (tests).
 #[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
 pub fn forward_poisoned(
     q: &Tensor,
     k: &Tensor,
@@ -319,8 +377,9 @@ pub fn forward_poisoned(
     params: &NeighborhoodParams,
     extra_kv: Option<(&Tensor, &Tensor)>,
     scale: f64,
+    opts: &KernelOptions,
 ) -> Result<(Tensor, Tensor)> {
-    forward_impl(q, k, v, grid, params, extra_kv, scale, true)
+    forward_impl(q, k, v, grid, params, extra_kv, scale, opts, true)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -332,6 +391,7 @@ fn forward_impl(
     params: &NeighborhoodParams,
     extra_kv: Option<(&Tensor, &Tensor)>,
     scale: f64,
+    opts: &KernelOptions,
     poison: bool,
 ) -> Result<(Tensor, Tensor)> {
     let (b, h, nq, nk, d) = super::super::check_qkv(q, k, v)?;
@@ -361,8 +421,8 @@ fn forward_impl(
     if b * h * n == 0 {
         return Ok((Tensor::zeros((b, h, n, d), dtype, q.device())?, Tensor::zeros((b, h, n), DType::F32, q.device())?));
     }
-    if b > 65535 || h > 65535 {
-        return Err(err(format!("batch {b} / heads {h} above the grid limit 65535")));
+    if b * h > 65535 {
+        return Err(err(format!("batch x heads = {} above the permutation kernel's grid limit 65535", b * h)));
     }
     let dt = device_tiling(&dev, grid, params, n_extra)?;
     let t = &dt.tiling;
@@ -371,8 +431,8 @@ fn forward_impl(
     // (1) permute q, k, v into (B, H, n_pad, D), zero padding; or read them in place (all three,
     // or q alone: the default).
     let (q, k, v) = (kernel_view(q)?, kernel_view(k)?, kernel_view(v)?);
-    let direct = can_read_in_place([&q, &k, &v], params);
-    let direct_q = direct || q_in_place(&q, params);
+    let direct = can_read_in_place([&q, &k, &v], params, opts);
+    let direct_q = direct || (!opts.permute_q && in_place_readable(&q, params));
     let full_elems = b * h * t.n_pad * d;
     let elems = [if direct_q { 1 } else { full_elems }, if direct { 1 } else { full_elems }, if direct { 1 } else { full_elems }];
     // SAFETY: every element is written by gna_permute before it is read (unused when read in place).
@@ -427,7 +487,11 @@ fn forward_impl(
         maps[3] = tensor_map(ptr_16bit(k2, &dev)?, dtype, (b, h, n_extra, d), strides3(k2))?;
         maps[4] = tensor_map(ptr_16bit(v2, &dev)?, dtype, (b, h, n_extra, d), strides3(v2))?;
     }
-    let hpc = heads_per_cta(h);
+    let items = b * h * t.q_tiles();
+    if items > i32::MAX as usize {
+        return Err(err(format!("{items} work items (batch x heads x query tiles) above the 32-bit limit")));
+    }
+    let (ctas, per_cta, step, cta_stride) = opts.schedule.layout(items, super::sm_count(&dev)? as usize);
     let mut args = GnaArgs {
         maps,
         o: 0,
@@ -435,6 +499,8 @@ fn forward_impl(
         perm: dt.perm.device_ptr(&stream).0,
         offsets: dt.offsets.device_ptr(&stream).0,
         entries: dt.entries.device_ptr(&stream).0,
+        mask_of: dt.mask_of.device_ptr(&stream).0,
+        masks: dt.masks.device_ptr(&stream).0,
         o_stride: [(h * n * d) as i64, (n * d) as i64, d as i64],
         lse_stride: [(h * n) as i64, n as i64],
         axis: t.axes,
@@ -444,9 +510,12 @@ fn forward_impl(
         direct: direct as i32,
         direct_q: direct_q as i32,
         heads: h as i32,
-        heads_per_cta: hpc as i32,
-        generic_mask: std::env::var_os("VISGEN_GNA_GENERIC_MASK").is_some() as i32,
-        pingpong: pingpong() as i32,
+        pingpong: opts.pingpong as i32,
+        q_tiles: t.q_tiles() as i32,
+        work_total: items as i32,
+        work_per_cta: per_cta as i32,
+        work_step: step as i32,
+        work_cta_stride: cta_stride as i32,
     };
     let suffix = if dtype == DType::BF16 { "bf16" } else { "f16" };
     let (o_bf16, o_f16) = match dtype {
@@ -470,7 +539,7 @@ fn forward_impl(
     // barriers, 1 KB to align to the swizzle atom.
     let smem = (128 * pad + 2 * 3 * 128 * pad) * 2 + 128 + 1024;
     kernel.set_max_dynamic_smem(smem)?;
-    let cfg = LaunchConfig { grid_dim: (t.q_tiles() as u32, h.div_ceil(hpc) as u32, b as u32), block_dim: (384, 1, 1), shared_mem_bytes: smem as u32 };
+    let cfg = LaunchConfig { grid_dim: (ctas as u32, 1, 1), block_dim: (384, 1, 1), shared_mem_bytes: smem as u32 };
     let mut launch = kernel.builder();
     launch.arg(&args);
     // SAFETY: the maps cover the permuted buffers and the extra tensors; the lists index tiles

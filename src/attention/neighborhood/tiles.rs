@@ -15,9 +15,11 @@
 //! Per (query tile, KV tile) the neighbor relation is a product over axes, and so are the real
 //! (non-padding) tokens of a box, so "some pair is a neighbor" and "every real query sees every
 //! key of the tile" are both products of per-axis answers: the lists are built per axis and
-//! combined. A FULL tile needs no masking in the kernel; a PARTIAL tile evaluates the window
-//! per element; an EXTRA tile is 128 extra KV tokens (all seen; only the ragged end is masked).
+//! combined. A FULL tile needs no masking in the kernel; a PARTIAL tile is masked by its keep
+//! words, precomputed here ([`super::masks`]); an EXTRA tile is 128 extra KV tokens (all seen;
+//! only the ragged end is masked).
 
+use super::masks::{self, MaskTable, PATTERN_WORDS};
 use super::{dilation_group_len, window_bounds, NeighborhoodParams};
 
 /// Tokens per query tile and per KV tile.
@@ -71,12 +73,12 @@ impl AxisTiling {
         Self::new(1, 1, 1, 1, false, 1)
     }
 
-    fn group_len(&self, group: usize) -> usize {
+    pub(super) fn group_len(&self, group: usize) -> usize {
         dilation_group_len(self.len as usize, self.dilation as usize, group)
     }
 
     /// Window `[start, end)` of intra-group coordinate `i` in `group`.
-    fn window(&self, i: usize, group: usize) -> (usize, usize) {
+    pub(super) fn window(&self, i: usize, group: usize) -> (usize, usize) {
         let gl = self.group_len(group);
         window_bounds(i, gl, self.kernel as usize, self.stride as usize, self.causal != 0)
     }
@@ -137,6 +139,10 @@ pub struct GnaTiling {
     pub offsets: Vec<i32>,
     /// `(kv_tile << 2) | kind`
     pub entries: Vec<i32>,
+    /// per entry: its keep-word pattern for a PARTIAL tile, -1 otherwise
+    pub mask_of: Vec<i32>,
+    /// the patterns, [`PATTERN_WORDS`] u32 each (see [`super::masks`])
+    pub masks: Vec<u32>,
     /// grid tiles visited, of which full (extra tiles not counted)
     pub visited: usize,
     pub full: usize,
@@ -173,7 +179,28 @@ impl GnaTiling {
         [(t0, c0), (t1, c1), (t2, c2)]
     }
 
-    /// The kernel's per-element test, on the host: whether permuted query `pq` attends permuted
+    /// Number of distinct keep-word patterns.
+    pub fn patterns(&self) -> usize {
+        self.masks.len() / PATTERN_WORDS
+    }
+
+    /// What the kernel does for row `row` and column `col` of list entry `index` (FULL: keep;
+    /// PARTIAL: the bit of its keep word), read from the uploaded table.
+    pub fn kernel_keeps(&self, index: usize, row: usize, col: usize) -> bool {
+        match self.entries[index] & 3 {
+            KIND_FULL => true,
+            KIND_PARTIAL => {
+                let (half, lane_row) = ((row % 16) / 8, row % 8);
+                let ctid = (row / 64) * 128 + (row % 64 / 16) * 32 + lane_row * 4 + (col % 8) / 2;
+                debug_assert_eq!((masks::thread_row(ctid, half), masks::bit_column(ctid, 2 * (col / 8) + col % 2)), (row, col));
+                let word = self.masks[self.mask_of[index] as usize * PATTERN_WORDS + ctid * 2 + half];
+                (word >> (2 * (col / 8) + col % 2)) & 1 == 1
+            }
+            _ => panic!("kernel_keeps: entry {index} is an extra-token tile"),
+        }
+    }
+
+    /// The window test per element, on the host: whether permuted query `pq` attends permuted
     /// key `pk` (both in the same group by construction of the lists).
     pub fn mask_ok(&self, pq: usize, pk: usize) -> bool {
         let (sq, sk) = (self.split(pq), self.split(pk));
@@ -246,7 +273,20 @@ fn build(axes: [AxisTiling; 3], n: usize, n_extra: usize) -> GnaTiling {
     let q_tiles = tiles.iter().product::<usize>();
     let n_pad = q_tiles * TILE;
     let lens = [axes[0].len as usize, axes[1].len as usize, axes[2].len as usize];
-    let mut tiling = GnaTiling { axes, n, n_pad, perm: vec![-1; n_pad], offsets: vec![0], entries: Vec::new(), visited: 0, full: 0, extra_tiles: n_extra.div_ceil(TILE) };
+    let mut tiling = GnaTiling {
+        axes,
+        n,
+        n_pad,
+        perm: vec![-1; n_pad],
+        offsets: vec![0],
+        entries: Vec::new(),
+        mask_of: Vec::new(),
+        masks: Vec::new(),
+        visited: 0,
+        full: 0,
+        extra_tiles: n_extra.div_ceil(TILE),
+    };
+    let mut table = MaskTable::new(axes);
     for p in 0..n_pad {
         let split = tiling.split(p);
         let coords: Option<Vec<usize>> = (0..3)
@@ -270,6 +310,7 @@ fn build(axes: [AxisTiling; 3], n: usize, n_extra: usize) -> GnaTiling {
                             let kt = (k0 * tiles[1] + k1) * tiles[2] + k2;
                             let full = f0 && f1 && f2;
                             tiling.entries.push(((kt as i32) << 2) | if full { KIND_FULL } else { KIND_PARTIAL });
+                            tiling.mask_of.push(if full { -1 } else { table.pattern([q0, q1, q2], [k0, k1, k2]) });
                             tiling.visited += 1;
                             tiling.full += full as usize;
                         }
@@ -278,11 +319,13 @@ fn build(axes: [AxisTiling; 3], n: usize, n_extra: usize) -> GnaTiling {
                 if has_real_query {
                     for e in 0..extra_tiles {
                         tiling.entries.push(((e as i32) << 2) | KIND_EXTRA);
+                        tiling.mask_of.push(-1);
                     }
                 }
                 tiling.offsets.push(tiling.entries.len() as i32);
             }
         }
     }
+    tiling.masks = table.words;
     tiling
 }

@@ -1,0 +1,99 @@
+//! GNA's host tiling (src/attention/neighborhood/{tiles,masks}.rs), the part of the CUDA backend
+//! that runs on any machine: the token permutation and, per query tile, the KV tiles and the
+//! keep words the kernel masks PARTIAL tiles with reproduce, for every query, exactly the key set
+//! of `neighborhood::neighbors` (the reference's mask); FULL tiles hold only neighbors; no key
+//! tile is listed twice. The kernel itself: tests/cuda_neighborhood.rs (H200).
+
+mod common;
+
+use common::gna_shapes::{params, shapes};
+use visgen::attention::neighborhood::tiles::{self, KIND_EXTRA, KIND_FULL, TILE};
+use visgen::attention::neighborhood::{neighbors, NeighborhoodParams};
+
+fn check_tiling(grid: &[usize], p: &NeighborhoodParams, n_extra: usize) {
+    let t = tiles::plan(grid, p, n_extra).unwrap();
+    let n: usize = grid.iter().product();
+    assert_eq!(t.n_pad % TILE, 0);
+    assert_eq!(t.mask_of.len(), t.entries.len());
+    // The permutation is a bijection of the real tokens.
+    let mut seen = vec![false; n];
+    for &o in t.perm.iter().filter(|&&o| o >= 0) {
+        assert!(!seen[o as usize], "token {o} twice in the permutation");
+        seen[o as usize] = true;
+    }
+    assert!(seen.iter().all(|&s| s), "{grid:?}: a token is missing from the permutation");
+    let extra_tiles = n_extra.div_ceil(TILE);
+    for qt in 0..t.q_tiles() {
+        let range = t.offsets[qt] as usize..t.offsets[qt + 1] as usize;
+        let grid_entries: Vec<usize> = range.clone().filter(|&i| t.entries[i] & 3 != KIND_EXTRA).collect();
+        let mut tiles_seen: Vec<i32> = grid_entries.iter().map(|&i| t.entries[i] >> 2).collect();
+        tiles_seen.sort();
+        tiles_seen.dedup();
+        assert_eq!(tiles_seen.len(), grid_entries.len(), "{grid:?}: a KV tile listed twice");
+        let real_rows: Vec<usize> = (0..TILE).filter(|&r| t.perm[qt * TILE + r] >= 0).collect();
+        assert_eq!(range.len() - grid_entries.len(), if real_rows.is_empty() { 0 } else { extra_tiles });
+        for &row in &real_rows {
+            let pq = qt * TILE + row;
+            let mut keys = Vec::new();
+            for &i in &grid_entries {
+                let kt = (t.entries[i] >> 2) as usize;
+                for col in 0..TILE {
+                    let pk = kt * TILE + col;
+                    let real = t.perm[pk] >= 0;
+                    if t.entries[i] & 3 == KIND_FULL {
+                        assert!(real && t.mask_ok(pq, pk), "{grid:?} {p:?}: a FULL tile holds a non-neighbor");
+                    }
+                    if t.kernel_keeps(i, row, col) {
+                        assert!(real, "{grid:?}: a padding key is kept");
+                        keys.push(t.perm[pk] as usize);
+                    }
+                }
+            }
+            keys.sort();
+            let want = neighbors(t.perm[pq] as usize, grid, p);
+            assert_eq!(keys, want, "{grid:?} {p:?}: query {}", t.perm[pq]);
+        }
+    }
+}
+
+#[test]
+fn tiling_matches_reference_masks() {
+    for (grid, p, extra) in shapes() {
+        check_tiling(&grid, &p, extra);
+    }
+}
+
+#[test]
+fn tiling_of_benchmark_shapes_is_sparse() {
+    // FLUX-4K strided: the box choice must make the lists sparse (goal 0.9 / fraction).
+    let p = params(&[80, 80], &[16, 16], &[1, 1], &[false, false]);
+    let t = tiles::plan(&[256, 256], &p, 0).unwrap();
+    let f = t.visited_fraction();
+    println!("256x256 k80 s16: box {:?}, visited {} ({f:.3}), full {}", t.axes.map(|a| a.tile), t.visited, t.full);
+    assert!(f < 0.2, "visited fraction {f}");
+    assert!(t.full * 2 > t.visited, "most tiles should need no mask: {} of {}", t.full, t.visited);
+    // Stride 1: half the tiles are PARTIAL, but they share few keep-word patterns.
+    let p = params(&[80, 80], &[1, 1], &[1, 1], &[false, false]);
+    let t = tiles::plan(&[256, 256], &p, 0).unwrap();
+    let partial = t.visited - t.full;
+    println!("256x256 k80 s1: box {:?}, visited {} ({:.3}), partial {partial}, patterns {}", t.axes.map(|a| a.tile), t.visited, t.visited_fraction(), t.patterns());
+    assert!(t.patterns() * 4 < partial, "keep-word patterns barely shared: {} for {partial} partial tiles", t.patterns());
+    // The 3-D video shape (all full) and a stride-1 3-D one: printed for the notes.
+    for (grid, p) in [
+        (vec![30, 48, 80], params(&[18, 24, 24], &[16, 8, 8], &[1, 1, 1], &[false, false, false])),
+        (vec![30, 48, 80], params(&[9, 15, 15], &[1, 1, 1], &[1, 1, 1], &[false, false, false])),
+    ] {
+        let t = tiles::plan(&grid, &p, 0).unwrap();
+        println!(
+            "{grid:?} k {:?} s {:?}: box {:?}, visited {} ({:.3}), full {}, patterns {} ({:.1} MB)",
+            p.kernel,
+            p.stride,
+            t.axes.map(|a| a.tile),
+            t.visited,
+            t.visited_fraction(),
+            t.full,
+            t.patterns(),
+            (t.masks.len() * 4) as f64 / 1e6
+        );
+    }
+}
