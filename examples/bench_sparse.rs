@@ -32,7 +32,8 @@ fn main() -> anyhow::Result<()> {
     let gna_only = std::env::args().any(|a| a == "--gna-only");
     // --case NAME: only the GNA case of that exact name.
     let case_filter: Option<String> = std::env::args().position(|a| a == "--case").and_then(|i| std::env::args().nth(i + 1));
-    // --profile: per GNA case two forward calls (warm-up + one for the profiler), no timing.
+    // --profile: per GNA case two GNA calls, then two dense calls on the same inputs (warm-up +
+    // one for the profiler, which picks the kernel by name), no timing.
     let profile = std::env::args().any(|a| a == "--profile");
     let device = Device::new_cuda(0)?;
     let dev = device.as_cuda_device()?.clone();
@@ -98,6 +99,9 @@ fn main() -> anyhow::Result<()> {
         if profile {
             for _ in 0..2 {
                 gna::forward(&q, &k, &v, &c.grid, &p, extra, scale)?;
+            }
+            for _ in 0..2 {
+                dense::forward(&q, &k, &v, None, extra, scale)?;
             }
             device.synchronize()?;
             println!("{}: profiled ({} KV tiles visited, {} full)", c.name, t.visited, t.full);

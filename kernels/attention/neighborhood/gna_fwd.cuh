@@ -11,7 +11,7 @@
 // run under the other's GEMMs. A CTA may run several work items (query tile, head, batch) in a
 // row (WorkItems), the K/V ring running on across items, so the next item's Q and first tiles
 // load under the previous item's last P V and epilogue.
-// Each list entry is (kv_tile << 2 | kind):
+// Each list entry is (kv_tile << 2 | kind, keep-word pattern or -1):
 //   FULL     every real query of the tile sees every key: no masking at all
 //   PARTIAL  masked by the tile pair's keep words, made on the host (src/attention/neighborhood/
 //            masks.rs): bit 2 n + c of a thread's word for row half h is set when the key of
@@ -43,8 +43,7 @@ struct GnaArgs {
     float* lse;               // (B, H, N)
     const int32_t* perm;      // permuted token -> original token, -1 for padding
     const int32_t* offsets;   // CSR over query tiles
-    const int32_t* entries;   // (kv_tile << 2) | kind
-    const int32_t* mask_of;   // per entry: its keep-word pattern (PARTIAL), else -1
+    const int2* list;         // per entry: ((kv_tile << 2) | kind, keep-word pattern (PARTIAL) or -1)
     const uint32_t* masks;    // patterns of 512 words: [consumer thread][row half]
     int64_t o_stride[3];      // batch, head, row
     int64_t lse_stride[2];    // batch, head
@@ -65,8 +64,8 @@ struct GnaArgs {
     // their K/V). CTA c runs w = c work_cta_stride + i work_step for i < work_per_cta, w < work_total.
     int32_t q_tiles, work_total, work_per_cta, work_step, work_cta_stride;
 };
-static_assert(sizeof(GnaArgs) == 1024 && offsetof(GnaArgs, o) == 640 && offsetof(GnaArgs, axis) == 736 &&
-                  offsetof(GnaArgs, work_cta_stride) == 900,
+static_assert(sizeof(GnaArgs) == 896 && offsetof(GnaArgs, o) == 640 && offsetof(GnaArgs, axis) == 728 &&
+                  offsetof(GnaArgs, work_cta_stride) == 892,
               "GnaArgs layout changed: update src/attention/cuda/neighborhood.rs");
 
 namespace gna {
@@ -157,15 +156,16 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
     float o[DP / 2];
     float row_max[2], row_sum[2];
 
-    const int32_t *list = nullptr, *mask_list = nullptr;  // the current item's
+    const int2* list = nullptr;  // the current item's
     int n_tiles = 0;
-    // List entry j and its keep words (all ones unless PARTIAL): this thread's uint2 of the
-    // tile pair's pattern (masks.rs). Fetched one tile ahead of its softmax.
+    // List entry j (entry, pattern) and its keep words (all ones unless PARTIAL: this thread's
+    // uint2 of the pattern, masks.rs). Entries are loaded two tiles ahead of their softmax and
+    // keep words one tile ahead, so no load is waited for in the tile that issues it (a load
+    // used right away stalled the warp between its GEMM issue and its softmax: ncu, run 12).
     const uint2* my_masks = reinterpret_cast<const uint2*>(a.masks) + (cw * 128 + warp * 32 + lane);
-    auto fetch = [&](int j, int& entry, uint2& keep) {
-        entry = __ldg(list + j);
-        keep = make_uint2(0xffffffffu, 0xffffffffu);
-        if ((entry & 3) == kPartial) keep = __ldg(my_masks + (int64_t)__ldg(mask_list + j) * 256);
+    auto load_info = [&](int j) { return j < n_tiles ? __ldg(list + j) : make_int2(0, -1); };
+    auto load_keep = [&](int2 info) {
+        return info.y >= 0 ? __ldg(my_masks + (int64_t)info.y * 256) : make_uint2(0xffffffffu, 0xffffffffu);
     };
 
     // Masks S_j by the tile's kind, then the online softmax (as in the dense kernel).
@@ -251,8 +251,14 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
         const int qt = work.qt(item), h = work.head(item), b = work.batch(item);
         const int begin = __ldg(a.offsets + qt);
         n_tiles = __ldg(a.offsets + qt + 1) - begin;
-        list = a.entries + begin;
-        mask_list = a.mask_of + begin;
+        list = a.list + begin;
+        // loads whose results are needed later: the list and keep words of the first tiles, the
+        // original token of each row (epilogue)
+        int2 info = load_info(0), info1 = load_info(1), info2 = load_info(2);  // tiles j, j + 1, j + 2
+        uint2 keep = load_keep(info), keep1 = load_keep(info1);                 // tiles j, j + 1
+        int token[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) token[half] = __ldg(a.perm + qt * 128 + cw * 64 + warp * 16 + lane / 4 + half * 8);
 #pragma unroll
         for (int i = 0; i < DP / 2; ++i) o[i] = 0.f;
         row_max[0] = row_max[1] = -INFINITY;
@@ -261,18 +267,14 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
         // ---- main loop: the dense kernel's software pipeline over the listed tiles ----
         mbar_wait(q_full, item & 1);
         float s[BN / 2];
-        int entry = 0, entry_ahead = 0;  // of the tile in the softmax, of the next one
-        uint2 keep = make_uint2(0xffffffffu, 0xffffffffu), keep_ahead = keep;
         if (n_tiles > 0) {
-            fetch(0, entry, keep);
-            if (n_tiles > 1) fetch(1, entry_ahead, keep_ahead);
             mbar_wait(&k_full[g0 % kStages], (g0 / kStages) & 1);
             if (pingpong) turn_wait(cw);
             issue_qk(s, g0);
             if (pingpong) turn_pass(cw);
             wgmma_wait0();
             float alpha[2];
-            softmax(s, entry, keep, alpha);
+            softmax(s, info.x, keep, alpha);
             pack_p(s);
         }
         for (int j = 0; j + 1 < n_tiles; ++j) {
@@ -282,12 +284,14 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
             issue_qk(s, g + 1);
             issue_pv(g);
             if (pingpong) turn_pass(cw);
-            entry = entry_ahead;
-            keep = keep_ahead;
-            if (j + 2 < n_tiles) fetch(j + 2, entry_ahead, keep_ahead);
+            info = info1;  // tile j + 1
+            keep = keep1;
+            info1 = info2;  // tile j + 2
+            keep1 = load_keep(info2);
+            info2 = load_info(j + 3);
             wgmma_wait1();
             float alpha[2];
-            softmax(s, entry, keep, alpha);
+            softmax(s, info.x, keep, alpha);
             wgmma_wait0();
             mbar_arrive(&empty[g % kStages]);
             rescale_o(alpha);
@@ -312,15 +316,14 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
             l += __shfl_xor_sync(0xffffffffu, l, 1);
             l += __shfl_xor_sync(0xffffffffu, l, 2);
             const float inv = l > 0.f ? 1.f / l : 0.f;
-            const int token = __ldg(a.perm + qt * 128 + cw * 64 + warp * 16 + lane / 4 + half * 8);
-            if (token >= 0) {
-                T* orow = o_base + (int64_t)token * a.o_stride[2];
+            if (token[half] >= 0) {
+                T* orow = o_base + (int64_t)token[half] * a.o_stride[2];
 #pragma unroll
                 for (int n = 0; n < D / 8; ++n)
                     *reinterpret_cast<uint32_t*>(orow + n * 8 + (lane % 4) * 2) =
                         pack2<T>(o[4 * n + 2 * half] * inv, o[4 * n + 2 * half + 1] * inv);
                 if (lane % 4 == 0)
-                    lse_base[token] = l > 0.f ? (row_max[half] + __log2f(l)) * 0.69314718055994531f : -INFINITY;
+                    lse_base[token[half]] = l > 0.f ? (row_max[half] + __log2f(l)) * 0.69314718055994531f : -INFINITY;
             }
         }
         g0 += n_tiles;
@@ -371,7 +374,7 @@ __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
                 const int qt = work.qt(item), h = work.head(item), b = work.batch(item);
                 const int begin = __ldg(a.offsets + qt);
                 const int n_tiles = __ldg(a.offsets + qt + 1) - begin;
-                const int32_t* list = a.entries + begin;
+                const int2* list = a.list + begin;
                 // The consumers release Q once every Q K^T of the previous item has completed.
                 if (item > 0) mbar_wait(q_empty, (item - 1) & 1);
                 mbar_expect_tx(q_full, L::kQBytes);
@@ -380,7 +383,7 @@ __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
                 for (int j = 0; j < n_tiles; ++j, ++g) {
                     const int s = g % kStages;
                     if (g >= kStages) mbar_wait(&empty[s], (g / kStages - 1) & 1);
-                    const int entry = __ldg(list + j);
+                    const int entry = __ldg(&list[j].x);
                     const bool extra = (entry & 3) == kExtra;
                     const int tile = entry >> 2;
                     mbar_expect_tx(&k_full[s], L::kKVBytes);

@@ -54,8 +54,7 @@ struct GnaArgs {
     lse: u64,
     perm: u64,
     offsets: u64,
-    entries: u64,
-    mask_of: u64,
+    list: u64,
     masks: u64,
     o_stride: [i64; 3],
     lse_stride: [i64; 2],
@@ -75,11 +74,11 @@ struct GnaArgs {
 }
 // SAFETY: plain old data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for GnaArgs {}
-const _: () = assert!(std::mem::size_of::<GnaArgs>() == 1024);
+const _: () = assert!(std::mem::size_of::<GnaArgs>() == 896);
 const _: () = assert!(
     std::mem::offset_of!(GnaArgs, o) == 640
-        && std::mem::offset_of!(GnaArgs, axis) == 736
-        && std::mem::offset_of!(GnaArgs, work_cta_stride) == 900
+        && std::mem::offset_of!(GnaArgs, axis) == 728
+        && std::mem::offset_of!(GnaArgs, work_cta_stride) == 892
 );
 const _: () = assert!(std::mem::size_of::<AxisTiling>() == 40);
 
@@ -105,8 +104,8 @@ pub struct DeviceTiling {
     pub tiling: GnaTiling,
     perm: CudaSlice<i32>,
     offsets: CudaSlice<i32>,
-    entries: CudaSlice<i32>,
-    mask_of: CudaSlice<i32>,
+    /// per list entry (entry, keep-word pattern), interleaved: the kernel reads both in one load
+    list: CudaSlice<i32>,
     masks: CudaSlice<u32>,
 }
 
@@ -140,8 +139,7 @@ pub fn device_tiling(dev: &CudaDevice, grid: &[usize], p: &NeighborhoodParams, n
     let t = Arc::new(DeviceTiling {
         perm: up(&tiling.perm)?,
         offsets: up(&tiling.offsets)?,
-        entries: up(&tiling.entries)?,
-        mask_of: up(&tiling.mask_of)?,
+        list: up(&tiling.entries.iter().zip(&tiling.mask_of).flat_map(|(&e, &m)| [e, m]).collect::<Vec<i32>>())?,
         masks,
         tiling,
     });
@@ -498,8 +496,7 @@ fn forward_impl(
         lse: lse.device_ptr(&stream).0,
         perm: dt.perm.device_ptr(&stream).0,
         offsets: dt.offsets.device_ptr(&stream).0,
-        entries: dt.entries.device_ptr(&stream).0,
-        mask_of: dt.mask_of.device_ptr(&stream).0,
+        list: dt.list.device_ptr(&stream).0,
         masks: dt.masks.device_ptr(&stream).0,
         o_stride: [(h * n * d) as i64, (n * d) as i64, d as i64],
         lse_stride: [(h * n) as i64, n as i64],
