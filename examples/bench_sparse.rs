@@ -2,7 +2,7 @@
 //! on the same shapes, in the same run (bf16, random inputs):
 //!
 //!   cargo run --release --features cuda --example bench_sparse [-- --reps N] [--psa-only | --gna-only]
-//!     [--case NAME] [--profile]
+//!     [--case NAME] [--profile]   (--psa-only --profile: two PSA forward calls, for ncu)
 //!
 //! Per case: time (median of samples of back-to-back calls between CUDA events; the GNA time
 //! includes the permutation kernel), effective TFLOP/s (4 N K D per head, K = keys per query),
@@ -172,6 +172,19 @@ fn main() -> anyhow::Result<()> {
     }
 
     // PSA at its defaults (10% full, 5% 2x, 0% 4x, 20% 8x, 65% skipped) on SANA-Video 480p.
+    // --psa-only --profile: two `psa::forward` calls (warm-up + one for the profiler), no timing.
+    if !gna_only && case_filter.is_none() && profile && psa_only {
+        use visgen::attention::cuda::pyramid as psa;
+        use visgen::attention::PyramidParams;
+        let p = PyramidParams::default();
+        let rnd = || -> anyhow::Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, (1, 20, 32760, 112), &device)?.to_dtype(DType::BF16)?) };
+        let (q, k, v) = (rnd()?, rnd()?, rnd()?);
+        for _ in 0..2 {
+            psa::forward(&q, &k, &v, &p)?;
+        }
+        device.synchronize()?;
+        println!("PSA H20 N32760 D112 defaults: profiled (2 forward calls)");
+    }
     if !gna_only && case_filter.is_none() && !profile {
         use visgen::attention::cuda::pyramid as psa;
         use visgen::attention::PyramidParams;
