@@ -204,6 +204,20 @@ fn main() -> anyhow::Result<()> {
             "PSA importance v3 (gather + wgmma kernel with the ranking fused): {tc_ms:.3} ms, {:.0} TFLOP/s on the sampled GEMM",
             gemm_flops / (tc_ms * 1e-3) / 1e12
         );
+        // v4's warp sort (default) against v3's block-wide sort: time and identical rankings.
+        {
+            std::env::set_var("VISGEN_PSA_BLOCK_SORT", "1");
+            let block_ms = time(3, &mut || {
+                psa::importance_ranked_tc(&q, &k, &p, scale)?;
+                Ok(())
+            });
+            let block = psa::importance_ranked_tc(&q, &k, &p, scale);
+            std::env::remove_var("VISGEN_PSA_BLOCK_SORT");
+            let (block_ms, (_, r_block)) = (block_ms?, block?);
+            let (_, r_warp) = psa::importance_ranked_tc(&q, &k, &p, scale)?;
+            let same = r_block.flatten_all()?.to_vec1::<u32>()? == r_warp.flatten_all()?.to_vec1::<u32>()?;
+            println!("PSA importance with the v3 block-wide sort: {block_ms:.3} ms; rankings identical to the warp sort: {same}");
+        }
         let total_ms = time(3, &mut || {
             psa::forward(&q, &k, &v, &p)?;
             Ok(())
@@ -263,7 +277,22 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         });
         std::env::remove_var("VISGEN_PSA_SERIAL_PRODUCER");
-        println!("PSA pool + attention: lane-parallel producer {attention_ms:.3} ms, v1 one-thread producer {:.3} ms", serial_ms?);
+        std::env::set_var("VISGEN_PSA_PERSISTENT", "0");
+        let per_item_ms = time(3, &mut || {
+            psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false)?;
+            Ok(())
+        });
+        let per_item = psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false);
+        std::env::remove_var("VISGEN_PSA_PERSISTENT");
+        let (o_item, _) = per_item?;
+        let (o_pers, _) = psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false)?;
+        let same = (o_item.to_dtype(DType::F32)? - o_pers.to_dtype(DType::F32)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? == 0.0;
+        println!(
+            "PSA pool + attention: persistent lane-parallel producer {attention_ms:.3} ms, one CTA per item (v3 grid) {:.3} ms \
+             (bit-identical: {same}), v1 one-thread producer {:.3} ms",
+            per_item_ms?,
+            serial_ms?
+        );
         let dense_ms = time(1, &mut || {
             dense::forward(&q, &k, &v, None, None, scale)?;
             Ok(())

@@ -2,6 +2,8 @@
 # Nsight Compute on the two PSA kernels (psa_importance_tc, psa_fwd) at the SANA-Video 480p shape
 # (B1 H20 N32760 D112 bf16, PSA defaults), one ncu run per kernel (--set full, source-level stall
 # sampling), the second of two `psa::forward` calls (`bench_sparse --psa-only --profile`).
+# $OUT gets ncu_<kernel>.out and details_<kernel>.txt; the summary (with the top 60 SASS
+# instructions by stall samples, ncu_stalls.py) goes to stdout.
 # Here: pack with `PSA_ONLY=1 bash tests/bench/gpu_sparse.sh pack`, then copy this script and
 # tests/bench/ncu_stalls.py next to the packed files. There (after `gpu_sparse.sh run`, which
 # unpacks bench_sparse to /tmp): `bash .gpu/<branch>/psa_ncu.sh`. Text reports go to $OUT.
@@ -28,14 +30,13 @@ if len(rows) >= 3:
     for name, unit, val in zip(rows[0], rows[1], rows[2]):
         if any(w in name for w in ("gmma", "tensor", "dram__bytes", "lts__t_bytes.sum", "sm__cycles_active.avg", "gpu__time_duration", "smsp__inst_executed.sum", "launch__", "l1tex__data_bank_conflicts", "smsp__warp_issue_stalled")):
             print(f"{name} [{unit}] {val}")' > "$OUT/raw_$k.txt" 2>&1
-  ncu -i /tmp/$k.ncu-rep --page source --csv --print-source sass > /tmp/src_$k.csv 2>"$OUT/src_$k.err"
-  python3 "$here/ncu_stalls.py" /tmp/src_$k.csv > "$OUT/stalls_$k.txt" 2>&1
-  xz -T8 -3 -c /tmp/src_$k.csv > "$OUT/src_$k.csv.xz"
+  ncu -i /tmp/$k.ncu-rep --page source --csv --print-source sass > /tmp/src_$k.csv 2>/tmp/src_$k.err
+  python3 "$here/ncu_stalls.py" /tmp/src_$k.csv > "/tmp/stalls_$k.txt" 2>&1
 done
 echo "=== summary"
 for k in psa_importance_tc psa_fwd_bf16; do
   echo "--- $k"
   grep -E "Duration|Elapsed Cycles|Registers Per|Achieved Occupancy|Issue Slots Busy|Executed Ipc A|L2 Hit Rate|DRAM Throughput|Local|Spill|Compute \(SM\) Throughput|Memory Throughput|No Eligible|Active Warps Per|Eligible Warps|Waves Per SM" "$OUT/details_$k.txt" | head -30
-  grep -iE "gmma|tensor" "$OUT/raw_$k.txt" | head -12
-  head -40 "$OUT/stalls_$k.txt"
+  grep -iE "gmma|tensor" "/tmp/raw_$k.txt" | grep -v dmma | head -12
+  grep -v "^columns:" "/tmp/stalls_$k.txt" | head -90
 done
