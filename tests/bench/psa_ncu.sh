@@ -29,7 +29,7 @@ rows = list(csv.reader(sys.stdin))
 if len(rows) >= 3:
     for name, unit, val in zip(rows[0], rows[1], rows[2]):
         if any(w in name for w in ("gmma", "tensor", "dram__bytes", "lts__t_bytes.sum", "sm__cycles_active.avg", "gpu__time_duration", "smsp__inst_executed.sum", "launch__", "l1tex__data_bank_conflicts", "smsp__warp_issue_stalled")):
-            print(f"{name} [{unit}] {val}")' > "$OUT/raw_$k.txt" 2>&1
+            print(f"{name} [{unit}] {val}")' > "/tmp/raw_$k.txt" 2>&1
   ncu -i /tmp/$k.ncu-rep --page source --csv --print-source sass > /tmp/src_$k.csv 2>/tmp/src_$k.err
   python3 "$here/ncu_stalls.py" /tmp/src_$k.csv > "/tmp/stalls_$k.txt" 2>&1
 done
