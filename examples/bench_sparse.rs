@@ -2,7 +2,8 @@
 //! on the same shapes, in the same run (bf16, random inputs):
 //!
 //!   cargo run --release --features cuda --example bench_sparse [-- --reps N] [--psa-only | --gna-only]
-//!     [--case NAME] [--profile]
+//!     [--case NAME] [--profile] [--psa-split-kv]   (--psa-only --profile: two PSA forward calls,
+//!     for ncu; --psa-split-kv: also time the experimental split K/V release of psa_fwd)
 //!
 //! Per case: time (median of samples of back-to-back calls between CUDA events; the GNA time
 //! includes the permutation kernel; GNA and dense samples alternate, and the speedup is the
@@ -191,6 +192,19 @@ fn main() -> anyhow::Result<()> {
     }
 
     // PSA at its defaults (10% full, 5% 2x, 0% 4x, 20% 8x, 65% skipped) on SANA-Video 480p.
+    // --psa-only --profile: two `psa::forward` calls (warm-up + one for the profiler), no timing.
+    if !gna_only && case_filter.is_none() && profile && psa_only {
+        use visgen::attention::cuda::pyramid as psa;
+        use visgen::attention::PyramidParams;
+        let p = PyramidParams::default();
+        let rnd = || -> anyhow::Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, (1, 20, 32760, 112), &device)?.to_dtype(DType::BF16)?) };
+        let (q, k, v) = (rnd()?, rnd()?, rnd()?);
+        for _ in 0..2 {
+            psa::forward(&q, &k, &v, &p)?;
+        }
+        device.synchronize()?;
+        println!("PSA H20 N32760 D112 defaults: profiled (2 forward calls)");
+    }
     if !gna_only && case_filter.is_none() && !profile {
         use visgen::attention::cuda::pyramid as psa;
         use visgen::attention::PyramidParams;
@@ -210,6 +224,20 @@ fn main() -> anyhow::Result<()> {
             "PSA importance v3 (gather + wgmma kernel with the ranking fused): {tc_ms:.3} ms, {:.0} TFLOP/s on the sampled GEMM",
             gemm_flops / (tc_ms * 1e-3) / 1e12
         );
+        // v4's warp sort (default) against v3's block-wide sort: time and identical rankings.
+        {
+            std::env::set_var("VISGEN_PSA_BLOCK_SORT", "1");
+            let block_ms = time(3, &mut || {
+                psa::importance_ranked_tc(&q, &k, &p, scale)?;
+                Ok(())
+            });
+            let block = psa::importance_ranked_tc(&q, &k, &p, scale);
+            std::env::remove_var("VISGEN_PSA_BLOCK_SORT");
+            let (block_ms, (_, r_block)) = (block_ms?, block?);
+            let (_, r_warp) = psa::importance_ranked_tc(&q, &k, &p, scale)?;
+            let same = r_block.flatten_all()?.to_vec1::<u32>()? == r_warp.flatten_all()?.to_vec1::<u32>()?;
+            println!("PSA importance with the v3 block-wide sort: {block_ms:.3} ms; rankings identical to the warp sort: {same}");
+        }
         let total_ms = time(3, &mut || {
             psa::forward(&q, &k, &v, &p)?;
             Ok(())
@@ -269,7 +297,35 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         });
         std::env::remove_var("VISGEN_PSA_SERIAL_PRODUCER");
-        println!("PSA pool + attention: lane-parallel producer {attention_ms:.3} ms, v1 one-thread producer {:.3} ms", serial_ms?);
+        std::env::set_var("VISGEN_PSA_PERSISTENT", "0");
+        let per_item_ms = time(3, &mut || {
+            psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false)?;
+            Ok(())
+        });
+        let per_item = psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false);
+        std::env::remove_var("VISGEN_PSA_PERSISTENT");
+        let (o_item, _) = per_item?;
+        // --psa-split-kv: also the experimental split K/V release (VISGEN_PSA_SPLIT_KV=1).
+        if std::env::args().any(|a| a == "--psa-split-kv") {
+            std::env::set_var("VISGEN_PSA_SPLIT_KV", "1");
+            let split_ms = time(3, &mut || {
+                psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false)?;
+                Ok(())
+            });
+            let split = psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false);
+            std::env::remove_var("VISGEN_PSA_SPLIT_KV");
+            let (o_split, _) = split?;
+            let same = (o_item.to_dtype(DType::F32)? - o_split.to_dtype(DType::F32)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? == 0.0;
+            println!("PSA pool + attention, split K/V release: {:.3} ms (bit-identical: {same})", split_ms?);
+        }
+        let (o_pers, _) = psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false)?;
+        let same = (o_item.to_dtype(DType::F32)? - o_pers.to_dtype(DType::F32)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? == 0.0;
+        println!(
+            "PSA pool + attention: persistent lane-parallel producer {attention_ms:.3} ms, one CTA per item (v3 grid) {:.3} ms \
+             (bit-identical: {same}), v1 one-thread producer {:.3} ms",
+            per_item_ms?,
+            serial_ms?
+        );
         let dense_ms = time(1, &mut || {
             dense::forward(&q, &k, &v, None, None, scale)?;
             Ok(())

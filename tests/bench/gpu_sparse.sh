@@ -62,6 +62,8 @@ run() {
         echo "=== bench_sparse"
         if [ "${PSA_ONLY:-0}" = 1 ]; then
             timeout 60 /tmp/bench_sparse --reps 5 --psa-only 2>&1
+            echo "=== bench_sparse (again: run-to-run spread)"
+            timeout 60 /tmp/bench_sparse --reps 5 --psa-only 2>&1
         elif [ "${GNA_ONLY:-0}" = 1 ]; then
             timeout 100 /tmp/bench_sparse --reps 5 --gna-only 2>&1
         else

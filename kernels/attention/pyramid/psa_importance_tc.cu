@@ -48,7 +48,8 @@ struct PsaImpTcArgs {
     uint32_t* ranked;        // (B*H, q_blocks, k_blocks)
     int32_t heads, q_blocks, k_blocks, sort_len;  // sort_len: k_blocks rounded up to a power of 2
     float scale;
-    int32_t unused[21];  // to the 128-byte alignment of CUtensorMap
+    int32_t block_sort;  // 1: the block-wide bitonic_sort for every length (v3; comparison)
+    int32_t unused[20];  // to the 128-byte alignment of CUtensorMap
 };
 static_assert(sizeof(PsaImpTcArgs) == 384 && offsetof(PsaImpTcArgs, r) == 256,
               "PsaImpTcArgs layout changed: update src/attention/cuda/pyramid.rs");
@@ -126,6 +127,72 @@ __device__ __forceinline__ void bitonic_sort(uint64_t* keys, int segments, int l
             consumer_sync();
         }
     }
+}
+
+// One warp sorts one segment of 32 KPL keys in registers, the same network as bitonic_sort
+// (descending, the pair's lower element e takes the larger key where (e & k) == 0): key
+// e = 32 i + lane sits in x[i] of lane `lane`, so strides j < 32 are shuffles and j >= 32 are
+// register pairs. No shared-memory round trip and no block barrier per stage (bitonic_sort:
+// 45 barriers for 512 keys, with 1 CTA per SM nothing else runs meanwhile).
+template <int KPL>
+__device__ __forceinline__ void warp_bitonic_sort(uint64_t* seg, int lane) {
+    constexpr int kLog = 5 + (KPL >= 2) + (KPL >= 4) + (KPL >= 8) + (KPL >= 16) + (KPL >= 32);  // log2(32 KPL)
+    static_assert((32 << (kLog - 5)) == 32 * KPL, "KPL must be a power of two <= 32");
+    uint64_t x[KPL];
+#pragma unroll
+    for (int i = 0; i < KPL; ++i) x[i] = seg[32 * i + lane];
+#pragma unroll
+    for (int lk = 1; lk <= kLog; ++lk) {
+        const int k = 1 << lk;
+#pragma unroll
+        for (int lj = lk - 1; lj >= 0; --lj) {
+            const int j = 1 << lj;
+            if (j >= 32) {
+                const int jj = j / 32;
+#pragma unroll
+                for (int i = 0; i < KPL; ++i) {
+                    if ((i & jj) == 0) {
+                        const bool desc = ((32 * i + lane) & k) == 0;
+                        const uint64_t lo = x[i], hi = x[i + jj];
+                        const bool swap = desc ? lo < hi : lo > hi;
+                        x[i] = swap ? hi : lo;
+                        x[i + jj] = swap ? lo : hi;
+                    }
+                }
+            } else {
+                const bool lower = (lane & j) == 0;
+#pragma unroll
+                for (int i = 0; i < KPL; ++i) {
+                    const uint64_t y = __shfl_xor_sync(0xffffffffu, x[i], j);
+                    const bool desc = ((32 * i + lane) & k) == 0;
+                    const bool keep_max = lower == desc;
+                    x[i] = keep_max ? (x[i] > y ? x[i] : y) : (x[i] < y ? x[i] : y);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < KPL; ++i) seg[32 * i + lane] = x[i];
+}
+
+// Segments of len = 32 KPL keys (32 to 512), one warp per segment; false where len is not
+// served (then the block-wide bitonic_sort runs).
+__device__ __forceinline__ bool warp_sort_segments(uint64_t* keys, int segments, int len, int ctid) {
+    const int w = ctid / 32, lane = ctid % 32;
+    // len 1024 (32 keys per lane) would spill: the consumers compile to 96 registers.
+    if (len < 32 || len > 512 || segments > kConsumerThreads / 32) return false;
+    if (w < segments) {
+        uint64_t* seg = keys + (int64_t)w * len;
+        switch (len) {
+            case 32: warp_bitonic_sort<1>(seg, lane); break;
+            case 64: warp_bitonic_sort<2>(seg, lane); break;
+            case 128: warp_bitonic_sort<4>(seg, lane); break;
+            case 256: warp_bitonic_sort<8>(seg, lane); break;
+            default: warp_bitonic_sort<16>(seg, lane); break;
+        }
+    }
+    consumer_sync();
+    return true;
 }
 
 template <int D, typename T>
@@ -299,7 +366,7 @@ __device__ __forceinline__ void importance(const PsaImpTcArgs& a) {
         keys[e] = key | (uint32_t)~(uint32_t)j;
     }
     consumer_sync();
-    bitonic_sort(keys, cta_qblocks, len, ctid);
+    if (a.block_sort || !warp_sort_segments(keys, cta_qblocks, len, ctid)) bitonic_sort(keys, cta_qblocks, len, ctid);
     for (int e = ctid; e < cta_qblocks * len; e += kConsumerThreads) {
         const int qi = e / len, rank = e % len;
         if (rank < kb) a.ranked[((int64_t)bh * a.q_blocks + qb0 + qi) * kb + rank] = ~(uint32_t)keys[e];

@@ -111,7 +111,8 @@ struct PsaArgs {
     n_sched: i32,
     scale_log2: f32,
     serial_producer: i32,
-    unused: [i32; 2],
+    heads: i32,
+    items: i32,
 }
 // SAFETY: plain old data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for PsaArgs {}
@@ -225,6 +226,9 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, p: &PyramidParams) -> Result<
 /// `(O, lse)`. `poison` fills both outputs with NaN bytes first (tests). The producer warp
 /// issues a tile's TMA boxes one lane per block; `VISGEN_PSA_SERIAL_PRODUCER=1` selects the v1
 /// one-thread producer (same shared-memory contents, bit-identical output: for comparisons).
+/// The grid is persistent (one CTA per SM, each taking work items (b, h, query block) in turn);
+/// `VISGEN_PSA_PERSISTENT=0` launches one CTA per item (bit-identical: each item's arithmetic
+/// is the same).
 pub fn forward_with_ranking(q: &Tensor, k: &Tensor, v: &Tensor, ranked: &Tensor, p: &PyramidParams, poison: bool) -> Result<(Tensor, Tensor)> {
     let (b, h, n, d) = check_inputs(q, k, v, p)?;
     let dtype = q.dtype();
@@ -283,6 +287,20 @@ pub fn forward_with_ranking(q: &Tensor, k: &Tensor, v: &Tensor, ranked: &Tensor,
         maps[1 + l] = tensor_map(pooled[l - 1].device_ptr(&stream).0, dtype, (b, h, rows, d), st, (64 >> l) as u32)?;
         maps[5 + l] = tensor_map(pooled[3 + l - 1].device_ptr(&stream).0, dtype, (b, h, rows, d), st, (64 >> l) as u32)?;
     }
+    // Work items (b, h, query block): a persistent grid of one CTA per SM takes items c, c + grid,
+    // ... (the next item's Q and first K/V load under the current one's last P V and epilogue);
+    // `VISGEN_PSA_PERSISTENT=0`: one CTA per item (v3's grid, for comparison);
+    // `VISGEN_PSA_CTAS=n`: n CTAs (tests: many items per CTA at small shapes).
+    let items = b * h * qb;
+    if items > i32::MAX as usize {
+        return Err(err(format!("{items} work items (B H q_blocks) exceed i32")));
+    }
+    let forced_ctas = std::env::var("VISGEN_PSA_CTAS").ok().and_then(|v| v.parse::<u32>().ok()).filter(|&c| c > 0);
+    let ctas = if std::env::var("VISGEN_PSA_PERSISTENT").is_ok_and(|v| v == "0") {
+        items as u32
+    } else {
+        forced_ctas.unwrap_or(super::sm_count(&dev)?).min(items as u32)
+    };
     let out_elems = b * h * n * d;
     let lse = unsafe { dev.alloc::<f32>(b * h * n)? };
     let (o_bf16, o_f16) = match dtype {
@@ -308,7 +326,8 @@ pub fn forward_with_ranking(q: &Tensor, k: &Tensor, v: &Tensor, ranked: &Tensor,
         n_sched: sched.len() as i32,
         scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
         serial_producer: std::env::var_os("VISGEN_PSA_SERIAL_PRODUCER").is_some() as i32,
-        unused: [0; 2],
+        heads: h as i32,
+        items: items as i32,
     };
     if poison {
         for (ptr, bytes) in [(args.o, out_elems * 2), (args.lse, b * h * n * 4)] {
@@ -316,12 +335,15 @@ pub fn forward_with_ranking(q: &Tensor, k: &Tensor, v: &Tensor, ranked: &Tensor,
             unsafe { memset_d8_async(ptr, 0xFF, bytes, stream.cu_stream()) }.map_err(|e| err(format!("poison: {e:?}")))?;
         }
     }
-    let kernel = crate::kernels::load(&dev, MODULE, &format!("psa_fwd_{suffix}_d{d}"))?;
+    // `VISGEN_PSA_SPLIT_KV=1`: the variant whose stages release K after Q Kᵀ and V after P V
+    // (experimental: not yet run on the device, hence off by default).
+    let variant = if std::env::var("VISGEN_PSA_SPLIT_KV").is_ok_and(|v| v == "1") { "psa_fwd_split" } else { "psa_fwd" };
+    let kernel = crate::kernels::load(&dev, MODULE, &format!("{variant}_{suffix}_d{d}"))?;
     let pad = if d <= 64 { 64 } else { 128 };
     // dense_wgmma::Tile<D, 2>::kSmemBytes (+ the kernel's static `last_slot`, 12 B).
     let smem = (128 * pad + 2 * 3 * 128 * pad) * 2 + 128 + 1024;
     kernel.set_max_dynamic_smem(smem)?;
-    let cfg = LaunchConfig { grid_dim: (qb as u32, h as u32, b as u32), block_dim: (384, 1, 1), shared_mem_bytes: smem as u32 };
+    let cfg = LaunchConfig { grid_dim: (ctas, 1, 1), block_dim: (384, 1, 1), shared_mem_bytes: smem as u32 };
     let mut launch = kernel.builder();
     launch.arg(&args);
     // SAFETY: maps cover q, k, v and the pooled buffers; ranked holds B·H·qb·kb block ids < kb;

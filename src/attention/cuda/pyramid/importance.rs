@@ -193,7 +193,8 @@ struct PsaImpTcArgs {
     k_blocks: i32,
     sort_len: i32,
     scale: f32,
-    unused: [i32; 21],
+    block_sort: i32,
+    unused: [i32; 20],
 }
 // SAFETY: as above.
 unsafe impl DeviceRepr for PsaImpTcArgs {}
@@ -213,7 +214,7 @@ fn tc_importance_smem(d: usize) -> usize {
 /// the sampled queries and keys of each head in contiguous buffers; per CTA, 256 sampled query
 /// rows against every sampled key (TMA, 4-stage ring, wgmma), block maxima in registers into an
 /// f32 scratch, then per query block the exp / max / normalization and a bitonic sort of the
-/// row in shared memory: importance and ranking (ties by index) in one kernel. Errors when
+/// row (one warp per row, in registers): importance and ranking (ties by index) in one kernel. Errors when
 /// [`tc_importance_serves`] is false.
 pub fn importance_ranked_tc(q: &Tensor, k: &Tensor, p: &PyramidParams, scale: f64) -> Result<(Tensor, Tensor)> {
     let (b, h, n, d) = q.dims4()?;
@@ -289,7 +290,10 @@ pub fn importance_ranked_tc(q: &Tensor, k: &Tensor, p: &PyramidParams, scale: f6
         k_blocks: kb as i32,
         sort_len: kb.next_power_of_two() as i32,
         scale: scale as f32,
-        unused: [0; 21],
+        // The ranking: one warp per query block sorts in registers (32 <= sort_len <= 1024);
+        // `VISGEN_PSA_BLOCK_SORT=1`: the block-wide shared-memory bitonic sort of v3 (comparison).
+        block_sort: std::env::var_os("VISGEN_PSA_BLOCK_SORT").is_some() as i32,
+        unused: [0; 20],
     };
     let suffix = if dtype == DType::BF16 { "bf16" } else { "f16" };
     let kernel = crate::kernels::load(&dev, TC_MODULE, &format!("psa_importance_tc_{suffix}_d{d}"))?;
