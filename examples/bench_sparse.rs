@@ -2,8 +2,7 @@
 //! on the same shapes, in the same run (bf16, random inputs):
 //!
 //!   cargo run --release --features cuda --example bench_sparse [-- --reps N] [--psa-only | --gna-only]
-//!     [--case NAME] [--profile] [--psa-split-kv]   (--psa-only --profile: two PSA forward calls,
-//!     for ncu; --psa-split-kv: also time the experimental split K/V release of psa_fwd)
+//!     [--case NAME] [--profile]   (--psa-only --profile: two PSA forward calls, for ncu)
 //!
 //! Per case: time (median of samples of back-to-back calls between CUDA events; the GNA time
 //! includes the permutation kernel; GNA and dense samples alternate, and the speedup is the
@@ -305,19 +304,6 @@ fn main() -> anyhow::Result<()> {
         let per_item = psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false);
         std::env::remove_var("VISGEN_PSA_PERSISTENT");
         let (o_item, _) = per_item?;
-        // --psa-split-kv: also the experimental split K/V release (VISGEN_PSA_SPLIT_KV=1).
-        if std::env::args().any(|a| a == "--psa-split-kv") {
-            std::env::set_var("VISGEN_PSA_SPLIT_KV", "1");
-            let split_ms = time(3, &mut || {
-                psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false)?;
-                Ok(())
-            });
-            let split = psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false);
-            std::env::remove_var("VISGEN_PSA_SPLIT_KV");
-            let (o_split, _) = split?;
-            let same = (o_item.to_dtype(DType::F32)? - o_split.to_dtype(DType::F32)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? == 0.0;
-            println!("PSA pool + attention, split K/V release: {:.3} ms (bit-identical: {same})", split_ms?);
-        }
         let (o_pers, _) = psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false)?;
         let same = (o_item.to_dtype(DType::F32)? - o_pers.to_dtype(DType::F32)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? == 0.0;
         println!(

@@ -1,7 +1,6 @@
 // Entry points of pyramid sparse attention (see psa_fwd.cuh):
-//   psa_fwd_{bf16,f16}_d{64,72,96,112,128}: grid (CTAs, 1, 1), each CTA taking work items
-//     (b, h, query block) blockIdx.x, + gridDim.x, ... (persistent: one CTA per SM), 384 threads,
-//     dynamic shared memory dense_wgmma::Tile<D, 2>::kSmemBytes; PsaArgs.
+//   psa_fwd_{bf16,f16}_d{64,72,96,112,128}: grid (q_blocks, H, B), 384 threads, dynamic shared
+//     memory dense_wgmma::Tile<D, 2>::kSmemBytes; PsaArgs.
 //   psa_pool_{bf16,f16}: grid (ceil(n_pad / 8 * D / 8 / 256), B*H, 2), 256 threads; PsaPoolArgs.
 #include "psa_fwd.cuh"
 
@@ -20,24 +19,6 @@ PSA_ENTRY(psa_fwd_f16_d72, __half, 72)
 PSA_ENTRY(psa_fwd_f16_d96, __half, 96)
 PSA_ENTRY(psa_fwd_f16_d112, __half, 112)
 PSA_ENTRY(psa_fwd_f16_d128, __half, 128)
-
-// The kSplitKV variant (K and V halves of a stage released separately; experimental, selected by
-// VISGEN_PSA_SPLIT_KV=1): psa_fwd_split_{bf16,f16}_d{64,...,128}, same grid and arguments.
-#define PSA_SPLIT_ENTRY(NAME, T, D)                                                                         \
-    extern "C" __global__ void __launch_bounds__(dense_wgmma::Tile<D, 2>::kThreads, 1) NAME(const __grid_constant__ PsaArgs args) { \
-        psa::psa_fwd<D, T, true>(args);                                                                     \
-    }
-
-PSA_SPLIT_ENTRY(psa_fwd_split_bf16_d64, __nv_bfloat16, 64)
-PSA_SPLIT_ENTRY(psa_fwd_split_bf16_d72, __nv_bfloat16, 72)
-PSA_SPLIT_ENTRY(psa_fwd_split_bf16_d96, __nv_bfloat16, 96)
-PSA_SPLIT_ENTRY(psa_fwd_split_bf16_d112, __nv_bfloat16, 112)
-PSA_SPLIT_ENTRY(psa_fwd_split_bf16_d128, __nv_bfloat16, 128)
-PSA_SPLIT_ENTRY(psa_fwd_split_f16_d64, __half, 64)
-PSA_SPLIT_ENTRY(psa_fwd_split_f16_d72, __half, 72)
-PSA_SPLIT_ENTRY(psa_fwd_split_f16_d96, __half, 96)
-PSA_SPLIT_ENTRY(psa_fwd_split_f16_d112, __half, 112)
-PSA_SPLIT_ENTRY(psa_fwd_split_f16_d128, __half, 128)
 
 extern "C" __global__ void __launch_bounds__(256) psa_pool_bf16(const __grid_constant__ PsaPoolArgs args) {
     psa_pool<__nv_bfloat16>(args);

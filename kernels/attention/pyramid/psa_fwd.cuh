@@ -48,14 +48,11 @@ constexpr int kBlockK = 64;  // keys per KV block
 // CTA's item count so far (phase of q_full / q_empty). q_empty is released as soon as the last
 // Q Kᵀ has completed, so the producer loads the next item's Q under this item's last P V and
 // epilogue; every tile's stage is released after its P V (the last one too: the ring goes on).
-// kSplitKV (experimental, not yet run on the device; VISGEN_PSA_SPLIT_KV=1): a tile's K half is
-// released on k_empty as soon as its Q Kᵀ has completed (the stage's last_slot read first), its
-// V half on `empty` after its P V, so the producer can load K about one tile earlier.
-template <int D, typename T, bool kSplitKV>
+template <int D, typename T>
 __device__ __forceinline__ void consume(const PsaArgs& a, const uint8_t* sQ, const uint8_t* sK, const uint8_t* sV,
                                         uint64_t* q_full, uint64_t* q_empty, uint64_t* k_full, uint64_t* v_full,
-                                        uint64_t* empty, uint64_t* k_empty, const int* last_slot, int cw, int warp,
-                                        int lane, int qb, int b, int h, int g0, int it) {
+                                        uint64_t* empty, const int* last_slot, int cw, int warp, int lane, int qb, int b,
+                                        int h, int g0, int it) {
     using L = Tile<D, 2>;
     constexpr int BN = L::kBlockN;
     constexpr int DP = L::kDPad;
@@ -83,12 +80,12 @@ __device__ __forceinline__ void consume(const PsaArgs& a, const uint8_t* sQ, con
     for (int i = 0; i < DP / 2; ++i) o[i] = 0.f;
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 
-    auto softmax = [&](float (&s)[BN / 2], int j, float (&alpha)[2], int ls_split) {
+    auto softmax = [&](float (&s)[BN / 2], int j, float (&alpha)[2]) {
         const int entry = __ldg(a.schedule + j);
         const int level = entry & 3, n_blocks = (entry >> 2) & 63;
         const int shift_rows = 6 - level;  // log2 of the pooled rows per block
         const int rows = 1 << shift_rows;
-        const int ls = kSplitKV ? ls_split : last_slot[(g0 + j) % kStages];
+        const int ls = last_slot[(g0 + j) % kStages];
         const int last_valid = (last_keys + (1 << level) - 1) >> level;  // t p < N within the last block
         // Columns of block copies (slot >= n_blocks) and pooled tokens past the end: -inf.
         if (n_blocks * rows < BN || ls >= 0) {
@@ -156,14 +153,9 @@ __device__ __forceinline__ void consume(const PsaArgs& a, const uint8_t* sQ, con
         mbar_wait(&k_full[g0 % kStages], (g0 / kStages) & 1);
         issue_qk(s, 0);
         wgmma_wait0();
-        int ls = 0;
-        if constexpr (kSplitKV) {
-            ls = last_slot[g0 % kStages];
-            mbar_arrive(&k_empty[g0 % kStages]);
-        }
         if (n_tiles == 1) mbar_arrive(q_empty);
         float alpha[2];
-        softmax(s, 0, alpha, ls);
+        softmax(s, 0, alpha);
         pack_p(s);
     } else {
         mbar_arrive(q_empty);
@@ -173,14 +165,9 @@ __device__ __forceinline__ void consume(const PsaArgs& a, const uint8_t* sQ, con
         issue_qk(s, j + 1);
         issue_pv(j);
         wgmma_wait1();  // Q K_{j+1}ᵀ done (committed first)
-        int ls = 0;
-        if constexpr (kSplitKV) {
-            ls = last_slot[(g0 + j + 1) % kStages];
-            mbar_arrive(&k_empty[(g0 + j + 1) % kStages]);
-        }
         if (j + 2 == n_tiles) mbar_arrive(q_empty);  // the last Q Kᵀ: sQ is free for the next item
         float alpha[2];
-        softmax(s, j + 1, alpha, ls);
+        softmax(s, j + 1, alpha);
         wgmma_wait0();
         mbar_arrive(&empty[(g0 + j) % kStages]);
         rescale_o(alpha);
@@ -213,76 +200,7 @@ __device__ __forceinline__ void consume(const PsaArgs& a, const uint8_t* sQ, con
     }
 }
 
-// The lane-parallel producer of the kSplitKV variant (experimental): per tile g, K is loaded once
-// k_empty[g % kStages] says Q K_{g-3}ᵀ is done, V once `empty` says P V_{g-3} is done; the
-// order is K(t), V(t - 1) (both stages free at about the same point of the consumers' loop),
-// and an item's last V goes out before the next item's Q (whose release comes after it).
-// Serial producer: unchanged (it waits on `empty` for both halves, which is also safe).
-template <int D>
-__device__ __forceinline__ void split_kv_producer(const PsaArgs& a, uint8_t* sQ, uint8_t* sK, uint8_t* sV, uint64_t* q_full,
-                                                  uint64_t* q_empty, uint64_t* k_full, uint64_t* v_full, uint64_t* empty,
-                                                  uint64_t* k_empty, int* last_slot, int lane) {
-    using L = Tile<D, 2>;
-    constexpr int BN = L::kBlockN;
-    constexpr int kStages = L::kStages;
-    const int n_sched = a.n_sched;
-    int g = 0;  // ring index of the tile: stage g % kStages
-    for (int item = blockIdx.x, it = 0; item < a.items; item += gridDim.x, ++it) {
-        const int qb = item % a.q_blocks, bh = item / a.q_blocks;
-        const int h = bh % a.heads, b = bh / a.heads;
-        const int32_t* ranked = a.ranked + (int64_t)item * a.k_blocks;
-        auto lookup = [&](int j, int& entry) {
-            entry = __ldg(a.schedule + j);
-            const int level = entry & 3, n_blocks = (entry >> 2) & 63, rank0 = entry >> 8;
-            const int cap = BN / (kBlockK >> level);
-            return lane < cap ? __ldg(ranked + rank0 + min(lane, n_blocks - 1)) : 0;
-        };
-        // V half of tile g_v (entry, block id of this lane); its stage's previous P V must be done.
-        auto issue_v = [&](int g_v, int entry, int blk) {
-            const int s = g_v % kStages;
-            const int level = entry & 3, rows = kBlockK >> level, cap = BN / rows;
-            if (g_v >= kStages) mbar_wait(&empty[s], (g_v / kStages - 1) & 1);
-            if (lane == 0) mbar_expect_tx(&v_full[s], L::kKVBytes);
-            __syncwarp();
-            if (lane < cap)
-                for (int c = 0; c < L::kColBlocks; ++c)
-                    tma_load(sV + s * L::kKVBytes + c * BN * 128 + lane * rows * 128, &a.v[level], &v_full[s], c * 64,
-                             blk * rows, h, b);
-        };
-        int next_entry = 0;
-        int next_blk = n_sched > 0 ? lookup(0, next_entry) : 0;
-        if (lane == 0) {
-            if (it > 0) mbar_wait(q_empty, (it - 1) & 1);
-            mbar_expect_tx(q_full, L::kQBytes);
-            for (int c = 0; c < L::kColBlocks; ++c) tma_load(sQ + c * L::kQRows * 128, &a.q, q_full, c * 64, qb * 128, h, b);
-        }
-        int prev_entry = 0, prev_blk = 0;
-        for (int j = 0; j < n_sched; ++j, ++g) {
-            const int s = g % kStages;
-            const int entry = next_entry, blk = next_blk;
-            if (j + 1 < n_sched) next_blk = lookup(j + 1, next_entry);
-            const int level = entry & 3, n_blocks = (entry >> 2) & 63;
-            const int rows = kBlockK >> level, cap = BN / rows;
-            const unsigned last = __ballot_sync(0xffffffffu, lane < n_blocks && lane < cap && blk == a.k_blocks - 1);
-            if (g >= kStages) mbar_wait(&k_empty[s], (g / kStages - 1) & 1);  // Q K_{g-3}ᵀ done, last_slot read
-            if (lane == 0) {
-                last_slot[s] = last ? __ffs(last) - 1 : -1;
-                mbar_expect_tx(&k_full[s], L::kKVBytes);
-            }
-            __syncwarp();
-            if (lane < cap)
-                for (int c = 0; c < L::kColBlocks; ++c)
-                    tma_load(sK + s * L::kKVBytes + c * BN * 128 + lane * rows * 128, &a.k[level], &k_full[s], c * 64,
-                             blk * rows, h, b);
-            if (j > 0) issue_v(g - 1, prev_entry, prev_blk);
-            prev_entry = entry;
-            prev_blk = blk;
-        }
-        if (n_sched > 0) issue_v(g - 1, prev_entry, prev_blk);
-    }
-}
-
-template <int D, typename T, bool kSplitKV = false>
+template <int D, typename T>
 __device__ __forceinline__ void psa_fwd(const PsaArgs& a) {
     using L = Tile<D, 2>;
     constexpr int BN = L::kBlockN;
@@ -297,8 +215,7 @@ __device__ __forceinline__ void psa_fwd(const PsaArgs& a) {
     uint64_t* k_full = bars + 1;
     uint64_t* v_full = bars + 1 + kStages;
     uint64_t* empty = bars + 1 + 2 * kStages;
-    uint64_t* q_empty = bars + 1 + 3 * kStages;
-    uint64_t* k_empty = bars + 2 + 3 * kStages;  // [kStages], kSplitKV only; 14 barriers: 112 of 128 bytes
+    uint64_t* q_empty = bars + 1 + 3 * kStages;  // 11 barriers: 88 of the 128 bytes
     // Slot of the last KV block in the tile of each stage (-1: not there); written by the
     // producer before the stage's arrive (release), read by the consumers after their wait.
     __shared__ int last_slot[kStages];
@@ -321,23 +238,14 @@ __device__ __forceinline__ void psa_fwd(const PsaArgs& a) {
             mbar_init(&k_full[s], 1);
             mbar_init(&v_full[s], 1);
             mbar_init(&empty[s], 128 * 2);
-            if (kSplitKV) mbar_init(&k_empty[s], 128 * 2);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
 
     if (wg == 0) {
-        // The split producer keeps two tiles' block ids and entries live: 32 registers (24 spills),
-        // the consumers 232 (the CTA's 384 x 168 must hold 128 x 32 + 256 x 232).
-        if constexpr (kSplitKV) {
-            asm volatile("setmaxnreg.dec.sync.aligned.u32 32;\n");
-        } else {
-            asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
-        }
-        if (kSplitKV && a.serial_producer == 0 && tid < 32) {
-            split_kv_producer<D>(a, sQ, sK, sV, q_full, q_empty, k_full, v_full, empty, k_empty, last_slot, tid);
-        } else if (a.serial_producer == 0 && tid < 32) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
+        if (a.serial_producer == 0 && tid < 32) {
             // Lane-parallel producer (warp 0): lane `slot` looks up its block and issues its
             // boxes, so a tile costs one round of ranked[] loads and TMA issues instead of 2p
             // (x column blocks x K, V) dependent ones on one thread. The block ids of tile j + 1
@@ -425,18 +333,14 @@ __device__ __forceinline__ void psa_fwd(const PsaArgs& a) {
             }
         }
     } else {
-        if constexpr (kSplitKV) {
-            asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-        } else {
-            asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
-        }
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
         const int cw = wg - 1, ctid = tid - 128;
         const int warp = (ctid % 128) / 32, lane = ctid % 32;
         for (int item = blockIdx.x, it = 0; item < a.items; item += gridDim.x, ++it) {
             int qb, h, b;
             decode(item, qb, h, b);
-            consume<D, T, kSplitKV>(a, sQ, sK, sV, q_full, q_empty, k_full, v_full, empty, k_empty, last_slot, cw, warp,
-                                    lane, qb, b, h, it * n_sched, it);
+            consume<D, T>(a, sQ, sK, sV, q_full, q_empty, k_full, v_full, empty, last_slot, cw, warp, lane, qb, b, h,
+                          it * n_sched, it);
         }
     }
 }

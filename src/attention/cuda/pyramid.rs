@@ -335,10 +335,7 @@ pub fn forward_with_ranking(q: &Tensor, k: &Tensor, v: &Tensor, ranked: &Tensor,
             unsafe { memset_d8_async(ptr, 0xFF, bytes, stream.cu_stream()) }.map_err(|e| err(format!("poison: {e:?}")))?;
         }
     }
-    // `VISGEN_PSA_SPLIT_KV=1`: the variant whose stages release K after Q Kᵀ and V after P V
-    // (experimental: not yet run on the device, hence off by default).
-    let variant = if std::env::var("VISGEN_PSA_SPLIT_KV").is_ok_and(|v| v == "1") { "psa_fwd_split" } else { "psa_fwd" };
-    let kernel = crate::kernels::load(&dev, MODULE, &format!("{variant}_{suffix}_d{d}"))?;
+    let kernel = crate::kernels::load(&dev, MODULE, &format!("psa_fwd_{suffix}_d{d}"))?;
     let pad = if d <= 64 { 64 } else { 128 };
     // dense_wgmma::Tile<D, 2>::kSmemBytes (+ the kernel's static `last_slot`, 12 B).
     let smem = (128 * pad + 2 * 3 * 128 * pad) * 2 + 128 + 1024;
