@@ -5,8 +5,7 @@
 //!     [--case NAME] [--profile]   (--psa-only --profile: two PSA forward calls, for ncu)
 //!
 //! Per case: time (median of samples of back-to-back calls between CUDA events; the GNA time
-//! includes the permutation kernel; GNA and dense samples alternate, and the speedup is the
-//! median of the per-round ratios, so a clock change during the run hits both), effective TFLOP/s (4 N K D per head, K = keys per query),
+//! includes the permutation kernel), effective TFLOP/s (4 N K D per head, K = keys per query),
 //! tile TFLOP/s (the FLOPs of the visited 128x128 tiles, extra-token tiles included), our dense
 //! kernel's time, speedup, fraction of KV tiles visited and the goal speedup 0.9 / fraction.
 //! The fraction counts the extra-token (text) tiles on both sides: GNA visits them for every
@@ -14,6 +13,10 @@
 //! extra tiles visited) / (query tiles x (grid KV tiles + extra KV tiles)).
 //! Then the same call under the launcher's other configurations (`gna::KernelOptions`): plain
 //! (q permuted, no ping-pong), each of those alone, in place, the CTA schedules.
+//! The sparse and the dense samples alternate (GNA, and the PSA total), and the speedup is the
+//! median of the per-round ratios: the card slows under sustained load, so timing the dense
+//! kernel after a long series of sparse calls (as before 2026-11-29 session 6) flattered the
+//! speedup by ~5% (kernels/NOTES.md, ## neighborhood v4).
 
 #[cfg(feature = "cuda")]
 fn main() -> anyhow::Result<()> {
@@ -56,6 +59,26 @@ fn main() -> anyhow::Result<()> {
         f()?;
         let samples = (0..reps).map(|_| sample(calls, f)).collect::<anyhow::Result<Vec<f64>>>()?;
         Ok(median(samples))
+    };
+    // A sparse kernel against the dense one, alternating so that both run in the same clock and
+    // power state (the card slows under sustained load: a kernel timed after a long run of
+    // others reads slower). Per round: one untimed sparse call (the dense call evicted its data
+    // from L2), `calls` timed sparse calls, one timed dense call; after a warm-up of each.
+    // Returns the median sparse ms, median dense ms and the median of the per-round ratios.
+    type Run<'a> = &'a mut dyn FnMut() -> anyhow::Result<()>;
+    let alternate = |calls: usize, sparse: Run, dense: Run| -> anyhow::Result<(f64, f64, f64)> {
+        sparse()?;
+        dense()?;
+        let (mut sparse_ms, mut dense_ms, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..reps {
+            sparse()?;
+            let s = sample(calls, sparse)?;
+            let d = sample(1, dense)?;
+            sparse_ms.push(s);
+            dense_ms.push(d);
+            ratios.push(d / s);
+        }
+        Ok((median(sparse_ms), median(dense_ms), median(ratios)))
     };
 
     struct Case {
@@ -107,28 +130,17 @@ fn main() -> anyhow::Result<()> {
             println!("{}: profiled ({} KV tiles visited, {} full)", c.name, t.visited, t.full);
             continue;
         }
-        // GNA and dense alternate: per round one untimed GNA call (the dense call evicted its data
-        // from L2), 3 timed GNA calls, 1 timed dense call; warm-up of each first.
-        let mut run_gna = || -> anyhow::Result<()> {
-            gna::forward(&q, &k, &v, &c.grid, &p, extra, scale)?;
-            Ok(())
-        };
-        let mut run_dense = || -> anyhow::Result<()> {
-            dense::forward(&q, &k, &v, None, extra, scale)?;
-            Ok(())
-        };
-        run_gna()?;
-        run_dense()?;
-        let (mut gna_samples, mut dense_samples, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..reps {
-            run_gna()?;
-            let g = sample(3, &mut run_gna)?;
-            let d = sample(1, &mut run_dense)?;
-            gna_samples.push(g);
-            dense_samples.push(d);
-            ratios.push(d / g);
-        }
-        let (sparse_ms, dense_ms, speedup) = (median(gna_samples), median(dense_samples), median(ratios));
+        let (sparse_ms, dense_ms, speedup) = alternate(
+            3,
+            &mut || {
+                gna::forward(&q, &k, &v, &c.grid, &p, extra, scale)?;
+                Ok(())
+            },
+            &mut || {
+                dense::forward(&q, &k, &v, None, extra, scale)?;
+                Ok(())
+            },
+        )?;
         // The same under the launcher's other configurations, to compare.
         use gna::{KernelOptions as Opts, Schedule};
         let plain = Opts { permute_q: true, pingpong: false, ..Default::default() };
@@ -237,10 +249,17 @@ fn main() -> anyhow::Result<()> {
             let same = r_block.flatten_all()?.to_vec1::<u32>()? == r_warp.flatten_all()?.to_vec1::<u32>()?;
             println!("PSA importance with the v3 block-wide sort: {block_ms:.3} ms; rankings identical to the warp sort: {same}");
         }
-        let total_ms = time(3, &mut || {
-            psa::forward(&q, &k, &v, &p)?;
-            Ok(())
-        })?;
+        let (total_ms, dense_ms, speedup) = alternate(
+            3,
+            &mut || {
+                psa::forward(&q, &k, &v, &p)?;
+                Ok(())
+            },
+            &mut || {
+                dense::forward(&q, &k, &v, None, None, scale)?;
+                Ok(())
+            },
+        )?;
         let importance_ms = time(3, &mut || {
             psa::importance_ranked(&q, &k, &p, scale)?;
             Ok(())
@@ -312,10 +331,6 @@ fn main() -> anyhow::Result<()> {
             per_item_ms?,
             serial_ms?
         );
-        let dense_ms = time(1, &mut || {
-            dense::forward(&q, &k, &v, None, None, scale)?;
-            Ok(())
-        })?;
         let kb = n.div_ceil(64);
         let sched = psa::schedule(kb, &p);
         let fraction = sched.len() as f64 / n.div_ceil(128) as f64;
@@ -324,7 +339,7 @@ fn main() -> anyhow::Result<()> {
             "PSA H{h} N{n} D{d} defaults: total {total_ms:.3} ms (importance {importance_ms:.3}, pool + attention {attention_ms:.3}), \
              dense {dense_ms:.3} ms, speedup {:.2} (goal 4), attention alone {:.2}x, tiles visited {fraction:.4} ({} per query block), \
              attention tile TFLOP/s {:.0}",
-            dense_ms / total_ms,
+            speedup,
             dense_ms / attention_ms,
             sched.len(),
             tile_flops / (attention_ms * 1e-3) / 1e12

@@ -7,8 +7,21 @@
 mod common;
 
 use common::gna_shapes::{params, shapes};
+use visgen::attention::neighborhood::masks;
 use visgen::attention::neighborhood::tiles::{self, KIND_EXTRA, KIND_FULL, TILE};
 use visgen::attention::neighborhood::{neighbors, NeighborhoodParams};
+
+#[test]
+fn keep_bit_inverts_the_register_layout() {
+    for ctid in 0..256 {
+        for half in 0..2 {
+            for bit in 0..32 {
+                let (row, col) = (masks::thread_row(ctid, half), masks::bit_column(ctid, bit));
+                assert_eq!(masks::keep_bit(row, col), (ctid, half, bit));
+            }
+        }
+    }
+}
 
 fn check_tiling(grid: &[usize], p: &NeighborhoodParams, n_extra: usize) {
     let t = tiles::plan(grid, p, n_extra).unwrap();
@@ -43,7 +56,7 @@ fn check_tiling(grid: &[usize], p: &NeighborhoodParams, n_extra: usize) {
                     if t.entries[i] & 3 == KIND_FULL {
                         assert!(real && t.mask_ok(pq, pk), "{grid:?} {p:?}: a FULL tile holds a non-neighbor");
                     }
-                    if t.kernel_keeps(i, row, col) {
+                    if t.kernel_keeps(i, row, col).unwrap() {
                         assert!(real, "{grid:?}: a padding key is kept");
                         keys.push(t.perm[pk] as usize);
                     }

@@ -58,7 +58,7 @@ struct GnaArgs {
     int32_t direct_q;
     int32_t heads;            // H
     // 1: the two consumer warpgroups take turns issuing their GEMMs (FlashAttention-3's
-    // ping-pong), so one's softmax (and window test) runs under the other's GEMMs.
+    // ping-pong), so one's softmax (and masking) runs under the other's GEMMs.
     int32_t pingpong;
     // Work items w = (b H + h) q_tiles + qt (query tiles innermost, so items close in w share
     // their K/V). CTA c runs w = c work_cta_stride + i work_step for i < work_per_cta, w < work_total.

@@ -86,6 +86,13 @@ pub fn bit_column(ctid: usize, bit: usize) -> usize {
     8 * (bit / 2) + (ctid % 4) * 2 + bit % 2
 }
 
+/// Where the keep bit of (row, column) lives: (consumer thread, row half, bit); the inverse of
+/// [`thread_row`] and [`bit_column`].
+pub fn keep_bit(row: usize, col: usize) -> (usize, usize, usize) {
+    let ctid = (row / 64) * 128 + (row % 64 / 16) * 32 + (row % 8) * 4 + (col % 8) / 2;
+    (ctid, (row % 16) / 8, 2 * (col / 8) + col % 2)
+}
+
 /// The keep-word patterns of the PARTIAL tiles of one tiling.
 pub struct MaskTable {
     axes: [AxisTiling; 3],

@@ -184,19 +184,18 @@ impl GnaTiling {
         self.masks.len() / PATTERN_WORDS
     }
 
-    /// What the kernel does for row `row` and column `col` of list entry `index` (FULL: keep;
-    /// PARTIAL: the bit of its keep word), read from the uploaded table.
-    pub fn kernel_keeps(&self, index: usize, row: usize, col: usize) -> bool {
+    /// Whether the kernel keeps the key of column `col` for the query of row `row` in grid list
+    /// entry `index` (FULL: always; PARTIAL: the bit of its keep word, read from the table it
+    /// uploads); None for an extra-token entry.
+    pub fn kernel_keeps(&self, index: usize, row: usize, col: usize) -> Option<bool> {
         match self.entries[index] & 3 {
-            KIND_FULL => true,
+            KIND_FULL => Some(true),
             KIND_PARTIAL => {
-                let (half, lane_row) = ((row % 16) / 8, row % 8);
-                let ctid = (row / 64) * 128 + (row % 64 / 16) * 32 + lane_row * 4 + (col % 8) / 2;
-                debug_assert_eq!((masks::thread_row(ctid, half), masks::bit_column(ctid, 2 * (col / 8) + col % 2)), (row, col));
+                let (ctid, half, bit) = masks::keep_bit(row, col);
                 let word = self.masks[self.mask_of[index] as usize * PATTERN_WORDS + ctid * 2 + half];
-                (word >> (2 * (col / 8) + col % 2)) & 1 == 1
+                Some((word >> bit) & 1 == 1)
             }
-            _ => panic!("kernel_keeps: entry {index} is an extra-token tile"),
+            _ => None,
         }
     }
 
