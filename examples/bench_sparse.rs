@@ -237,14 +237,12 @@ fn main() -> anyhow::Result<()> {
         );
         // v4's warp sort (default) against v3's block-wide sort: time and identical rankings.
         {
-            std::env::set_var("VISGEN_PSA_BLOCK_SORT", "1");
+            let block_sort = psa::RankingSort::BlockWide;
             let block_ms = time(3, &mut || {
-                psa::importance_ranked_tc(&q, &k, &p, scale)?;
+                psa::importance_ranked_tc_with(&q, &k, &p, scale, block_sort)?;
                 Ok(())
-            });
-            let block = psa::importance_ranked_tc(&q, &k, &p, scale);
-            std::env::remove_var("VISGEN_PSA_BLOCK_SORT");
-            let (block_ms, (_, r_block)) = (block_ms?, block?);
+            })?;
+            let (_, r_block) = psa::importance_ranked_tc_with(&q, &k, &p, scale, block_sort)?;
             let (_, r_warp) = psa::importance_ranked_tc(&q, &k, &p, scale)?;
             let same = r_block.flatten_all()?.to_vec1::<u32>()? == r_warp.flatten_all()?.to_vec1::<u32>()?;
             println!("PSA importance with the v3 block-wide sort: {block_ms:.3} ms; rankings identical to the warp sort: {same}");
@@ -305,31 +303,20 @@ fn main() -> anyhow::Result<()> {
                 r3.len() / kb
             );
         }
-        let attention_ms = time(3, &mut || {
-            psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false)?;
-            Ok(())
-        })?;
-        std::env::set_var("VISGEN_PSA_SERIAL_PRODUCER", "1");
-        let serial_ms = time(3, &mut || {
-            psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false)?;
-            Ok(())
-        });
-        std::env::remove_var("VISGEN_PSA_SERIAL_PRODUCER");
-        std::env::set_var("VISGEN_PSA_PERSISTENT", "0");
-        let per_item_ms = time(3, &mut || {
-            psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false)?;
-            Ok(())
-        });
-        let per_item = psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false);
-        std::env::remove_var("VISGEN_PSA_PERSISTENT");
-        let (o_item, _) = per_item?;
-        let (o_pers, _) = psa::forward_with_ranking(&q, &k, &v, &ranked, &p, false)?;
+        let attention = |opts: psa::AttentionOptions| -> anyhow::Result<(f64, Tensor)> {
+            let ms = time(3, &mut || {
+                psa::forward_with_ranking(&q, &k, &v, &ranked, &p, &opts)?;
+                Ok(())
+            })?;
+            Ok((ms, psa::forward_with_ranking(&q, &k, &v, &ranked, &p, &opts)?.0))
+        };
+        let (attention_ms, o_pers) = attention(Default::default())?;
+        let (serial_ms, _) = attention(psa::AttentionOptions { serial_producer: true, ..Default::default() })?;
+        let (per_item_ms, o_item) = attention(psa::AttentionOptions { grid: psa::Grid::PerItem, ..Default::default() })?;
         let same = (o_item.to_dtype(DType::F32)? - o_pers.to_dtype(DType::F32)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? == 0.0;
         println!(
-            "PSA pool + attention: persistent lane-parallel producer {attention_ms:.3} ms, one CTA per item (v3 grid) {:.3} ms \
-             (bit-identical: {same}), v1 one-thread producer {:.3} ms",
-            per_item_ms?,
-            serial_ms?
+            "PSA pool + attention: persistent lane-parallel producer {attention_ms:.3} ms, one CTA per item (v3 grid) {per_item_ms:.3} ms \
+             (bit-identical: {same}), v1 one-thread producer {serial_ms:.3} ms"
         );
         let kb = n.div_ceil(64);
         let sched = psa::schedule(kb, &p);

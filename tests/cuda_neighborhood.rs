@@ -63,8 +63,9 @@ fn check(grid: &[usize], p: &NeighborhoodParams, ne: usize, b: usize, h: usize, 
     let extra = (ne > 0).then(|| (rnd(ne), rnd(ne)));
     let extra_ref = extra.as_ref().map(|(a, b)| (a, b));
     let scale = 1.0 / (d as f64).sqrt();
-    let (o, lse) = gna::forward_poisoned(&q, &k, &v, grid, p, extra_ref, scale, opts).map_err(|e| e.to_string())?;
-    let (o2, _) = gna::forward_poisoned(&q, &k, &v, grid, p, extra_ref, scale, opts).map_err(|e| e.to_string())?;
+    let opts = KernelOptions { poison: true, ..*opts };
+    let (o, lse) = gna::forward_with(&q, &k, &v, grid, p, extra_ref, scale, &opts).map_err(|e| e.to_string())?;
+    let (o2, _) = gna::forward_with(&q, &k, &v, grid, p, extra_ref, scale, &opts).map_err(|e| e.to_string())?;
     let rerun = errors(&to_cpu_f32(&o), &to_cpu_f32(&o2)).0;
     let (o, lse) = (to_cpu_f32(&o), to_cpu_f32(&lse));
     let what = format!("{dtype:?} grid {grid:?} k {:?} s {:?} d {:?} c {:?} ne {ne} B{b} H{h} D{d}", p.kernel, p.stride, p.dilation, p.causal);
@@ -147,11 +148,12 @@ fn in_place_reads_equal_the_permuted_path_and_strided_views() {
         let (q, k, v) = (mk(n), mk(n), mk(n));
         let (k2, v2) = (mk(ne.max(1)), mk(ne.max(1)));
         let extra = (ne > 0).then_some((&k2, &v2));
-        let in_place = KernelOptions { in_place: true, ..Default::default() };
-        let (o1, l1) = gna::forward_poisoned(&q, &k, &v, &grid, &p, extra, 0.1, &in_place).unwrap();
-        let (o2, l2) = gna::forward_poisoned(&q, &k, &v, &grid, &p, extra, 0.1, &KernelOptions::default()).unwrap();
+        let permuted = KernelOptions { poison: true, ..Default::default() };
+        let in_place = KernelOptions { in_place: true, ..permuted };
+        let (o1, l1) = gna::forward_with(&q, &k, &v, &grid, &p, extra, 0.1, &in_place).unwrap();
+        let (o2, l2) = gna::forward_with(&q, &k, &v, &grid, &p, extra, 0.1, &permuted).unwrap();
         let (qc, kc, vc) = (q.contiguous().unwrap(), k.contiguous().unwrap(), v.contiguous().unwrap());
-        let (o3, _) = gna::forward_poisoned(&qc, &kc, &vc, &grid, &p, extra, 0.1, &in_place).unwrap();
+        let (o3, _) = gna::forward_with(&qc, &kc, &vc, &grid, &p, extra, 0.1, &in_place).unwrap();
         assert_eq!(count_nan(&to_cpu_f32(&o1)), 0);
         assert_eq!(errors(&to_cpu_f32(&o1), &to_cpu_f32(&o2)).0, 0.0, "{grid:?}: in place vs permuted");
         assert_eq!(errors(&to_cpu_f32(&l1), &to_cpu_f32(&l2)).0, 0.0, "{grid:?}: lse in place vs permuted");
@@ -180,7 +182,7 @@ fn kernel_options_give_identical_results() {
     // ping-pong, one item per CTA). Same arithmetic in the same order: the outputs must be
     // identical, bit for bit.
     let dev = gpu();
-    let plain = KernelOptions { permute_q: true, pingpong: false, in_place: false, schedule: Schedule::Consecutive(1) };
+    let plain = KernelOptions { permute_q: true, pingpong: false, in_place: false, schedule: Schedule::Consecutive(1), poison: true };
     for (i, (grid, p, ne)) in shapes().into_iter().enumerate() {
         let n: usize = grid.iter().product();
         let (b, h, d) = (2, 3, gna::HEAD_DIMS[i % gna::HEAD_DIMS.len()]);
@@ -188,13 +190,13 @@ fn kernel_options_give_identical_results() {
         let (q, k, v) = (rnd(n), rnd(n), rnd(n));
         let (k2, v2) = (rnd(ne.max(1)), rnd(ne.max(1)));
         let extra = (ne > 0).then_some((&k2, &v2));
-        let (o_ref, l_ref) = gna::forward_poisoned(&q, &k, &v, &grid, &p, extra, 0.1, &plain).unwrap();
+        let (o_ref, l_ref) = gna::forward_with(&q, &k, &v, &grid, &p, extra, 0.1, &plain).unwrap();
         let (o_ref, l_ref) = (to_cpu_f32(&o_ref), to_cpu_f32(&l_ref));
         assert_eq!(count_nan(&o_ref) + count_nan(&l_ref), 0, "{grid:?}: the plain configuration left rows unwritten");
         let schedules = [Schedule::Consecutive(1), Schedule::Consecutive(2), Schedule::Consecutive(3), Schedule::RoundRobin(5), Schedule::Persistent];
         for (schedule, pingpong) in schedules.iter().flat_map(|&s| [(s, true), (s, false)]) {
-            let opts = KernelOptions { schedule, pingpong, ..Default::default() };
-            let (o, l) = gna::forward_poisoned(&q, &k, &v, &grid, &p, extra, 0.1, &opts).unwrap();
+            let opts = KernelOptions { schedule, pingpong, poison: true, ..Default::default() };
+            let (o, l) = gna::forward_with(&q, &k, &v, &grid, &p, extra, 0.1, &opts).unwrap();
             let (o, l) = (to_cpu_f32(&o), to_cpu_f32(&l));
             let what = format!("{grid:?} {p:?}: {opts:?}");
             assert_eq!(count_nan(&o) + count_nan(&l), 0, "{what}: rows unwritten");

@@ -6,9 +6,9 @@
 //!   `reference_with_levels` with the level mask of that ranking (CPU, same inputs); error at
 //!   most 2x a naive low-precision implementation (the same mixed-level softmax as one masked
 //!   softmax over [k, k/2, k/4, k/8] with bias ln p, candle ops in bf16/f16) + a floor; outputs
-//!   poisoned; no NaN. Computed on a persistent grid of 3 CTAs (VISGEN_PSA_CTAS: several
-//!   work items per CTA through one producer ring); the default grid and the v1 one-thread
-//!   producer (VISGEN_PSA_SERIAL_PRODUCER) bit-identical to it.
+//!   poisoned; no NaN. Computed on a grid of 3 CTAs (`Grid::Ctas(3)`: several work items per
+//!   CTA through one producer ring); the default grid and the v1 one-thread producer
+//!   (`serial_producer`) bit-identical to it.
 //! - `importance_matches_reference` (H200): the wgmma importance kernel (v3), the mma.sync
 //!   kernel (v2) and the candle-ops path against `importance_with_samples` (11 shapes: ragged N
 //!   up to 33000, every head dim, bf16 and f16); the dispatch picks the wgmma kernel; its fused
@@ -150,16 +150,13 @@ fn check(b: usize, h: usize, n: usize, d: usize, dtype: DType, p: &PyramidParams
     let (_, ranked) = psa::importance_ranked(&q, &k, p, scale).map_err(|e| e.to_string())?;
     // The persistent grid with 3 CTAs: every CTA runs several work items (other query blocks,
     // heads, batches) through one producer ring, as the large shapes do with one CTA per SM.
-    std::env::set_var("VISGEN_PSA_CTAS", "3");
-    let few = psa::forward_with_ranking(&q, &k, &v, &ranked, p, true);
+    let few_ctas = psa::AttentionOptions { grid: psa::Grid::Ctas(3), poison: true, ..Default::default() };
+    let (o, lse) = psa::forward_with_ranking(&q, &k, &v, &ranked, p, &few_ctas).map_err(|e| e.to_string())?;
     // The v1 one-thread producer fills the same shared memory: bit-identical output.
-    std::env::set_var("VISGEN_PSA_SERIAL_PRODUCER", "1");
-    let serial = psa::forward_with_ranking(&q, &k, &v, &ranked, p, true);
-    std::env::remove_var("VISGEN_PSA_SERIAL_PRODUCER");
-    std::env::remove_var("VISGEN_PSA_CTAS");
-    let (o, lse) = few.map_err(|e| e.to_string())?;
+    let serial = psa::forward_with_ranking(&q, &k, &v, &ranked, p, &psa::AttentionOptions { serial_producer: true, ..few_ctas });
     // The default grid (one item per CTA at these sizes): bit-identical.
-    let (o2, _) = psa::forward_with_ranking(&q, &k, &v, &ranked, p, true).map_err(|e| e.to_string())?;
+    let poisoned = psa::AttentionOptions { poison: true, ..Default::default() };
+    let (o2, _) = psa::forward_with_ranking(&q, &k, &v, &ranked, p, &poisoned).map_err(|e| e.to_string())?;
     let rerun = errors(&to_cpu_f32(&o), &to_cpu_f32(&o2)).0;
     let (o3, lse3) = serial.map_err(|e| e.to_string())?;
     let producers = errors(&to_cpu_f32(&o), &to_cpu_f32(&o3)).0.max(errors(&to_cpu_f32(&lse), &to_cpu_f32(&lse3)).0);

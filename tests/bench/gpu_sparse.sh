@@ -10,8 +10,8 @@
 # PSA_ONLY=1 (pack and run): cuda_pyramid and the PSA bench case only.
 # GNA_ONLY=1 (pack and run): cuda_neighborhood and the GNA bench cases only.
 #
-# Everything the run prints also goes to $OUT/sparse_check.log. The tests set an environment
-# variable (VISGEN_PSA_SERIAL_PRODUCER) while they run: keep --test-threads=1.
+# Everything the run prints also goes to $OUT/sparse_check.log; the tests run one at a time
+# (--test-threads=1).
 set -uo pipefail
 mode="${1:-}"
 

@@ -296,7 +296,7 @@ __device__ __forceinline__ void psa_fwd(const PsaArgs& a) {
                 }
             }
         } else if (a.serial_producer != 0 && tid == 0) {
-            // v1 producer (one thread), kept for comparison (VISGEN_PSA_SERIAL_PRODUCER=1).
+            // v1 producer (one thread), kept for comparison (AttentionOptions::serial_producer).
             int g = 0;
             for (int item = blockIdx.x, it = 0; item < a.items; item += gridDim.x, ++it) {
                 int qb, h, b;
@@ -315,19 +315,16 @@ __device__ __forceinline__ void psa_fwd(const PsaArgs& a) {
                     for (int slot = 0; slot < n_blocks; ++slot)
                         if (__ldg(ranked + rank0 + slot) == a.k_blocks - 1) ls = slot;
                     last_slot[s] = ls;
-                    mbar_expect_tx(&k_full[s], L::kKVBytes);
-                    for (int slot = 0; slot < cap; ++slot) {
-                        const int blk = __ldg(ranked + rank0 + min(slot, n_blocks - 1));
-                        for (int c = 0; c < L::kColBlocks; ++c)
-                            tma_load(sK + s * L::kKVBytes + c * BN * 128 + slot * rows * 128, &a.k[level], &k_full[s], c * 64,
-                                     blk * rows, h, b);
-                    }
-                    mbar_expect_tx(&v_full[s], L::kKVBytes);
-                    for (int slot = 0; slot < cap; ++slot) {
-                        const int blk = __ldg(ranked + rank0 + min(slot, n_blocks - 1));
-                        for (int c = 0; c < L::kColBlocks; ++c)
-                            tma_load(sV + s * L::kKVBytes + c * BN * 128 + slot * rows * 128, &a.v[level], &v_full[s], c * 64,
-                                     blk * rows, h, b);
+                    for (int kv = 0; kv < 2; ++kv) {  // K, then V
+                        uint8_t* dst = (kv == 0 ? sK : sV) + s * L::kKVBytes;
+                        const CUtensorMap* map = kv == 0 ? &a.k[level] : &a.v[level];
+                        uint64_t* full = kv == 0 ? &k_full[s] : &v_full[s];
+                        mbar_expect_tx(full, L::kKVBytes);
+                        for (int slot = 0; slot < cap; ++slot) {
+                            const int blk = __ldg(ranked + rank0 + min(slot, n_blocks - 1));
+                            for (int c = 0; c < L::kColBlocks; ++c)
+                                tma_load(dst + c * BN * 128 + slot * rows * 128, map, full, c * 64, blk * rows, h, b);
+                        }
                     }
                 }
             }

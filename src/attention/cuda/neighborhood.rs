@@ -247,11 +247,13 @@ pub struct KernelOptions {
     /// The two consumer warpgroups take turns issuing their GEMMs (FlashAttention-3).
     pub pingpong: bool,
     pub schedule: Schedule,
+    /// Fill O and lse with NaN bytes before the launch (tests: no row left unwritten).
+    pub poison: bool,
 }
 
 impl Default for KernelOptions {
     fn default() -> Self {
-        Self { in_place: false, permute_q: false, pingpong: true, schedule: Schedule::Consecutive(1) }
+        Self { in_place: false, permute_q: false, pingpong: true, schedule: Schedule::Consecutive(1), poison: false }
     }
 }
 
@@ -346,7 +348,7 @@ pub fn forward(
     extra_kv: Option<(&Tensor, &Tensor)>,
     scale: f64,
 ) -> Result<(Tensor, Tensor)> {
-    forward_impl(q, k, v, grid, params, extra_kv, scale, &KernelOptions::default(), false)
+    forward_with(q, k, v, grid, params, extra_kv, scale, &KernelOptions::default())
 }
 
 /// [`forward`] in another configuration of the kernel (same results).
@@ -360,37 +362,6 @@ pub fn forward_with(
     extra_kv: Option<(&Tensor, &Tensor)>,
     scale: f64,
     opts: &KernelOptions,
-) -> Result<(Tensor, Tensor)> {
-    forward_impl(q, k, v, grid, params, extra_kv, scale, opts, false)
-}
-
-/// [`forward_with`] with both outputs filled with NaN bytes before the launch (tests).
-#[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
-pub fn forward_poisoned(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    grid: &[usize],
-    params: &NeighborhoodParams,
-    extra_kv: Option<(&Tensor, &Tensor)>,
-    scale: f64,
-    opts: &KernelOptions,
-) -> Result<(Tensor, Tensor)> {
-    forward_impl(q, k, v, grid, params, extra_kv, scale, opts, true)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn forward_impl(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    grid: &[usize],
-    params: &NeighborhoodParams,
-    extra_kv: Option<(&Tensor, &Tensor)>,
-    scale: f64,
-    opts: &KernelOptions,
-    poison: bool,
 ) -> Result<(Tensor, Tensor)> {
     let (b, h, nq, nk, d) = super::super::check_qkv(q, k, v)?;
     let dtype = q.dtype();
@@ -524,7 +495,7 @@ fn forward_impl(
         (_, Some(o)) => o.device_ptr(&stream).0,
         _ => unreachable!(),
     };
-    if poison {
+    if opts.poison {
         for (ptr, bytes) in [(args.o, out_elems * 2), (args.lse, b * h * n * 4)] {
             // SAFETY: fresh allocations of exactly these sizes.
             unsafe { memset_d8_async(ptr, 0xFF, bytes, stream.cu_stream()) }.map_err(|e| err(format!("poison: {e:?}")))?;

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 mod importance;
 pub use importance::{
     fused_importance_serves, importance_ranked, importance_ranked_fused, importance_ranked_ops, importance_ranked_tc,
-    tc_importance_serves,
+    importance_ranked_tc_with, tc_importance_serves, RankingSort,
 };
 
 pub const HEAD_DIMS: [usize; 5] = [64, 72, 96, 112, 128];
@@ -219,17 +219,49 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, p: &PyramidParams) -> Result<
     let (_, _, _, d) = check_inputs(q, k, v, p)?;
     let scale = p.scale.unwrap_or(1.0 / (d as f64).sqrt());
     let (_, ranked) = importance_ranked(q, k, p, scale)?;
-    Ok(forward_with_ranking(q, k, v, &ranked, p, false)?.0)
+    Ok(forward_with_ranking(q, k, v, &ranked, p, &AttentionOptions::default())?.0)
+}
+
+/// How [`forward_with_ranking`] runs the attention kernel. The default is the configuration
+/// measured fastest on the H200 (kernels/NOTES.md, ## pyramid v4); the others give identical
+/// results (tested) and exist for comparison runs (bench_sparse) and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionOptions {
+    pub grid: Grid,
+    /// The v1 producer: one thread issues every TMA box of a tile (default: one lane per block).
+    pub serial_producer: bool,
+    /// Fill O and lse with NaN bytes before the launch (tests: no row left unwritten).
+    pub poison: bool,
+}
+
+impl Default for AttentionOptions {
+    fn default() -> Self {
+        Self { grid: Grid::Persistent, serial_producer: false, poison: false }
+    }
+}
+
+/// How the work items (b, h, query block) are spread over CTAs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grid {
+    /// One CTA per SM, CTA c taking items c, c + grid, ...: the next item's Q and first K/V
+    /// load under the current one's last P V and epilogue (4.3% faster than `PerItem`).
+    Persistent,
+    /// `n` CTAs taking the items round robin (tests: many items per CTA at small shapes).
+    Ctas(usize),
+    /// One CTA per item (v3's grid).
+    PerItem,
 }
 
 /// The attention part alone, given the ranking `(B, H, q_blocks, k_blocks)` u32; returns
-/// `(O, lse)`. `poison` fills both outputs with NaN bytes first (tests). The producer warp
-/// issues a tile's TMA boxes one lane per block; `VISGEN_PSA_SERIAL_PRODUCER=1` selects the v1
-/// one-thread producer (same shared-memory contents, bit-identical output: for comparisons).
-/// The grid is persistent (one CTA per SM, each taking work items (b, h, query block) in turn);
-/// `VISGEN_PSA_PERSISTENT=0` launches one CTA per item (bit-identical: each item's arithmetic
-/// is the same).
-pub fn forward_with_ranking(q: &Tensor, k: &Tensor, v: &Tensor, ranked: &Tensor, p: &PyramidParams, poison: bool) -> Result<(Tensor, Tensor)> {
+/// `(O, lse)`.
+pub fn forward_with_ranking(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    ranked: &Tensor,
+    p: &PyramidParams,
+    opts: &AttentionOptions,
+) -> Result<(Tensor, Tensor)> {
     let (b, h, n, d) = check_inputs(q, k, v, p)?;
     let dtype = q.dtype();
     let dev = super::cuda_device(q, "pyramid attention (cuda)")?;
@@ -287,20 +319,17 @@ pub fn forward_with_ranking(q: &Tensor, k: &Tensor, v: &Tensor, ranked: &Tensor,
         maps[1 + l] = tensor_map(pooled[l - 1].device_ptr(&stream).0, dtype, (b, h, rows, d), st, (64 >> l) as u32)?;
         maps[5 + l] = tensor_map(pooled[3 + l - 1].device_ptr(&stream).0, dtype, (b, h, rows, d), st, (64 >> l) as u32)?;
     }
-    // Work items (b, h, query block): a persistent grid of one CTA per SM takes items c, c + grid,
-    // ... (the next item's Q and first K/V load under the current one's last P V and epilogue);
-    // `VISGEN_PSA_PERSISTENT=0`: one CTA per item (v3's grid, for comparison);
-    // `VISGEN_PSA_CTAS=n`: n CTAs (tests: many items per CTA at small shapes).
+    // Work items (b, h, query block), CTA c taking items c, c + grid, ... (see `Grid`).
     let items = b * h * qb;
     if items > i32::MAX as usize {
         return Err(err(format!("{items} work items (B H q_blocks) exceed i32")));
     }
-    let forced_ctas = std::env::var("VISGEN_PSA_CTAS").ok().and_then(|v| v.parse::<u32>().ok()).filter(|&c| c > 0);
-    let ctas = if std::env::var("VISGEN_PSA_PERSISTENT").is_ok_and(|v| v == "0") {
-        items as u32
-    } else {
-        forced_ctas.unwrap_or(super::sm_count(&dev)?).min(items as u32)
-    };
+    let ctas = match opts.grid {
+        Grid::Persistent => super::sm_count(&dev)? as usize,
+        Grid::Ctas(n) => n.max(1),
+        Grid::PerItem => items,
+    }
+    .min(items) as u32;
     let out_elems = b * h * n * d;
     let lse = unsafe { dev.alloc::<f32>(b * h * n)? };
     let (o_bf16, o_f16) = match dtype {
@@ -325,11 +354,11 @@ pub fn forward_with_ranking(q: &Tensor, k: &Tensor, v: &Tensor, ranked: &Tensor,
         k_blocks: kb as i32,
         n_sched: sched.len() as i32,
         scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
-        serial_producer: std::env::var_os("VISGEN_PSA_SERIAL_PRODUCER").is_some() as i32,
+        serial_producer: opts.serial_producer as i32,
         heads: h as i32,
         items: items as i32,
     };
-    if poison {
+    if opts.poison {
         for (ptr, bytes) in [(args.o, out_elems * 2), (args.lse, b * h * n * 4)] {
             // SAFETY: fresh allocations of exactly these sizes.
             unsafe { memset_d8_async(ptr, 0xFF, bytes, stream.cu_stream()) }.map_err(|e| err(format!("poison: {e:?}")))?;

@@ -217,6 +217,21 @@ fn tc_importance_smem(d: usize) -> usize {
 /// row (one warp per row, in registers): importance and ranking (ties by index) in one kernel. Errors when
 /// [`tc_importance_serves`] is false.
 pub fn importance_ranked_tc(q: &Tensor, k: &Tensor, p: &PyramidParams, scale: f64) -> Result<(Tensor, Tensor)> {
+    importance_ranked_tc_with(q, k, p, scale, RankingSort::PerWarp)
+}
+
+/// How the wgmma importance kernel sorts each query block's row of importances (same network,
+/// same tie order, identical rankings: tested).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RankingSort {
+    /// One warp per row, in registers (rows of 32..512 blocks; others fall back to `BlockWide`).
+    PerWarp,
+    /// The whole CTA per row through shared memory (v3; for comparison).
+    BlockWide,
+}
+
+/// [`importance_ranked_tc`] with a choice of the ranking sort.
+pub fn importance_ranked_tc_with(q: &Tensor, k: &Tensor, p: &PyramidParams, scale: f64, sort: RankingSort) -> Result<(Tensor, Tensor)> {
     let (b, h, n, d) = q.dims4()?;
     if k.dims4()? != (b, h, n, d) || k.dtype() != q.dtype() {
         return Err(err(format!("importance: q {:?} {:?} and k {:?} {:?} must match", q.dims(), q.dtype(), k.dims(), k.dtype())));
@@ -290,9 +305,9 @@ pub fn importance_ranked_tc(q: &Tensor, k: &Tensor, p: &PyramidParams, scale: f6
         k_blocks: kb as i32,
         sort_len: kb.next_power_of_two() as i32,
         scale: scale as f32,
-        // The ranking: one warp per query block sorts in registers (32 <= sort_len <= 1024);
-        // `VISGEN_PSA_BLOCK_SORT=1`: the block-wide shared-memory bitonic sort of v3 (comparison).
-        block_sort: std::env::var_os("VISGEN_PSA_BLOCK_SORT").is_some() as i32,
+        // The ranking: one warp per query block sorts in registers (32 <= sort_len <= 1024), or
+        // the block-wide shared-memory bitonic sort of v3.
+        block_sort: (sort == RankingSort::BlockWide) as i32,
         unused: [0; 20],
     };
     let suffix = if dtype == DType::BF16 { "bf16" } else { "f16" };
