@@ -144,7 +144,7 @@ fn main() -> anyhow::Result<()> {
         // The same under the launcher's other configurations, to compare.
         use gna::{KernelOptions as Opts, Schedule};
         let plain = Opts { permute_q: true, pingpong: false, ..Default::default() };
-        let variants: [(&str, Opts); 8] = [
+        let variants: [(&str, Opts); 9] = [
             ("plain (q permuted, no ping-pong)", plain),
             ("no ping-pong", Opts { pingpong: false, ..Default::default() }),
             ("q permuted", Opts { permute_q: true, ..Default::default() }),
@@ -153,6 +153,7 @@ fn main() -> anyhow::Result<()> {
             ("2 query tiles per CTA", Opts { schedule: Schedule::Consecutive(2), ..Default::default() }),
             ("persistent (round robin, 1 CTA per SM)", Opts { schedule: Schedule::Persistent, ..Default::default() }),
             ("persistent, no ping-pong", Opts { schedule: Schedule::Persistent, pingpong: false, ..Default::default() }),
+            ("masking kernel (default when a tile needs a mask)", Opts { always_masked: true, ..Default::default() }),
         ];
         let mut variant_ms = Vec::new();
         for (name, opts) in variants {

@@ -178,11 +178,13 @@ fn parity_in_place_path() {
 fn kernel_options_give_identical_results() {
     // q read in place, the ping-pong of the consumer warpgroups and the schedules (several work
     // items per CTA: consecutive, ragged last CTA; round robin over a few CTAs, so every CTA runs
-    // items of several heads and batches) against the plain configuration (q permuted, no
+    // items of several heads and batches), and for lists without a tile to mask the kernel
+    // without masking code, against the plain configuration (the masking kernel, q permuted, no
     // ping-pong, one item per CTA). Same arithmetic in the same order: the outputs must be
     // identical, bit for bit.
     let dev = gpu();
-    let plain = KernelOptions { permute_q: true, pingpong: false, in_place: false, schedule: Schedule::Consecutive(1), poison: true };
+    let plain =
+        KernelOptions { permute_q: true, pingpong: false, in_place: false, schedule: Schedule::Consecutive(1), always_masked: true, poison: true };
     for (i, (grid, p, ne)) in shapes().into_iter().enumerate() {
         let n: usize = grid.iter().product();
         let (b, h, d) = (2, 3, gna::HEAD_DIMS[i % gna::HEAD_DIMS.len()]);

@@ -31,5 +31,8 @@ pub fn shapes() -> Vec<(Vec<usize>, NeighborhoodParams, usize)> {
         (vec![6, 300], params(&[3, 97], &[1, 2], &[1, 1], &[false, false]), 50),
         (vec![8, 12, 24], params(&[3, 5, 9], &[1, 1, 2], &[1, 1, 1], &[false, false, true]), 0),
         (vec![6, 16, 16], params(&[4, 7, 7], &[1, 1, 1], &[1, 1, 1], &[false, false, false]), 0),
+        // blocked windows (stride = kernel = a multiple of the box) and whole extra tiles: no tile
+        // to mask, the kernel without masking code
+        (vec![64, 64], params(&[16, 16], &[16, 16], &[1, 1], &[false, false]), 128),
     ]
 }

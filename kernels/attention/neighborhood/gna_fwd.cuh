@@ -129,8 +129,10 @@ struct WorkItems {
 
 // One consumer warpgroup: 64 of the 128 query rows of each work item's query tile against its
 // listed KV tiles, the items one after the other. The K/V ring runs on across items: ring slot
-// g (counted over the whole CTA) is stage g % kStages, phase g / kStages.
-template <int D, typename T>
+// g (counted over the whole CTA) is stage g % kStages, phase g / kStages. kMasked = false: every
+// listed tile is FULL or a whole EXTRA tile (no PARTIAL tile, no ragged end), so the loop has
+// no list reads and no masking at all, as the dense kernel's.
+template <int D, typename T, bool kMasked>
 __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, const uint8_t* sK, const uint8_t* sV,
                                         uint64_t* q_full, uint64_t* q_empty, uint64_t* k_full, uint64_t* v_full,
                                         uint64_t* empty, int cw, int warp, int lane, const WorkItems& work) {
@@ -163,7 +165,10 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
     // keep words one tile ahead, so no load is waited for in the tile that issues it (a load
     // used right away stalled the warp between its GEMM issue and its softmax: ncu, run 12).
     const uint2* my_masks = reinterpret_cast<const uint2*>(a.masks) + (cw * 128 + warp * 32 + lane);
-    auto load_info = [&](int j) { return j < n_tiles ? __ldg(list + j) : make_int2(0, -1); };
+    auto load_info = [&](int j) {
+        if constexpr (!kMasked) return make_int2(0, -1);
+        return j < n_tiles ? __ldg(list + j) : make_int2(0, -1);
+    };
     auto load_keep = [&](int2 info) {
         return info.y >= 0 ? __ldg(my_masks + (int64_t)info.y * 256) : make_uint2(0xffffffffu, 0xffffffffu);
     };
@@ -171,7 +176,8 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
     // Masks S_j by the tile's kind, then the online softmax (as in the dense kernel).
     auto softmax = [&](float (&s)[BN / 2], int entry, uint2 keep, float (&alpha)[2]) {
         const int kind = entry & 3, tile = entry >> 2;
-        if (kind == kPartial) {
+        if (!kMasked) {
+        } else if (kind == kPartial) {
             const uint32_t words[2] = {keep.x, keep.y};
 #pragma unroll
             for (int n = 0; n < BN / 8; ++n)
@@ -333,7 +339,7 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
 
 // CTA = its work items (query tile of 128 permuted tokens, head, batch), see WorkItems:
 // producer warpgroup + 2 consumer warpgroups, the dense kernel's 3-stage K/V ring.
-template <int D, typename T>
+template <int D, typename T, bool kMasked>
 __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
     using L = Tile<D, 2>;
     constexpr int BN = L::kBlockN;
@@ -407,7 +413,7 @@ __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
         const int cw = wg - 1, ctid = tid - 128;
         const int warp = (ctid % 128) / 32, lane = ctid % 32;
-        consume<D, T>(a, sQ, sK, sV, q_full, q_empty, k_full, v_full, empty, cw, warp, lane, work);
+        consume<D, T, kMasked>(a, sQ, sK, sV, q_full, q_empty, k_full, v_full, empty, cw, warp, lane, work);
     }
 }
 

@@ -247,13 +247,17 @@ pub struct KernelOptions {
     /// The two consumer warpgroups take turns issuing their GEMMs (FlashAttention-3).
     pub pingpong: bool,
     pub schedule: Schedule,
+    /// The masking kernel even when no listed tile needs a mask (by default such lists, e.g.
+    /// strided windows with stride a multiple of the tile, run `gna_fwd_full_*`: no list reads
+    /// and no masking in the loop).
+    pub always_masked: bool,
     /// Fill O and lse with NaN bytes before the launch (tests: no row left unwritten).
     pub poison: bool,
 }
 
 impl Default for KernelOptions {
     fn default() -> Self {
-        Self { in_place: false, permute_q: false, pingpong: true, schedule: Schedule::Consecutive(1), poison: false }
+        Self { in_place: false, permute_q: false, pingpong: true, schedule: Schedule::Consecutive(1), always_masked: false, poison: false }
     }
 }
 
@@ -501,7 +505,9 @@ pub fn forward_with(
             unsafe { memset_d8_async(ptr, 0xFF, bytes, stream.cu_stream()) }.map_err(|e| err(format!("poison: {e:?}")))?;
         }
     }
-    let kernel = crate::kernels::load(&dev, MODULE, &format!("gna_fwd_{suffix}_d{d}"))?;
+    let masked = opts.always_masked || t.full < t.visited || n_extra % TILE != 0;
+    let variant = if masked { "" } else { "full_" };
+    let kernel = crate::kernels::load(&dev, MODULE, &format!("gna_fwd_{variant}{suffix}_d{d}"))?;
     let pad = if d <= 64 { 64 } else { 128 };
     // dense_wgmma::Tile<D, 2>::kSmemBytes: Q (128 rows) + 3 stages of K and V (128 rows), 128 B of
     // barriers, 1 KB to align to the swizzle atom.
