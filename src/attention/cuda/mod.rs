@@ -77,3 +77,28 @@ pub(crate) fn sm_count(dev: &CudaDevice) -> Result<u32> {
         .map(|n| n.max(1) as u32)
         .map_err(|e| Error::Other(format!("cannot read the SM count: {e:?}")))
 }
+
+/// A small index table (PSA's sample positions and tile schedule) on `dev`, uploaded once per
+/// content and device. A copy from pageable host memory synchronizes the stream first, so an
+/// upload in every call would stall the GPU until the host caught up (three times per PSA
+/// forward before this cache); the cached tables keep the host running ahead.
+pub(crate) fn cached_table(dev: &CudaDevice, data: &[i32]) -> Result<std::sync::Arc<CudaSlice<i32>>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    type Cache = HashMap<(candle_core::cuda_backend::DeviceId, Vec<i32>), Arc<CudaSlice<i32>>>;
+    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
+    const MAX_TABLES: usize = 256; // bound the memory of many shapes (tables are KBs)
+    let key = (dev.id(), data.to_vec());
+    let mut cache = CACHE.get_or_init(|| Mutex::new(HashMap::new())).lock().map_err(|_| Error::Other("table cache poisoned".into()))?;
+    if let Some(t) = cache.get(&key) {
+        return Ok(t.clone());
+    }
+    // (an empty table still gets one element: a null pointer is not a valid kernel argument)
+    let upload = if data.is_empty() { &[0][..] } else { data };
+    let t = Arc::new(dev.cuda_stream().clone_htod(upload).map_err(|e| Error::Other(format!("upload: {e:?}")))?);
+    if cache.len() >= MAX_TABLES {
+        cache.clear(); // in-flight launches hold their own Arc; frees are stream-ordered
+    }
+    cache.insert(key, t.clone());
+    Ok(t)
+}

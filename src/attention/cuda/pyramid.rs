@@ -308,7 +308,7 @@ pub fn forward_with_ranking(
         .into_iter()
         .map(|(pool, start, nb)| ((start as i32) << 8) | ((nb as i32) << 2) | pool.trailing_zeros() as i32)
         .collect();
-    let sched_dev = stream.clone_htod(&sched).map_err(|e| err(format!("upload: {e:?}")))?;
+    let sched_dev = super::cached_table(&dev, &sched)?;
     let mut maps = [[0u64; 16]; 9];
     maps[0] = tensor_map(ptr_of(&q, &dev)?, dtype, (b, h, n, d), strides3(&q), 128)?;
     maps[1] = tensor_map(ptr_of(&k, &dev)?, dtype, (b, h, n, d), strides3(&k), 64)?;

@@ -5,7 +5,7 @@
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::{DType, Tensor};
 
-use super::super::{cuda_device, into_tensor};
+use super::super::{cached_table, cuda_device, into_tensor};
 use super::{err, ptr_of, strides3, supports, tensor_map, BLOCK_K, BLOCK_Q, HEAD_DIMS};
 use crate::attention::pyramid::{self, PyramidParams};
 use crate::error::Result;
@@ -102,8 +102,7 @@ pub fn importance_ranked_fused(q: &Tensor, k: &Tensor, p: &PyramidParams, scale:
     let samples = pyramid::sample_positions(p, b, h);
     let q_pos: Vec<i32> = samples.q.iter().flatten().map(|&x| x as i32).collect();
     let k_pos: Vec<i32> = samples.k.iter().flatten().map(|&x| x as i32).collect();
-    let q_pos = stream.clone_htod(&q_pos).map_err(|e| err(format!("upload: {e:?}")))?;
-    let k_pos = stream.clone_htod(&k_pos).map_err(|e| err(format!("upload: {e:?}")))?;
+    let (q_pos, k_pos) = (cached_table(&dev, &q_pos)?, cached_table(&dev, &k_pos)?);
     // cp.async copies 16 bytes: unit stride in D, other strides and the start 8-element aligned.
     let view = |t: &Tensor| -> Result<Tensor> {
         let s = t.stride();
@@ -250,8 +249,7 @@ pub fn importance_ranked_tc_with(q: &Tensor, k: &Tensor, p: &PyramidParams, scal
     let samples = pyramid::sample_positions(p, b, h);
     let q_pos: Vec<i32> = samples.q.iter().flatten().map(|&x| x as i32).collect();
     let k_pos: Vec<i32> = samples.k.iter().flatten().map(|&x| x as i32).collect();
-    let q_pos = stream.clone_htod(&q_pos).map_err(|e| err(format!("upload: {e:?}")))?;
-    let k_pos = stream.clone_htod(&k_pos).map_err(|e| err(format!("upload: {e:?}")))?;
+    let (q_pos, k_pos) = (cached_table(&dev, &q_pos)?, cached_table(&dev, &k_pos)?);
     // 16-byte copies: unit stride in D, other strides and the start 8-element aligned.
     let view = |t: &Tensor| -> Result<Tensor> {
         let s = t.stride();
