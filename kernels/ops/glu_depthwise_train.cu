@@ -52,6 +52,13 @@ __device__ __forceinline__ float conv(const T* u, const T* wb, const Layout& L, 
     return d;
 }
 
+// Batch, row and column of pixel p (pixels row-major, batch outermost).
+__device__ __forceinline__ void pixel_coords(const Layout& L, long long p, int& b, int& y, int& x) {
+    x = (int)(p % L.width);
+    y = (int)((p / L.width) % L.height);
+    b = (int)(p / ((long long)L.width * L.height));
+}
+
 template <typename T>
 __device__ void forward(const T* __restrict__ u, const T* __restrict__ wb, T* __restrict__ out, Layout L) {
     const int h = L.channels / 2;
@@ -59,7 +66,8 @@ __device__ void forward(const T* __restrict__ u, const T* __restrict__ wb, T* __
     for (long long i = blockIdx.x * (long long)THREADS + threadIdx.x; i < total; i += (long long)gridDim.x * THREADS) {
         const int j = (int)(i % h);
         const long long p = i / h;
-        const int x = (int)(p % L.width), y = (int)((p / L.width) % L.height), b = (int)(p / ((long long)L.width * L.height));
+        int b, y, x;
+        pixel_coords(L, p, b, y, x);
         const float value = conv(u, wb, L, b, y, x, j), gate = conv(u, wb, L, b, y, x, h + j);
         out[i] = from_f32<T>(value * silu(gate));
     }
@@ -72,7 +80,8 @@ __device__ void grad_d(const T* __restrict__ dout, const T* __restrict__ u, cons
     for (long long i = blockIdx.x * (long long)THREADS + threadIdx.x; i < total; i += (long long)gridDim.x * THREADS) {
         const int j = (int)(i % h);
         const long long p = i / h;
-        const int x = (int)(p % L.width), y = (int)((p / L.width) % L.height), b = (int)(p / ((long long)L.width * L.height));
+        int b, y, x;
+        pixel_coords(L, p, b, y, x);
         const float value = conv(u, wb, L, b, y, x, j), gate = conv(u, wb, L, b, y, x, h + j);
         const float g = to_f32(dout[i]);
         dd[p * L.channels + j] = g * silu(gate);
@@ -86,7 +95,8 @@ __device__ void grad_u(const float* __restrict__ dd, const T* __restrict__ u, co
     for (long long i = blockIdx.x * (long long)THREADS + threadIdx.x; i < total; i += (long long)gridDim.x * THREADS) {
         const int k = (int)(i % L.channels);
         const long long q = i / L.channels;
-        const int x = (int)(q % L.width), y = (int)((q / L.width) % L.height), b = (int)(q / ((long long)L.width * L.height));
+        int b, y, x;
+        pixel_coords(L, q, b, y, x);
         float acc = 0.f;
 #pragma unroll
         for (int t = 0; t < TAPS; ++t) {
@@ -108,7 +118,8 @@ __device__ void grad_weights(const float* __restrict__ dd, const T* __restrict__
     const long long begin = blockIdx.y * per_slice, end = min(tokens, begin + per_slice);
     float acc[TAPS + 1] = {};
     for (long long p = begin; p < end; ++p) {
-        const int x = (int)(p % L.width), y = (int)((p / L.width) % L.height), b = (int)(p / ((long long)L.width * L.height));
+        int b, y, x;
+        pixel_coords(L, p, b, y, x);
         const float g = dd[p * L.channels + k];
         acc[TAPS] += g;
 #pragma unroll

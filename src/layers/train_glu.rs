@@ -148,6 +148,15 @@ impl CustomOp2 for GluDepthwise {
     }
 }
 
+/// `(B, N, 2C)` of the backward's `u` (layouts of dout, u, weights), dout `(B, N, C)` checked.
+fn backward_dims(what: &str, l_dout: &Layout, l_u: &Layout, l_w: &Layout, grid: [usize; 2]) -> candle_core::Result<(usize, usize, usize)> {
+    let (b, n, c2) = dims(what, l_u, l_w, grid)?;
+    if l_dout.shape().dims() != [b, n, c2 / 2] {
+        return Err(msg(format!("{what}: output gradient {:?} for u {:?}", l_dout.shape().dims(), [b, n, c2])));
+    }
+    Ok((b, n, c2))
+}
+
 /// Inputs `(dout, u, weights)`; output the flat `[du; dweights]`.
 struct GluDepthwiseBackward {
     grid: [usize; 2],
@@ -160,10 +169,10 @@ impl CustomOp3 for GluDepthwiseBackward {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let what = self.name();
-        let (b, n, c2) = dims(what, l2, l3, self.grid)?;
+        let (b, n, c2) = backward_dims(what, l1, l2, l3, self.grid)?;
         let h = c2 / 2;
-        if l1.shape().dims() != [b, n, h] || s1.dtype() != s2.dtype() || s2.dtype() != s3.dtype() {
-            return Err(msg(format!("{what}: output gradient {:?} {:?} for u {:?} {:?}", l1.shape().dims(), s1.dtype(), [b, n, c2], s2.dtype())));
+        if s1.dtype() != s2.dtype() || s2.dtype() != s3.dtype() {
+            return Err(msg(format!("{what}: inputs of mixed dtypes {:?} {:?} {:?}", s1.dtype(), s2.dtype(), s3.dtype())));
         }
         let (dout, u, weights) = (f32_values(s1, l1, what)?, f32_values(s2, l2, what)?, f32_values(s3, l3, what)?);
         let (a, d) = activate_and_convolve(&u, &weights, (b, n, c2), self.grid);
@@ -213,10 +222,7 @@ impl CustomOp3 for GluDepthwiseBackward {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (b, n, c2) = dims(self.name(), l2, l3, self.grid)?;
-        if l1.shape().dims() != [b, n, c2 / 2] {
-            return Err(msg(format!("{}: output gradient {:?} for u {:?}", self.name(), l1.shape().dims(), [b, n, c2])));
-        }
+        let (b, n, c2) = backward_dims(self.name(), l1, l2, l3, self.grid)?;
         let out = super::cuda::train::glu_backward((s1, l1), (s2, l2), (s3, l3), (b, n, c2), self.grid).map_err(msg)?;
         Ok((out, Shape::from(b * n * c2 + c2 * (TAPS + 1))))
     }

@@ -96,6 +96,16 @@ pub(crate) fn storage_of(values: Vec<f32>, dtype: DType) -> CpuStorage {
     }
 }
 
+/// The three inputs of a row op on the CPU: `(B, N, C)` as [`op_dims`] checks it, their common
+/// dtype, and their values widened to f32.
+type CpuInputs = ((usize, usize, usize), DType, [Vec<f32>; 3]);
+fn cpu_inputs(what: &str, s: [(&CpuStorage, &Layout); 3], full: [bool; 2]) -> candle_core::Result<CpuInputs> {
+    let dims = op_dims(what, s[0].1, s[1].1, s[2].1, full)?;
+    let dtype = same_dtype(what, [s[0].0, s[1].0, s[2].0])?;
+    let [a, b, c] = s.map(|(st, l)| f32_values(st, l, what));
+    Ok((dims, dtype, [a?, b?, c?]))
+}
+
 fn same_dtype(what: &str, s: [&CpuStorage; 3]) -> candle_core::Result<DType> {
     let dtype = s[0].dtype();
     if s.iter().any(|s| s.dtype() != dtype) {
@@ -123,10 +133,7 @@ impl CustomOp3 for NormModulate {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let what = self.name();
-        let (b, n, c) = op_dims(what, l1, l2, l3, [false, false])?;
-        let dtype = same_dtype(what, [s1, s2, s3])?;
-        let (x, shift, scale) = (f32_values(s1, l1, what)?, f32_values(s2, l2, what)?, f32_values(s3, l3, what)?);
+        let ((b, n, c), dtype, [x, shift, scale]) = cpu_inputs(self.name(), [(s1, l1), (s2, l2), (s3, l3)], [false, false])?;
         let mut y = vec![0f32; b * n * c];
         for (r, (row, out)) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)).enumerate() {
             let (mean, rstd) = row_stats(row, self.eps);
@@ -172,10 +179,7 @@ impl CustomOp3 for NormModulateBackward {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let what = self.name();
-        let (b, n, c) = op_dims(what, l1, l2, l3, [true, false])?;
-        let dtype = same_dtype(what, [s1, s2, s3])?;
-        let (dy, x, scale) = (f32_values(s1, l1, what)?, f32_values(s2, l2, what)?, f32_values(s3, l3, what)?);
+        let ((b, n, c), dtype, [dy, x, scale]) = cpu_inputs(self.name(), [(s1, l1), (s2, l2), (s3, l3)], [true, false])?;
         let mut packed = vec![0f32; b * (n + 2) * c];
         let (mut x_hat, mut g_hat) = (vec![0f32; c], vec![0f32; c]);
         for bi in 0..b {
@@ -227,10 +231,7 @@ impl CustomOp3 for GatedResidual {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let what = self.name();
-        let (b, n, c) = op_dims(what, l1, l2, l3, [true, false])?;
-        let dtype = same_dtype(what, [s1, s2, s3])?;
-        let (x, y, gate) = (f32_values(s1, l1, what)?, f32_values(s2, l2, what)?, f32_values(s3, l3, what)?);
+        let ((b, n, c), dtype, [x, y, gate]) = cpu_inputs(self.name(), [(s1, l1), (s2, l2), (s3, l3)], [true, false])?;
         let out = (0..b * n * c).map(|i| x[i] + y[i] * gate[(i / (n * c)) * c + i % c]).collect();
         Ok((storage_of(out, dtype), Shape::from((b, n, c))))
     }
@@ -267,10 +268,7 @@ impl CustomOp3 for GatedResidualBackward {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let what = self.name();
-        let (b, n, c) = op_dims(what, l1, l2, l3, [true, false])?;
-        let dtype = same_dtype(what, [s1, s2, s3])?;
-        let (dout, y, gate) = (f32_values(s1, l1, what)?, f32_values(s2, l2, what)?, f32_values(s3, l3, what)?);
+        let ((b, n, c), dtype, [dout, y, gate]) = cpu_inputs(self.name(), [(s1, l1), (s2, l2), (s3, l3)], [true, false])?;
         let mut packed = vec![0f32; b * (n + 1) * c];
         for bi in 0..b {
             let g = &gate[bi * c..(bi + 1) * c];
