@@ -40,6 +40,14 @@ fn main() -> anyhow::Result<()> {
     let profile = std::env::args().any(|a| a == "--profile");
     let device = Device::new_cuda(0)?;
     let dev = device.as_cuda_device()?.clone();
+    // The device as `gen` opens it (pipelines/request.rs): no per-allocation events, and freed
+    // memory kept in the pool. --release-freed-memory: the driver's default (freed memory goes
+    // back at every synchronization, so each sample's first call maps its scratch buffers anew:
+    // ~0.2 ms of PSA's ~0.7 GB per call; the measurement before 2026-11-29).
+    visgen::cuda_graph::prepare_device(&dev);
+    if !std::env::args().any(|a| a == "--release-freed-memory") {
+        visgen::kernels::keep_freed_memory(&dev)?;
+    }
     let stream = dev.cuda_stream();
     // ms per call of `calls` back-to-back calls of `f`, between two CUDA events.
     let sample = |calls: usize, f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
@@ -259,6 +267,18 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             },
         )?;
+        // The host side of one call (argument checks, schedule, tensor maps, allocations,
+        // launches; no synchronization): the first of a sample's calls waits for it on the GPU.
+        {
+            device.synchronize()?;
+            let t0 = std::time::Instant::now();
+            for _ in 0..5 {
+                psa::forward(&q, &k, &v, &p)?;
+            }
+            let host_ms = t0.elapsed().as_secs_f64() * 1e3 / 5.0;
+            device.synchronize()?;
+            println!("PSA host time per forward call (no synchronization): {host_ms:.3} ms");
+        }
         let importance_ms = time(3, &mut || {
             psa::importance_ranked(&q, &k, &p, scale)?;
             Ok(())
@@ -319,6 +339,36 @@ fn main() -> anyhow::Result<()> {
             "PSA pool + attention: persistent lane-parallel producer {attention_ms:.3} ms, one CTA per item (v3 grid) {per_item_ms:.3} ms \
              (bit-identical: {same}), v1 one-thread producer {serial_ms:.3} ms"
         );
+        // Where pool + attention goes: the pooling pass alone, and the attention kernel on tiles
+        // of one level each (same ranking, 40 tiles per query block where the level has them).
+        {
+            let pool_ms = time(3, &mut || {
+                psa::pool_kv(&k, &v, &p)?;
+                Ok(())
+            })?;
+            let pooled = psa::pool_kv(&k, &v, &p)?;
+            let kb = n.div_ceil(64) as f64;
+            let dense_rate = 4.0 * (b * h * n * n * d) as f64 / (dense_ms * 1e-3) / 1e12;
+            let mut line = format!("PSA pool alone {pool_ms:.3} ms; attention kernel alone (tile TFLOP/s; dense {dense_rate:.0}):");
+            let no_pingpong = psa::AttentionOptions { pingpong: false, ..Default::default() };
+            for (name, levels, opts) in [
+                ("defaults", p.levels.clone(), Default::default()),
+                ("defaults, no ping-pong", p.levels.clone(), no_pingpong),
+                ("pool 1 only", vec![(1, 80.0 / kb)], Default::default()),
+                ("pool 2 only", vec![(2, 160.0 / kb)], Default::default()),
+                ("pool 8 only", vec![(8, 1.0)], Default::default()),
+            ] {
+                let lp = PyramidParams { levels, ..p.clone() };
+                let ms = time(3, &mut || {
+                    psa::attention_pooled(&q, &k, &v, &pooled, &ranked, &lp, &opts)?;
+                    Ok(())
+                })?;
+                let tiles = psa::schedule(n.div_ceil(64), &lp).len();
+                let flops = 4.0 * (b * h * n.div_ceil(128) * tiles * 128 * 128 * d) as f64;
+                line += &format!(" {name} {ms:.3} ms ({tiles} tiles, {:.0});", flops / (ms * 1e-3) / 1e12);
+            }
+            println!("{line}");
+        }
         let kb = n.div_ceil(64);
         let sched = psa::schedule(kb, &p);
         let fraction = sched.len() as f64 / n.div_ceil(128) as f64;

@@ -154,12 +154,16 @@ fn check(b: usize, h: usize, n: usize, d: usize, dtype: DType, p: &PyramidParams
     let (o, lse) = psa::forward_with_ranking(&q, &k, &v, &ranked, p, &few_ctas).map_err(|e| e.to_string())?;
     // The v1 one-thread producer fills the same shared memory: bit-identical output.
     let serial = psa::forward_with_ranking(&q, &k, &v, &ranked, p, &psa::AttentionOptions { serial_producer: true, ..few_ctas });
+    // The ping-pong of the consumer warpgroups only reorders their GEMM issue: bit-identical.
+    let pingpong = psa::forward_with_ranking(&q, &k, &v, &ranked, p, &psa::AttentionOptions { pingpong: !few_ctas.pingpong, ..few_ctas });
     // The default grid (one item per CTA at these sizes): bit-identical.
     let poisoned = psa::AttentionOptions { poison: true, ..Default::default() };
     let (o2, _) = psa::forward_with_ranking(&q, &k, &v, &ranked, p, &poisoned).map_err(|e| e.to_string())?;
     let rerun = errors(&to_cpu_f32(&o), &to_cpu_f32(&o2)).0;
     let (o3, lse3) = serial.map_err(|e| e.to_string())?;
     let producers = errors(&to_cpu_f32(&o), &to_cpu_f32(&o3)).0.max(errors(&to_cpu_f32(&lse), &to_cpu_f32(&lse3)).0);
+    let (o4, lse4) = pingpong.map_err(|e| e.to_string())?;
+    let turns = errors(&to_cpu_f32(&o), &to_cpu_f32(&o4)).0.max(errors(&to_cpu_f32(&lse), &to_cpu_f32(&lse4)).0);
     let (o, lse) = (to_cpu_f32(&o), to_cpu_f32(&lse));
     let what = format!("{dtype:?} B{b} H{h} N{n} D{d} levels {:?}", p.levels);
     if count_nan(&o) + count_nan(&lse) > 0 {
@@ -179,6 +183,9 @@ fn check(b: usize, h: usize, n: usize, d: usize, dtype: DType, p: &PyramidParams
     }
     if producers != 0.0 {
         return Err(format!("{what}: the lane-parallel and one-thread producers differ by {producers}"));
+    }
+    if turns != 0.0 {
+        return Err(format!("{what}: with and without the ping-pong differ by {turns}"));
     }
     if max_ours > 2.0 * max_low + 1e-5 || rel_ours > 2.0 * rel_low + 1e-6 {
         return Err(format!("{what}: error max {max_ours} rel {rel_ours} > 2 x naive (max {max_low}, rel {rel_low})"));

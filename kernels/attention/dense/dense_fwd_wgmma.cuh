@@ -121,6 +121,17 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, uint
         : "memory");
 }
 
+// Named barriers 1 and 2 (0 is __syncthreads): the ping-pong turns of consumer warpgroups 0 and 1
+// (FlashAttention-3), 256 threads each (128 wait with sync, the other warpgroup's 128 arrive).
+// A warpgroup issues its GEMMs between turn_wait and turn_pass, so the GEMMs of one run while
+// the other is in its softmax.
+__device__ __forceinline__ void turn_wait(int cw) {
+    asm volatile("bar.sync %0, 256;\n" ::"r"(1 + cw) : "memory");
+}
+__device__ __forceinline__ void turn_pass(int cw) {
+    asm volatile("bar.arrive %0, 256;\n" ::"r"(1 + (cw ^ 1)) : "memory");
+}
+
 // One consumer warpgroup: 64 query rows (`cw` selects which) against every key tile.
 template <int D, typename T, int C>
 __device__ __forceinline__ void consume(const DenseFwdArgs& a, const uint8_t* sQ, const uint8_t* sK, const uint8_t* sV,

@@ -103,15 +103,6 @@ __device__ __forceinline__ void load_tile(const GnaArgs& a, bool direct, void* d
     }
 }
 
-// Named barriers 1 and 2 (0 is __syncthreads): the ping-pong turns of consumer warpgroups 0 and 1,
-// 256 threads each (128 wait with sync, the other warpgroup's 128 arrive).
-__device__ __forceinline__ void turn_wait(int cw) {
-    asm volatile("bar.sync %0, 256;\n" ::"r"(1 + cw) : "memory");
-}
-__device__ __forceinline__ void turn_pass(int cw) {
-    asm volatile("bar.arrive %0, 256;\n" ::"r"(1 + (cw ^ 1)) : "memory");
-}
-
 // The CTA's work items (see GnaArgs): first + i step for i < count.
 struct WorkItems {
     int first, step, count, q_tiles, heads;

@@ -12,6 +12,12 @@
 // independent of the GEMM tile). The producer gathers the blocks of a tile with one TMA box per
 // block (box rows 64/p, a multiple of 8 rows, so each box lands on whole 1024-byte swizzle
 // atoms); a tile with fewer blocks repeats its last block and masks the copies.
+// Pool 8 is stored differently: per KV block its 8 pooled keys and 8 pooled values, each as C
+// column blocks of 8 rows x 128 bytes (C = D padded / 64, pad columns zero), are one contiguous
+// 2C KiB run (PsaPoolArgs::kv8), so a block is one box for K and V together: a pool-8 tile is 16
+// boxes instead of 64 (the small boxes ran the tile at 287 TFLOP/s against 490 for pool 1:
+// the TMA unit's per-box cost). Such a tile fills its stage's K and V halves as 16 slots of
+// [K cb 0..C-1 | V cb 0..C-1], which the wgmma descriptors read with a slot stride of 2C KiB.
 // Keys past the sequence end: at pool p pooled token t is attended iff t p < N (psa_ref.py);
 // only the last KV block can hold such tokens, the producer records its slot per stage.
 #pragma once
@@ -21,8 +27,8 @@
 // Kernel arguments, mirrored by `PsaArgs` in src/attention/cuda/pyramid.rs.
 struct PsaArgs {
     CUtensorMap q;        // (B, H, N, D), box (64, 128)
-    CUtensorMap k[4];     // level l: pool 2^l; level 0 is k itself; box (64, 64 >> l)
-    CUtensorMap v[4];
+    CUtensorMap k[4];     // level l: pool 2^l; level 0 is k itself; box (64, 64 >> l); level 3: kv8
+    CUtensorMap v[4];     // as k; v[3] unused (pool 8 reads K and V through k[3])
     void* o;              // (B, H, N, D)
     float* lse;           // (B, H, N)
     const int32_t* ranked;    // (B, H, q_blocks, k_blocks) KV block ids, most important first
@@ -34,6 +40,7 @@ struct PsaArgs {
     int32_t serial_producer;  // 1: the v1 one-thread producer (comparison), 0: lane-parallel
     int32_t heads;            // H; work item = (b, h, query block), item = (b H + h) q_blocks + qb
     int32_t items;            // B H q_blocks; CTA c takes items c, c + gridDim.x, ... (persistent)
+    int32_t pingpong;         // 1: the consumer warpgroups take turns issuing their GEMMs
 };
 static_assert(sizeof(PsaArgs) == 1280 && offsetof(PsaArgs, o) == 1152, "PsaArgs layout changed: update src/attention/cuda/pyramid.rs");
 
@@ -42,6 +49,17 @@ namespace psa {
 using namespace dense_wgmma;
 
 constexpr int kBlockK = 64;  // keys per KV block
+constexpr int kLevel8 = 3;   // pool 8: K and V interleaved per block (see the top of the file)
+
+// Shared memory of one pipeline stage: K then V (kKVBytes each), adjacent, so that a pool-8 tile
+// can use both halves as 16 slots of [K | V].
+template <int D>
+struct Stage {
+    using L = dense_wgmma::Tile<D, 2>;
+    static constexpr int kBytes = 2 * L::kKVBytes;
+    static constexpr int kKv8Rows = 16 * L::kColBlocks;       // 128-byte rows per pool-8 block (K and V)
+    static constexpr int kKv8SlotBytes = kKv8Rows * 128;     // 2C KiB
+};
 
 // One work item (b, h, query block qb) for consumer warpgroup `cw`. `g0`: the CTA-wide index of
 // the item's first tile in the producer's ring (stage g % kStages, phase g / kStages); `it`: the
@@ -49,7 +67,7 @@ constexpr int kBlockK = 64;  // keys per KV block
 // Q Kᵀ has completed, so the producer loads the next item's Q under this item's last P V and
 // epilogue; every tile's stage is released after its P V (the last one too: the ring goes on).
 template <int D, typename T>
-__device__ __forceinline__ void consume(const PsaArgs& a, const uint8_t* sQ, const uint8_t* sK, const uint8_t* sV,
+__device__ __forceinline__ void consume(const PsaArgs& a, const uint8_t* sQ, const uint8_t* sK,
                                         uint64_t* q_full, uint64_t* q_empty, uint64_t* k_full, uint64_t* v_full,
                                         uint64_t* empty, const int* last_slot, int cw, int warp, int lane, int qb, int b,
                                         int h, int g0, int it) {
@@ -57,19 +75,25 @@ __device__ __forceinline__ void consume(const PsaArgs& a, const uint8_t* sQ, con
     constexpr int BN = L::kBlockN;
     constexpr int DP = L::kDPad;
     constexpr int kStages = L::kStages;
+    using St = Stage<D>;
     const uint32_t q_addr = smem_addr(sQ) + cw * 64 * 128;
     const int n_tiles = a.n_sched;
     // Pooled rows of the last KV block that lie before the sequence end, per level.
     const int last_keys = a.n - (a.k_blocks - 1) * kBlockK;  // 1..64
 
+    // Tile j's pooled rows: 8-row groups 1 KiB apart, column blocks BN x 128 bytes apart; pool 8:
+    // groups (slots) 2C KiB apart, column blocks 1 KiB apart, V C KiB after K.
+    auto is_kv8 = [&](int j) { return (__ldg(a.schedule + j) & 3) == kLevel8; };
     auto issue_qk = [&](float (&s)[BN / 2], int j) {
-        const uint32_t k_addr = smem_addr(sK + ((g0 + j) % kStages) * L::kKVBytes);
+        const uint32_t k_addr = smem_addr(sK + ((g0 + j) % kStages) * St::kBytes);
+        const bool kv8 = is_kv8(j);
+        const uint32_t group = kv8 ? St::kKv8SlotBytes : 1024, col_block = kv8 ? 1024 : BN * 128;
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < (D + 15) / 16; ++kk) {
             const uint32_t col = kk / 4, off = (kk % 4) * 32;
             const uint64_t dq = make_desc(q_addr + col * L::kQRows * 128 + off, 16, 1024);
-            const uint64_t dk = make_desc(k_addr + col * BN * 128 + off, 16, 1024);
+            const uint64_t dk = make_desc(k_addr + col * col_block + off, 16, group);
             Wgmma<T, BN>::ss(s, dq, dk, kk > 0);
         }
         wgmma_commit();
@@ -137,21 +161,28 @@ __device__ __forceinline__ void consume(const PsaArgs& a, const uint8_t* sQ, con
     };
     auto issue_pv = [&](int j) {
         mbar_wait(&v_full[(g0 + j) % kStages], ((g0 + j) / kStages) & 1);
-        const uint32_t v_addr = smem_addr(sV + ((g0 + j) % kStages) * L::kKVBytes);
+        const uint32_t stage_addr = smem_addr(sK + ((g0 + j) % kStages) * St::kBytes);
+        const bool kv8 = is_kv8(j);
+        const uint32_t v_addr = stage_addr + (kv8 ? L::kColBlocks * 1024 : L::kKVBytes);
+        const uint32_t group = kv8 ? St::kKv8SlotBytes : 1024, col_block = kv8 ? 1024 : BN * 128;
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-            const uint64_t dv = make_desc(v_addr + kk * 16 * 128, BN * 128, 1024);
+            const uint64_t dv = make_desc(v_addr + kk * 2 * group, col_block, group);  // 16 rows = 2 groups
             Wgmma<T, DP>::rs_tb(o, pa[kk], dv);
         }
         wgmma_commit();
     };
 
+    // Ping-pong (see turn_wait): both warpgroups run the same tiles, so the turns pair up.
+    const bool pingpong = a.pingpong != 0;
     mbar_wait(q_full, it & 1);
     float s[BN / 2];
     if (n_tiles > 0) {
         mbar_wait(&k_full[g0 % kStages], (g0 / kStages) & 1);
+        if (pingpong) turn_wait(cw);
         issue_qk(s, 0);
+        if (pingpong) turn_pass(cw);
         wgmma_wait0();
         if (n_tiles == 1) mbar_arrive(q_empty);
         float alpha[2];
@@ -162,8 +193,10 @@ __device__ __forceinline__ void consume(const PsaArgs& a, const uint8_t* sQ, con
     }
     for (int j = 0; j + 1 < n_tiles; ++j) {
         mbar_wait(&k_full[(g0 + j + 1) % kStages], ((g0 + j + 1) / kStages) & 1);
+        if (pingpong) turn_wait(cw);
         issue_qk(s, j + 1);
         issue_pv(j);
+        if (pingpong) turn_pass(cw);
         wgmma_wait1();  // Q K_{j+1}ᵀ done (committed first)
         if (j + 2 == n_tiles) mbar_arrive(q_empty);  // the last Q Kᵀ: sQ is free for the next item
         float alpha[2];
@@ -207,10 +240,10 @@ __device__ __forceinline__ void psa_fwd(const PsaArgs& a) {
     constexpr int kStages = L::kStages;
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    using St = Stage<D>;
     uint8_t* sQ = smem;
-    uint8_t* sK = sQ + L::kQBytes;
-    uint8_t* sV = sK + kStages * L::kKVBytes;
-    uint64_t* bars = reinterpret_cast<uint64_t*>(sV + kStages * L::kKVBytes);  // 128 bytes reserved
+    uint8_t* sK = sQ + L::kQBytes;  // stage s: K at sK + s St::kBytes, V kKVBytes after it
+    uint64_t* bars = reinterpret_cast<uint64_t*>(sK + kStages * St::kBytes);  // 128 bytes reserved
     uint64_t* q_full = bars;
     uint64_t* k_full = bars + 1;
     uint64_t* v_full = bars + 1 + kStages;
@@ -242,6 +275,30 @@ __device__ __forceinline__ void psa_fwd(const PsaArgs& a) {
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
+
+    // Producer steps for tile slot `slot` (KV block `blk`) of stage s at `level`: arm the stage's
+    // barriers (one thread, before any box of the tile), load the block (any thread).
+    auto arm_stage = [&](int s, int level) {
+        if (level == kLevel8) {
+            mbar_expect_tx(&k_full[s], St::kBytes);  // K and V arrive on k_full
+            mbar_arrive(&v_full[s]);
+        } else {
+            mbar_expect_tx(&k_full[s], L::kKVBytes);
+            mbar_expect_tx(&v_full[s], L::kKVBytes);
+        }
+    };
+    auto load_slot = [&](int s, int level, int slot, int blk, int h, int b) {
+        uint8_t* stage = sK + s * St::kBytes;
+        if (level == kLevel8) {
+            tma_load(stage + slot * St::kKv8SlotBytes, &a.k[kLevel8], &k_full[s], 0, blk * St::kKv8Rows, h, b);
+            return;
+        }
+        const int rows = kBlockK >> level;
+        for (int c = 0; c < L::kColBlocks; ++c)
+            tma_load(stage + c * BN * 128 + slot * rows * 128, &a.k[level], &k_full[s], c * 64, blk * rows, h, b);
+        for (int c = 0; c < L::kColBlocks; ++c)
+            tma_load(stage + L::kKVBytes + c * BN * 128 + slot * rows * 128, &a.v[level], &v_full[s], c * 64, blk * rows, h, b);
+    };
 
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
@@ -281,18 +338,10 @@ __device__ __forceinline__ void psa_fwd(const PsaArgs& a) {
                     if (g >= kStages) mbar_wait(&empty[s], (g / kStages - 1) & 1);
                     if (lane == 0) {
                         last_slot[s] = last ? __ffs(last) - 1 : -1;  // ranked rows are permutations: one at most
-                        mbar_expect_tx(&k_full[s], L::kKVBytes);
-                        mbar_expect_tx(&v_full[s], L::kKVBytes);
+                        arm_stage(s, level);
                     }
                     __syncwarp();
-                    if (lane < cap) {
-                        for (int c = 0; c < L::kColBlocks; ++c)
-                            tma_load(sK + s * L::kKVBytes + c * BN * 128 + lane * rows * 128, &a.k[level], &k_full[s], c * 64,
-                                     blk * rows, h, b);
-                        for (int c = 0; c < L::kColBlocks; ++c)
-                            tma_load(sV + s * L::kKVBytes + c * BN * 128 + lane * rows * 128, &a.v[level], &v_full[s], c * 64,
-                                     blk * rows, h, b);
-                    }
+                    if (lane < cap) load_slot(s, level, lane, blk, h, b);
                 }
             }
         } else if (a.serial_producer != 0 && tid == 0) {
@@ -315,17 +364,8 @@ __device__ __forceinline__ void psa_fwd(const PsaArgs& a) {
                     for (int slot = 0; slot < n_blocks; ++slot)
                         if (__ldg(ranked + rank0 + slot) == a.k_blocks - 1) ls = slot;
                     last_slot[s] = ls;
-                    for (int kv = 0; kv < 2; ++kv) {  // K, then V
-                        uint8_t* dst = (kv == 0 ? sK : sV) + s * L::kKVBytes;
-                        const CUtensorMap* map = kv == 0 ? &a.k[level] : &a.v[level];
-                        uint64_t* full = kv == 0 ? &k_full[s] : &v_full[s];
-                        mbar_expect_tx(full, L::kKVBytes);
-                        for (int slot = 0; slot < cap; ++slot) {
-                            const int blk = __ldg(ranked + rank0 + min(slot, n_blocks - 1));
-                            for (int c = 0; c < L::kColBlocks; ++c)
-                                tma_load(dst + c * BN * 128 + slot * rows * 128, map, full, c * 64, blk * rows, h, b);
-                        }
-                    }
+                    arm_stage(s, level);
+                    for (int slot = 0; slot < cap; ++slot) load_slot(s, level, slot, __ldg(ranked + rank0 + min(slot, n_blocks - 1)), h, b);
                 }
             }
         }
@@ -333,12 +373,16 @@ __device__ __forceinline__ void psa_fwd(const PsaArgs& a) {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
         const int cw = wg - 1, ctid = tid - 128;
         const int warp = (ctid % 128) / 32, lane = ctid % 32;
+        // Ping-pong: warpgroup 0 takes the first turn and the last one warpgroup 1 passes, so no
+        // named barrier is left half arrived.
+        if (a.pingpong && cw == 1) turn_pass(cw);
         for (int item = blockIdx.x, it = 0; item < a.items; item += gridDim.x, ++it) {
             int qb, h, b;
             decode(item, qb, h, b);
-            consume<D, T>(a, sQ, sK, sV, q_full, q_empty, k_full, v_full, empty, last_slot, cw, warp, lane, qb, b, h,
+            consume<D, T>(a, sQ, sK, q_full, q_empty, k_full, v_full, empty, last_slot, cw, warp, lane, qb, b, h,
                           it * n_sched, it);
         }
+        if (a.pingpong && cw == 0) turn_wait(cw);
     }
 }
 
@@ -347,11 +391,16 @@ __device__ __forceinline__ void psa_fwd(const PsaArgs& a) {
 // Mean pooling of k and v at 2, 4 and 8 along the sequence, the sequence replicate-padded to
 // whole 64-key blocks (copies of the last token), as pool_mean in src/attention/pyramid.rs.
 // One thread = 8 consecutive tokens x 8 channels: sums of pairs (pool 2), quads (4), all (8).
+// Levels outside level_mask are not written (a schedule without pool 4 skips its 1/4 of the
+// output traffic).
 struct PsaPoolArgs {
     const void* src[2];        // k, v (B, H, N, D), 16-byte aligned rows
-    void* dst[2][3];           // [k|v][pool 2, 4, 8]: (B, H, n_pad / p, D) contiguous
+    void* dst[2][2];           // [k|v][pool 2, 4]: (B, H, n_pad / p, D) contiguous
+    void* kv8;                 // pool 8: (B, H, k_blocks, [k|v], C, 8, 64), C = pad_chunks / 8, pad zero
     int64_t src_stride[2][3];  // batch, head, row
     int32_t heads, n, n_pad, chunks;  // chunks = D / 8
+    int32_t pad_chunks;        // D padded to 64 or 128, / 8
+    int32_t level_mask;        // bit l: write pool 2^(l+1)
 };
 static_assert(sizeof(PsaPoolArgs) == 128, "PsaPoolArgs layout changed: update src/attention/cuda/pyramid.rs");
 
@@ -377,14 +426,28 @@ __device__ __forceinline__ void psa_pool(const PsaPoolArgs& a) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) x[t][i] = to_float(e[i]);
     }
-    auto store = [&](int level, int row, const float (&vals)[8], float inv) {
+    auto pack = [](const float (&vals)[8], float inv) {
         uint4 raw;
         uint32_t* w = reinterpret_cast<uint32_t*>(&raw);
 #pragma unroll
         for (int i = 0; i < 4; ++i) w[i] = dense::pack2<T>(vals[2 * i] * inv, vals[2 * i + 1] * inv);
+        return raw;
+    };
+    auto store = [&](int level, int row, const float (&vals)[8], float inv) {
+        if (!(a.level_mask >> level & 1)) return;
         const int pooled_rows = a.n_pad >> (level + 1);
         T* dst = static_cast<T*>(a.dst[which][level]) + ((int64_t)bh * pooled_rows + row) * (a.chunks * 8) + c * 8;
-        *reinterpret_cast<uint4*>(dst) = raw;
+        *reinterpret_cast<uint4*>(dst) = pack(vals, inv);
+    };
+    // Pool 8: row g of the head is row g % 8 of KV block g / 8; chunk c is in column block c / 8.
+    auto store8 = [&](const float (&vals)[8]) {
+        if (!(a.level_mask >> 2 & 1)) return;
+        const int col_blocks = a.pad_chunks / 8;
+        T* block = static_cast<T*>(a.kv8) + (((int64_t)bh * (a.n_pad / 64) + g / 8) * 2 + which) * col_blocks * 512;
+        auto at = [&](int chunk) { return block + (chunk / 8) * 512 + (g % 8) * 64 + (chunk % 8) * 8; };
+        *reinterpret_cast<uint4*>(at(c)) = pack(vals, 0.125f);
+        if (c == a.chunks - 1)  // the pad columns (read by wgmma as whole 64-column blocks): zero
+            for (int pc = a.chunks; pc < a.pad_chunks; ++pc) *reinterpret_cast<uint4*>(at(pc)) = make_uint4(0, 0, 0, 0);
     };
     float s4[2][8], s8[8];
 #pragma unroll
@@ -407,5 +470,5 @@ __device__ __forceinline__ void psa_pool(const PsaPoolArgs& a) {
         for (int i = 0; i < 8; ++i) s8[i] += s4[q4][i];
         store(1, g * 2 + q4, s4[q4], 0.25f);
     }
-    store(2, g, s8, 0.125f);
+    store8(s8);
 }

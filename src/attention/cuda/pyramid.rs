@@ -113,6 +113,7 @@ struct PsaArgs {
     serial_producer: i32,
     heads: i32,
     items: i32,
+    pingpong: i32,
 }
 // SAFETY: plain old data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for PsaArgs {}
@@ -122,12 +123,15 @@ const _: () = assert!(std::mem::size_of::<PsaArgs>() == 1280 && std::mem::offset
 #[derive(Clone, Copy, Default)]
 struct PsaPoolArgs {
     src: [u64; 2],
-    dst: [[u64; 3]; 2],
+    dst: [[u64; 2]; 2],
+    kv8: u64,
     src_stride: [[i64; 3]; 2],
     heads: i32,
     n: i32,
     n_pad: i32,
     chunks: i32,
+    pad_chunks: i32,
+    level_mask: i32,
 }
 // SAFETY: as above.
 unsafe impl DeviceRepr for PsaPoolArgs {}
@@ -230,13 +234,17 @@ pub struct AttentionOptions {
     pub grid: Grid,
     /// The v1 producer: one thread issues every TMA box of a tile (default: one lane per block).
     pub serial_producer: bool,
+    /// The two consumer warpgroups take turns issuing their GEMMs (FlashAttention-3's ping-pong),
+    /// so one's softmax runs under the other's GEMMs (attention kernel 8% faster at SANA-Video
+    /// 480p, kernels/NOTES.md ## pyramid v5).
+    pub pingpong: bool,
     /// Fill O and lse with NaN bytes before the launch (tests: no row left unwritten).
     pub poison: bool,
 }
 
 impl Default for AttentionOptions {
     fn default() -> Self {
-        Self { grid: Grid::Persistent, serial_producer: false, poison: false }
+        Self { grid: Grid::Persistent, serial_producer: false, pingpong: true, poison: false }
     }
 }
 
@@ -253,7 +261,7 @@ pub enum Grid {
 }
 
 /// The attention part alone, given the ranking `(B, H, q_blocks, k_blocks)` u32; returns
-/// `(O, lse)`.
+/// `(O, lse)`: [`pool_kv`], then [`attention_pooled`].
 pub fn forward_with_ranking(
     q: &Tensor,
     k: &Tensor,
@@ -262,8 +270,113 @@ pub fn forward_with_ranking(
     p: &PyramidParams,
     opts: &AttentionOptions,
 ) -> Result<(Tensor, Tensor)> {
+    check_inputs(q, k, v, p)?;
+    let pooled = pool_kv(k, v, p)?;
+    attention_pooled(q, k, v, &pooled, ranked, p, opts)
+}
+
+/// k and v mean-pooled at 2, 4 and 8 along the sequence (replicate-padded to whole KV blocks),
+/// for [`attention_pooled`]: pools 2 and 4 as `(B, H, n_pad / p, D)` tensors; pool 8 with K and
+/// V interleaved per KV block (`(B, H, k_blocks, 2, C, 8, 64)`, D padded to C·64 with zeros), so
+/// the kernel loads a block's pooled keys and values as one box (psa_fwd.cuh).
+pub struct PooledKv {
+    /// k at pool 2, 4, then v at pool 2, 4.
+    pool24: Vec<CudaSlice<u16>>,
+    kv8: Option<CudaSlice<u16>>,
+    /// Bit l: pool 2^(l+1) was written (the levels `p`'s schedule uses).
+    level_mask: u32,
+    dims: (usize, usize, usize, usize),
+    dtype: DType,
+}
+
+/// Bit l set where the Topk schedule of `p` has tiles at pool 2^(l+1) (bit 0: pool 2).
+fn pooled_levels_used(k_blocks: usize, p: &PyramidParams) -> u32 {
+    schedule(k_blocks, p).iter().filter(|t| t.0 > 1).fold(0, |m, t| m | 1 << (t.0.trailing_zeros() - 1))
+}
+
+/// One pass over k and v (`psa_pool_*`): the pooled levels of [`PooledKv`] that `p` uses.
+pub fn pool_kv(k: &Tensor, v: &Tensor, p: &PyramidParams) -> Result<PooledKv> {
+    let (b, h, n, d) = k.dims4()?;
+    let dtype = k.dtype();
+    if v.dims4()? != (b, h, n, d) || v.dtype() != dtype || !supports(dtype, d) {
+        return Err(err(format!("pool: k {:?} {dtype:?} and v {:?} {:?} must match, bf16/f16 with a compiled head dim", k.dims(), v.dims(), v.dtype())));
+    }
+    check_params(p).map_err(|m| err(m))?;
+    let dev = super::cuda_device(k, "pyramid pooling (cuda)")?;
+    let stream = dev.cuda_stream();
+    let (k, v) = (kernel_view(k)?, kernel_view(v)?);
+    let kb = n.div_ceil(BLOCK_K);
+    let n_pad = kb * BLOCK_K;
+    let level_mask = pooled_levels_used(kb, p);
+    if n == 0 || b * h == 0 {
+        return Ok(PooledKv { pool24: Vec::new(), kv8: None, level_mask, dims: (b, h, n, d), dtype });
+    }
+    let pool24: Vec<CudaSlice<u16>> =
+        (0..4).map(|i| unsafe { dev.alloc::<u16>(b * h * (n_pad >> (i % 2 + 1)) * d) }).collect::<std::result::Result<_, _>>()?;
+    let pad = padded_head_dim(d);
+    let kv8 = unsafe { dev.alloc::<u16>(b * h * kb * 2 * 8 * pad)? };
+    let mut pool_args = PsaPoolArgs {
+        kv8: kv8.device_ptr(&stream).0,
+        heads: h as i32,
+        n: n as i32,
+        n_pad: n_pad as i32,
+        chunks: (d / 8) as i32,
+        pad_chunks: (pad / 8) as i32,
+        level_mask: level_mask as i32,
+        ..Default::default()
+    };
+    for (w, t) in [&k, &v].into_iter().enumerate() {
+        pool_args.src[w] = ptr_of(t, &dev)?;
+        pool_args.src_stride[w] = strides3(t);
+        for l in 0..2 {
+            pool_args.dst[w][l] = pool24[w * 2 + l].device_ptr(&stream).0;
+        }
+    }
+    let suffix = if dtype == DType::BF16 { "bf16" } else { "f16" };
+    let pool_kernel = crate::kernels::load(&dev, MODULE, &format!("psa_pool_{suffix}"))?;
+    let work = n_pad / 8 * d / 8;
+    let cfg = LaunchConfig { grid_dim: (work.div_ceil(256) as u32, (b * h) as u32, 2), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut launch = pool_kernel.builder();
+    launch.arg(&pool_args);
+    // SAFETY: sources cover (B, H, N, D) at their strides; pool 2 / 4 destinations B·H·n_pad/p·D
+    // each, kv8 B·H·k_blocks·2·8·pad.
+    unsafe { launch.launch(cfg) }.map_err(|e| err(format!("pool launch failed: {e:?}")))?;
+    Ok(PooledKv { pool24, kv8: Some(kv8), level_mask, dims: (b, h, n, d), dtype })
+}
+
+/// Head dim padded to whole 64-column (128-byte) swizzle blocks, as the kernels' `kDPad`.
+fn padded_head_dim(d: usize) -> usize {
+    if d <= 64 { 64 } else { 128 }
+}
+
+/// Unit stride in D, other strides and the start 8-element aligned (16-byte rows for TMA and
+/// the pooling's vector loads), else a contiguous copy.
+fn kernel_view(t: &Tensor) -> Result<Tensor> {
+    let s = t.stride();
+    let ok = s[3] == 1 && s[..3].iter().all(|x| x % 8 == 0) && t.layout().start_offset() % 8 == 0;
+    Ok(if ok { t.clone() } else { t.contiguous()? })
+}
+
+/// The mixed-level attention kernel on k, v and their pooled levels (from [`pool_kv`] of the
+/// same k and v); returns `(O, lse)`.
+pub fn attention_pooled(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pooled: &PooledKv,
+    ranked: &Tensor,
+    p: &PyramidParams,
+    opts: &AttentionOptions,
+) -> Result<(Tensor, Tensor)> {
     let (b, h, n, d) = check_inputs(q, k, v, p)?;
     let dtype = q.dtype();
+    if pooled.dims != (b, h, n, d) || pooled.dtype != dtype {
+        return Err(err(format!("pooled k/v of {:?} {:?}, the inputs are {:?} {dtype:?}", pooled.dims, pooled.dtype, (b, h, n, d))));
+    }
+    let needed = pooled_levels_used(n.div_ceil(BLOCK_K), p);
+    if needed & !pooled.level_mask != 0 {
+        return Err(err(format!("the schedule needs pooled levels {needed:#b}, pool_kv wrote {:#b} (pool with the same params)", pooled.level_mask)));
+    }
     let dev = super::cuda_device(q, "pyramid attention (cuda)")?;
     let scale = p.scale.unwrap_or(1.0 / (d as f64).sqrt());
     let (qb, kb) = (n.div_ceil(BLOCK_Q), n.div_ceil(BLOCK_K));
@@ -275,33 +388,8 @@ pub fn forward_with_ranking(
     }
     let ranked = ranked.contiguous()?;
     let stream = dev.cuda_stream();
-    let kernel_view = |t: &Tensor| -> Result<Tensor> {
-        let s = t.stride();
-        let ok = s[3] == 1 && s[..3].iter().all(|x| x % 8 == 0) && t.layout().start_offset() % 8 == 0;
-        Ok(if ok { t.clone() } else { t.contiguous()? })
-    };
     let (q, k, v) = (kernel_view(q)?, kernel_view(k)?, kernel_view(v)?);
-
-    // (1) pooled k and v at 2, 4, 8: (B, H, n_pad / p, D).
     let n_pad = kb * BLOCK_K;
-    let pooled: Vec<CudaSlice<u16>> =
-        (0..6).map(|i| unsafe { dev.alloc::<u16>(b * h * (n_pad >> (i % 3 + 1)) * d) }).collect::<std::result::Result<_, _>>()?;
-    let mut pool_args = PsaPoolArgs { heads: h as i32, n: n as i32, n_pad: n_pad as i32, chunks: (d / 8) as i32, ..Default::default() };
-    for (w, t) in [&k, &v].into_iter().enumerate() {
-        pool_args.src[w] = ptr_of(t, &dev)?;
-        pool_args.src_stride[w] = strides3(t);
-        for l in 0..3 {
-            pool_args.dst[w][l] = pooled[w * 3 + l].device_ptr(&stream).0;
-        }
-    }
-    let suffix = if dtype == DType::BF16 { "bf16" } else { "f16" };
-    let pool_kernel = crate::kernels::load(&dev, MODULE, &format!("psa_pool_{suffix}"))?;
-    let work = n_pad / 8 * d / 8;
-    let cfg = LaunchConfig { grid_dim: (work.div_ceil(256) as u32, (b * h) as u32, 2), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let mut launch = pool_kernel.builder();
-    launch.arg(&pool_args);
-    // SAFETY: sources cover (B, H, N, D) at their strides; destinations B·H·n_pad/p·D each.
-    unsafe { launch.launch(cfg) }.map_err(|e| err(format!("pool launch failed: {e:?}")))?;
 
     // (2) the mixed-level attention.
     let sched: Vec<i32> = schedule(kb, p)
@@ -313,12 +401,18 @@ pub fn forward_with_ranking(
     maps[0] = tensor_map(ptr_of(&q, &dev)?, dtype, (b, h, n, d), strides3(&q), 128)?;
     maps[1] = tensor_map(ptr_of(&k, &dev)?, dtype, (b, h, n, d), strides3(&k), 64)?;
     maps[5] = tensor_map(ptr_of(&v, &dev)?, dtype, (b, h, n, d), strides3(&v), 64)?;
-    for l in 1..4 {
+    for l in 1..3 {
         let rows = n_pad >> l;
         let st = [(h * rows * d) as i64, (rows * d) as i64, d as i64];
-        maps[1 + l] = tensor_map(pooled[l - 1].device_ptr(&stream).0, dtype, (b, h, rows, d), st, (64 >> l) as u32)?;
-        maps[5 + l] = tensor_map(pooled[3 + l - 1].device_ptr(&stream).0, dtype, (b, h, rows, d), st, (64 >> l) as u32)?;
+        maps[1 + l] = tensor_map(pooled.pool24[l - 1].device_ptr(&stream).0, dtype, (b, h, rows, d), st, (64 >> l) as u32)?;
+        maps[5 + l] = tensor_map(pooled.pool24[2 + l - 1].device_ptr(&stream).0, dtype, (b, h, rows, d), st, (64 >> l) as u32)?;
     }
+    // Pool 8: rows of 64 columns (128 bytes), 2C·8 per KV block (K and V), one box per block.
+    let kv8 = pooled.kv8.as_ref().ok_or_else(|| err("pooled k/v without pool 8"))?;
+    let kv8_rows = 2 * 8 * padded_head_dim(d) / 64;
+    let rows = kb * kv8_rows;
+    maps[4] = tensor_map(kv8.device_ptr(&stream).0, dtype, (b, h, rows, 64), [(h * rows * 64) as i64, (rows * 64) as i64, 64], kv8_rows as u32)?;
+    maps[8] = maps[4]; // unused by the kernel (v[3])
     // Work items (b, h, query block), CTA c taking items c, c + grid, ... (see `Grid`).
     let items = b * h * qb;
     if items > i32::MAX as usize {
@@ -357,6 +451,7 @@ pub fn forward_with_ranking(
         serial_producer: opts.serial_producer as i32,
         heads: h as i32,
         items: items as i32,
+        pingpong: opts.pingpong as i32,
     };
     if opts.poison {
         for (ptr, bytes) in [(args.o, out_elems * 2), (args.lse, b * h * n * 4)] {
@@ -364,6 +459,7 @@ pub fn forward_with_ranking(
             unsafe { memset_d8_async(ptr, 0xFF, bytes, stream.cu_stream()) }.map_err(|e| err(format!("poison: {e:?}")))?;
         }
     }
+    let suffix = if dtype == DType::BF16 { "bf16" } else { "f16" };
     let kernel = crate::kernels::load(&dev, MODULE, &format!("psa_fwd_{suffix}_d{d}"))?;
     let pad = if d <= 64 { 64 } else { 128 };
     // dense_wgmma::Tile<D, 2>::kSmemBytes (+ the kernel's static `last_slot`, 12 B).
@@ -375,7 +471,6 @@ pub fn forward_with_ranking(
     // SAFETY: maps cover q, k, v and the pooled buffers; ranked holds B·H·qb·kb block ids < kb;
     // the schedule's ranks are < kb; o and lse hold B·H·N rows.
     unsafe { launch.launch(cfg) }.map_err(|e| err(format!("launch failed: {e:?}")))?;
-    drop(pooled);
     drop(sched_dev);
     let o = match (o_bf16, o_f16) {
         (Some(o), _) => into_tensor(o, &dev, (b, h, n, d)),

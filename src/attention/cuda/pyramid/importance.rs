@@ -6,7 +6,7 @@ use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchCon
 use candle_core::{DType, Tensor};
 
 use super::super::{cached_table, cuda_device, into_tensor};
-use super::{err, ptr_of, strides3, supports, tensor_map, BLOCK_K, BLOCK_Q, HEAD_DIMS};
+use super::{err, kernel_view, ptr_of, strides3, supports, tensor_map, BLOCK_K, BLOCK_Q, HEAD_DIMS};
 use crate::attention::pyramid::{self, PyramidParams};
 use crate::error::Result;
 
@@ -103,13 +103,7 @@ pub fn importance_ranked_fused(q: &Tensor, k: &Tensor, p: &PyramidParams, scale:
     let q_pos: Vec<i32> = samples.q.iter().flatten().map(|&x| x as i32).collect();
     let k_pos: Vec<i32> = samples.k.iter().flatten().map(|&x| x as i32).collect();
     let (q_pos, k_pos) = (cached_table(&dev, &q_pos)?, cached_table(&dev, &k_pos)?);
-    // cp.async copies 16 bytes: unit stride in D, other strides and the start 8-element aligned.
-    let view = |t: &Tensor| -> Result<Tensor> {
-        let s = t.stride();
-        let ok = s[3] == 1 && s[..3].iter().all(|x| x % 8 == 0) && t.layout().start_offset() % 8 == 0;
-        Ok(if ok { t.clone() } else { t.contiguous()? })
-    };
-    let (q, k) = (view(q)?, view(k)?);
+    let (q, k) = (kernel_view(q)?, kernel_view(k)?);  // 16-byte copies of rows
     let imp = unsafe { dev.alloc::<f32>(b * h * qb * kb)? };
     let args = PsaImportanceArgs {
         q: ptr_of(&q, &dev)?,
@@ -250,13 +244,7 @@ pub fn importance_ranked_tc_with(q: &Tensor, k: &Tensor, p: &PyramidParams, scal
     let q_pos: Vec<i32> = samples.q.iter().flatten().map(|&x| x as i32).collect();
     let k_pos: Vec<i32> = samples.k.iter().flatten().map(|&x| x as i32).collect();
     let (q_pos, k_pos) = (cached_table(&dev, &q_pos)?, cached_table(&dev, &k_pos)?);
-    // 16-byte copies: unit stride in D, other strides and the start 8-element aligned.
-    let view = |t: &Tensor| -> Result<Tensor> {
-        let s = t.stride();
-        let ok = s[3] == 1 && s[..3].iter().all(|x| x % 8 == 0) && t.layout().start_offset() % 8 == 0;
-        Ok(if ok { t.clone() } else { t.contiguous()? })
-    };
-    let (q, k) = (view(q)?, view(k)?);
+    let (q, k) = (kernel_view(q)?, kernel_view(k)?);  // 16-byte copies of rows
     let (q_rows, k_rows) = (qb * IMP_SAMPLE_Q, kb * IMP_SAMPLE_K);
     let qs = unsafe { dev.alloc::<u16>(bh * q_rows * d)? };
     let ks = unsafe { dev.alloc::<u16>(bh * k_rows * d)? };
