@@ -308,6 +308,10 @@ fn importance_matches_reference() {
         // k_blocks 157 and 313: the warp sort with 8 and 16 keys per lane (480p: 512 blocks)
         (1, 1, 10000, 112, DType::BF16, 1.0 / 112f64.sqrt()),
         (1, 1, 20000, 64, DType::BF16, 0.125),
+        // k_blocks 47: the ranking sorted as 64 keys (2 per lane)
+        (1, 2, 3000, 96, DType::F16, 1.0 / 96f64.sqrt()),
+        // k_blocks 512 (the 480p shape's rows), 2 heads
+        (1, 2, 32760, 112, DType::BF16, 1.0 / 112f64.sqrt()),
     ];
     let failures: Vec<String> = cases.into_iter().filter_map(|(b, h, n, d, dt, s)| check_importance(b, h, n, d, dt, s).err()).collect();
     assert!(failures.is_empty(), "{} failing cases:\n{}", failures.len(), failures.join("\n"));
