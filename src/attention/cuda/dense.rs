@@ -129,10 +129,27 @@ struct Plan {
     smem: usize,
 }
 
-fn plan(head_dim: usize) -> Plan {
-    // Every compiled head dim runs the Hopper kernel; VISGEN_DENSE_MMA=1 selects the earlier
-    // mma.sync kernel (dense_fwd.cu) instead, to compare the two.
-    if std::env::var_os("VISGEN_DENSE_MMA").is_none() {
+/// Which of the two dense kernels runs (both serve every compiled head dim; same results up to
+/// the order of their f32 accumulations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DenseKernel {
+    /// dense_fwd_wgmma.cu: TMA producer warpgroup, wgmma, FA3's pipelining (the fast one).
+    #[default]
+    Wgmma,
+    /// dense_fwd.cu: the earlier mma.sync kernel, kept to compare against.
+    MmaSync,
+}
+
+/// How [`forward_with`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KernelOptions {
+    pub kernel: DenseKernel,
+    /// Fill O and lse with NaN bytes (0xFF) before the launch (tests: no element left unwritten).
+    pub poison: bool,
+}
+
+fn plan(head_dim: usize, kernel: DenseKernel) -> Plan {
+    if kernel == DenseKernel::Wgmma {
         // dense_fwd_wgmma.cuh, `dense_wgmma::Tile<D>`: C consumer warpgroups of 64 query rows (3 for
         // D = 64, else 2) + a producer warpgroup; shared memory = Q (rows rounded up to 128) + 3
         // stages of K and V (128 keys), rows padded to 64 or 128 2-byte elements, 128 B of
@@ -206,31 +223,18 @@ pub fn forward(
     extra_kv: Option<(&Tensor, &Tensor)>,
     scale: f64,
 ) -> Result<(Tensor, Tensor)> {
-    forward_impl(q, k, v, key_mask, extra_kv, scale, false)
+    forward_with(q, k, v, key_mask, extra_kv, scale, &KernelOptions::default())
 }
 
-/// [`forward`] with both outputs filled with NaN bytes (0xFF) before the launch, so that a test
-/// sees any element the kernel fails to write.
-#[doc(hidden)]
-pub fn forward_poisoned(
+/// [`forward`] with a choice of kernel and poisoned outputs (tests, comparisons).
+pub fn forward_with(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     key_mask: Option<&Tensor>,
     extra_kv: Option<(&Tensor, &Tensor)>,
     scale: f64,
-) -> Result<(Tensor, Tensor)> {
-    forward_impl(q, k, v, key_mask, extra_kv, scale, true)
-}
-
-fn forward_impl(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    key_mask: Option<&Tensor>,
-    extra_kv: Option<(&Tensor, &Tensor)>,
-    scale: f64,
-    poison: bool,
+    opts: &KernelOptions,
 ) -> Result<(Tensor, Tensor)> {
     let (b, h, nq, nk, d) = super::super::check_qkv(q, k, v)?;
     let dtype = q.dtype();
@@ -312,18 +316,18 @@ fn forward_impl(
             let o = unsafe { dev.alloc::<bf16>(out_elems)? };
             fill_ptrs::<bf16>(&mut args, &q, &k, &v, extra.as_ref(), &dev)?;
             args.o = o.device_ptr(&stream).0;
-            (CudaStorage::wrap_cuda_slice(o, dev.clone()), format!("{}_bf16_d{d}", plan(d).prefix))
+            (CudaStorage::wrap_cuda_slice(o, dev.clone()), format!("{}_bf16_d{d}", plan(d, opts.kernel).prefix))
         }
         DType::F16 => {
             let o = unsafe { dev.alloc::<f16>(out_elems)? };
             fill_ptrs::<f16>(&mut args, &q, &k, &v, extra.as_ref(), &dev)?;
             args.o = o.device_ptr(&stream).0;
-            (CudaStorage::wrap_cuda_slice(o, dev.clone()), format!("{}_f16_d{d}", plan(d).prefix))
+            (CudaStorage::wrap_cuda_slice(o, dev.clone()), format!("{}_f16_d{d}", plan(d, opts.kernel).prefix))
         }
         _ => unreachable!("checked by supports()"),
     };
 
-    if poison {
+    if opts.poison {
         for (ptr, bytes) in [(args.o, out_elems * 2), (args.lse, rows * 4)] {
             // SAFETY: both are fresh allocations of exactly these sizes.
             unsafe { memset_d8_async(ptr, 0xFF, bytes, stream.cu_stream()) }
@@ -332,7 +336,7 @@ fn forward_impl(
     }
 
     {
-        let plan = plan(d);
+        let plan = plan(d, opts.kernel);
         let kernel = crate::kernels::load(&dev, plan.module, &name)?;
         kernel.set_max_dynamic_smem(plan.smem)?;
         let cfg = LaunchConfig {
@@ -368,7 +372,7 @@ fn forward_impl(
                         None => None,
                     };
                     let extra_ref = extra.as_ref().map(|(k2, v2)| (k2, v2));
-                    return forward_impl(&q, &k, &v, mask.as_ref(), extra_ref, scale, poison);
+                    return forward_with(&q, &k, &v, mask.as_ref(), extra_ref, scale, opts);
                 }
                 Err(e) => return Err(e),
             };
