@@ -15,8 +15,8 @@
 // Pool 8 is stored differently: per KV block its 8 pooled keys and 8 pooled values, each as C
 // column blocks of 8 rows x 128 bytes (C = D padded / 64, pad columns zero), are one contiguous
 // 2C KiB run (PsaPoolArgs::kv8), so a block is one box for K and V together: a pool-8 tile is 16
-// boxes instead of 64 (the small boxes ran the tile at 287 TFLOP/s against 490 for pool 1:
-// the TMA unit's per-box cost). Such a tile fills its stage's K and V halves as 16 slots of
+// boxes instead of 64 (64 boxes of 1 KiB ran the tile at 287 TFLOP/s against 490 for pool 1;
+// 16 of 4 KiB at 455-475). Such a tile fills its stage's K and V halves as 16 slots of
 // [K cb 0..C-1 | V cb 0..C-1], which the wgmma descriptors read with a slot stride of 2C KiB.
 // Keys past the sequence end: at pool p pooled token t is attended iff t p < N (psa_ref.py);
 // only the last KV block can hold such tokens, the producer records its slot per stage.

@@ -391,7 +391,7 @@ pub fn attention_pooled(
     let (q, k, v) = (kernel_view(q)?, kernel_view(k)?, kernel_view(v)?);
     let n_pad = kb * BLOCK_K;
 
-    // (2) the mixed-level attention.
+    // The tile schedule (the same for every query block in Topk mode) and the kernel.
     let sched: Vec<i32> = schedule(kb, p)
         .into_iter()
         .map(|(pool, start, nb)| ((start as i32) << 8) | ((nb as i32) << 2) | pool.trailing_zeros() as i32)
