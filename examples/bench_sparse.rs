@@ -2,7 +2,7 @@
 //! on the same shapes, in the same run (bf16, random inputs):
 //!
 //!   cargo run --release --features cuda --example bench_sparse [-- --reps N] [--psa-only | --gna-only]
-//!     [--case NAME] [--profile]   (--psa-only --profile: two PSA forward calls, for ncu)
+//!     [--case NAME] [--profile [--in-place]]   (--psa-only --profile: two PSA forward calls, for ncu)
 //!
 //! Per case: time (median of samples of back-to-back calls between CUDA events; the GNA time
 //! includes the permutation kernel), effective TFLOP/s (4 N K D per head, K = keys per query),
@@ -128,8 +128,10 @@ fn main() -> anyhow::Result<()> {
         let tiling = gna::device_tiling(&dev, &c.grid, &p, c.extra)?;
         let t = &tiling.tiling;
         if profile {
+            // --in-place: the kernel reading q, k, v in place (no permutation pass), to compare.
+            let opts = gna::KernelOptions { in_place: std::env::args().any(|a| a == "--in-place"), ..Default::default() };
             for _ in 0..2 {
-                gna::forward(&q, &k, &v, &c.grid, &p, extra, scale)?;
+                gna::forward_with(&q, &k, &v, &c.grid, &p, extra, scale, &opts)?;
             }
             for _ in 0..2 {
                 dense::forward(&q, &k, &v, None, extra, scale)?;
