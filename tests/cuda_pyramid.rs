@@ -205,6 +205,10 @@ fn parity_mixed_levels() {
         (1, 2, 1999, 112, DType::BF16, PyramidParams::default()),
         (1, 1, 100, 128, DType::BF16, all.clone()),
         (1, 2, 1000, 64, DType::F16, PyramidParams { tile_k: 16, ..all.clone() }),
+        // pool 1 only: nothing to pool (no pass, no pooled buffers)
+        (1, 2, 1000, 96, DType::BF16, PyramidParams { levels: vec![(1, 0.3)], ..all.clone() }),
+        // pool 8 only
+        (1, 2, 1000, 112, DType::BF16, PyramidParams { levels: vec![(8, 0.5)], ..all.clone() }),
     ];
     let failures: Vec<String> = cases.into_iter().filter_map(|(b, h, n, d, dt, p)| check(b, h, n, d, dt, &p).err()).collect();
     assert!(failures.is_empty(), "{} failing cases:\n{}", failures.len(), failures.join("\n"));

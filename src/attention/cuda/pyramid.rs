@@ -280,8 +280,8 @@ pub fn forward_with_ranking(
 /// V interleaved per KV block (`(B, H, k_blocks, 2, C, 8, 64)`, D padded to C·64 with zeros), so
 /// the kernel loads a block's pooled keys and values as one box (psa_fwd.cuh).
 pub struct PooledKv {
-    /// k at pool 2, 4, then v at pool 2, 4.
-    pool24: Vec<CudaSlice<u16>>,
+    /// k at pool 2, 4, then v at pool 2, 4 (`None` where the schedule has no tile at that pool).
+    pool24: Vec<Option<CudaSlice<u16>>>,
     kv8: Option<CudaSlice<u16>>,
     /// Bit l: pool 2^(l+1) was written (the levels `p`'s schedule uses).
     level_mask: u32,
@@ -308,15 +308,19 @@ pub fn pool_kv(k: &Tensor, v: &Tensor, p: &PyramidParams) -> Result<PooledKv> {
     let kb = n.div_ceil(BLOCK_K);
     let n_pad = kb * BLOCK_K;
     let level_mask = pooled_levels_used(kb, p);
-    if n == 0 || b * h == 0 {
-        return Ok(PooledKv { pool24: Vec::new(), kv8: None, level_mask, dims: (b, h, n, d), dtype });
+    if n == 0 || b * h == 0 || level_mask == 0 {
+        // (nothing to pool: an empty sequence, or a schedule of pool-1 tiles only)
+        return Ok(PooledKv { pool24: vec![None; 4], kv8: None, level_mask, dims: (b, h, n, d), dtype });
     }
-    let pool24: Vec<CudaSlice<u16>> =
-        (0..4).map(|i| unsafe { dev.alloc::<u16>(b * h * (n_pad >> (i % 2 + 1)) * d) }).collect::<std::result::Result<_, _>>()?;
+    // Only the levels the schedule uses (pool 4 has no tiles at the defaults).
+    let pool24 = (0..4)
+        .map(|i| (level_mask >> (i % 2) & 1 == 1).then(|| unsafe { dev.alloc::<u16>(b * h * (n_pad >> (i % 2 + 1)) * d) }).transpose())
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     let pad = padded_head_dim(d);
-    let kv8 = unsafe { dev.alloc::<u16>(b * h * kb * 2 * 8 * pad)? };
+    let kv8 = (level_mask >> 2 & 1 == 1).then(|| unsafe { dev.alloc::<u16>(b * h * kb * 2 * 8 * pad) }).transpose()?;
+    let ptr = |x: &Option<CudaSlice<u16>>| x.as_ref().map_or(0, |x| x.device_ptr(&stream).0);
     let mut pool_args = PsaPoolArgs {
-        kv8: kv8.device_ptr(&stream).0,
+        kv8: ptr(&kv8),
         heads: h as i32,
         n: n as i32,
         n_pad: n_pad as i32,
@@ -329,7 +333,7 @@ pub fn pool_kv(k: &Tensor, v: &Tensor, p: &PyramidParams) -> Result<PooledKv> {
         pool_args.src[w] = ptr_of(t, &dev)?;
         pool_args.src_stride[w] = strides3(t);
         for l in 0..2 {
-            pool_args.dst[w][l] = pool24[w * 2 + l].device_ptr(&stream).0;
+            pool_args.dst[w][l] = ptr(&pool24[w * 2 + l]);
         }
     }
     let suffix = if dtype == DType::BF16 { "bf16" } else { "f16" };
@@ -338,10 +342,10 @@ pub fn pool_kv(k: &Tensor, v: &Tensor, p: &PyramidParams) -> Result<PooledKv> {
     let cfg = LaunchConfig { grid_dim: (work.div_ceil(256) as u32, (b * h) as u32, 2), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let mut launch = pool_kernel.builder();
     launch.arg(&pool_args);
-    // SAFETY: sources cover (B, H, N, D) at their strides; pool 2 / 4 destinations B·H·n_pad/p·D
-    // each, kv8 B·H·k_blocks·2·8·pad.
+    // SAFETY: sources cover (B, H, N, D) at their strides; the levels in level_mask (the only ones
+    // written) have destinations of B·H·n_pad/p·D elements (pool 2, 4) and B·H·k_blocks·2·8·pad (kv8).
     unsafe { launch.launch(cfg) }.map_err(|e| err(format!("pool launch failed: {e:?}")))?;
-    Ok(PooledKv { pool24, kv8: Some(kv8), level_mask, dims: (b, h, n, d), dtype })
+    Ok(PooledKv { pool24, kv8, level_mask, dims: (b, h, n, d), dtype })
 }
 
 /// Head dim padded to whole 64-column (128-byte) swizzle blocks, as the kernels' `kDPad`.
@@ -401,17 +405,21 @@ pub fn attention_pooled(
     maps[0] = tensor_map(ptr_of(&q, &dev)?, dtype, (b, h, n, d), strides3(&q), 128)?;
     maps[1] = tensor_map(ptr_of(&k, &dev)?, dtype, (b, h, n, d), strides3(&k), 64)?;
     maps[5] = tensor_map(ptr_of(&v, &dev)?, dtype, (b, h, n, d), strides3(&v), 64)?;
+    // (levels without tiles keep zero maps: the kernel never reads them)
     for l in 1..3 {
         let rows = n_pad >> l;
         let st = [(h * rows * d) as i64, (rows * d) as i64, d as i64];
-        maps[1 + l] = tensor_map(pooled.pool24[l - 1].device_ptr(&stream).0, dtype, (b, h, rows, d), st, (64 >> l) as u32)?;
-        maps[5 + l] = tensor_map(pooled.pool24[2 + l - 1].device_ptr(&stream).0, dtype, (b, h, rows, d), st, (64 >> l) as u32)?;
+        if let (Some(kl), Some(vl)) = (&pooled.pool24[l - 1], &pooled.pool24[2 + l - 1]) {
+            maps[1 + l] = tensor_map(kl.device_ptr(&stream).0, dtype, (b, h, rows, d), st, (64 >> l) as u32)?;
+            maps[5 + l] = tensor_map(vl.device_ptr(&stream).0, dtype, (b, h, rows, d), st, (64 >> l) as u32)?;
+        }
     }
     // Pool 8: rows of 64 columns (128 bytes), 2C·8 per KV block (K and V), one box per block.
-    let kv8 = pooled.kv8.as_ref().ok_or_else(|| err("pooled k/v without pool 8"))?;
-    let kv8_rows = 2 * 8 * padded_head_dim(d) / 64;
-    let rows = kb * kv8_rows;
-    maps[4] = tensor_map(kv8.device_ptr(&stream).0, dtype, (b, h, rows, 64), [(h * rows * 64) as i64, (rows * 64) as i64, 64], kv8_rows as u32)?;
+    if let Some(kv8) = &pooled.kv8 {
+        let kv8_rows = 2 * 8 * padded_head_dim(d) / 64;
+        let rows = kb * kv8_rows;
+        maps[4] = tensor_map(kv8.device_ptr(&stream).0, dtype, (b, h, rows, 64), [(h * rows * 64) as i64, (rows * 64) as i64, 64], kv8_rows as u32)?;
+    }
     maps[8] = maps[4]; // unused by the kernel (v[3])
     // Work items (b, h, query block), CTA c taking items c, c + grid, ... (see `Grid`).
     let items = b * h * qb;
