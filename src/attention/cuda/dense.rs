@@ -17,6 +17,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{DType, Storage, Tensor};
 use half::{bf16, f16};
 
+use super::{kernel_view, strides3, tensor_map};
 use crate::error::{Error, Result};
 
 
@@ -73,48 +74,6 @@ unsafe impl DeviceRepr for DenseTmaArgs {}
 const _: () = assert!(std::mem::size_of::<DenseFwdArgs>() == 248);
 const _: () = assert!(std::mem::size_of::<DenseTmaArgs>() == 896 && std::mem::offset_of!(DenseTmaArgs, base) == 640);
 
-/// TMA descriptor of a (B, H, N, D) tensor at `ptr` with element strides (batch, head, row):
-/// 4-D (D, N, H, B), box (64 columns, 128 rows), 128-byte swizzle; reads past the last row or
-/// column return zeros. An empty sequence gets an all-zero map, which the kernel never reads.
-fn tensor_map(ptr: u64, dtype: DType, dims: (usize, usize, usize, usize), strides: [i64; 3]) -> Result<[u64; 16]> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let (b, h, n, d) = dims;
-    if n == 0 || b * h == 0 {
-        return Ok([0; 16]);
-    }
-    let data_type = match dtype {
-        DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-        _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-    };
-    let global_dim = [d as u64, n as u64, h as u64, b as u64];
-    let global_strides = [strides[2] as u64 * 2, strides[1] as u64 * 2, strides[0] as u64 * 2];
-    let box_dim = [64u32, 128, 1, 1];
-    let element_strides = [1u32; 4];
-    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
-    // SAFETY: every array has the rank (4, strides 3) the call is told; `ptr` is a live device
-    // allocation covering the tensor these dims and strides describe.
-    let status = unsafe {
-        sys::cuTensorMapEncodeTiled(
-            map.as_mut_ptr(),
-            data_type,
-            4,
-            ptr as *mut std::ffi::c_void,
-            global_dim.as_ptr(),
-            global_strides.as_ptr(),
-            box_dim.as_ptr(),
-            element_strides.as_ptr(),
-            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-    };
-    if status != sys::CUresult::CUDA_SUCCESS {
-        return Err(err(format!("cuTensorMapEncodeTiled {dims:?} strides {strides:?}: {status:?}")));
-    }
-    // SAFETY: written by the successful call above.
-    Ok(unsafe { map.assume_init() }.opaque)
-}
 
 /// Which kernel serves a head dim, and how it is launched.
 struct Plan {
@@ -186,18 +145,7 @@ fn err(msg: impl Into<String>) -> Error {
     Error::Other(format!("dense attention (cuda): {}", msg.into()))
 }
 
-/// A view the kernel can read: last dim contiguous, other strides and the offset multiples of
-/// 8 elements (16-byte cp.async). Anything else is copied to a contiguous tensor.
-fn kernel_view(t: &Tensor) -> Result<Tensor> {
-    let stride = t.stride();
-    let aligned = stride[3] == 1 && stride[..3].iter().all(|s| s % 8 == 0) && t.layout().start_offset() % 8 == 0;
-    Ok(if aligned { t.clone() } else { t.contiguous()? })
-}
 
-fn strides3(t: &Tensor) -> [i64; 3] {
-    let s = t.stride();
-    [s[0] as i64, s[1] as i64, s[2] as i64]
-}
 
 /// Device address of the tensor's first element.
 fn dev_ptr<T: CudaDType + DeviceRepr>(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
@@ -349,15 +297,15 @@ pub fn forward_with(
         if plan.tma {
             let maps = (|| -> Result<[[u64; 16]; 5]> {
                 let mut maps = [
-                    tensor_map(args.q, dtype, (b, h, nq, d), args.q_stride)?,
-                    tensor_map(args.k, dtype, (b, h, nk, d), args.k_stride)?,
-                    tensor_map(args.v, dtype, (b, h, nk, d), args.v_stride)?,
+                    tensor_map(args.q, dtype, (b, h, nq, d), args.q_stride, 128)?,
+                    tensor_map(args.k, dtype, (b, h, nk, d), args.k_stride, 128)?,
+                    tensor_map(args.v, dtype, (b, h, nk, d), args.v_stride, 128)?,
                     [0; 16],
                     [0; 16],
                 ];
                 if extra.is_some() {
-                    maps[3] = tensor_map(args.k2, dtype, (b, h, n_extra, d), args.k2_stride)?;
-                    maps[4] = tensor_map(args.v2, dtype, (b, h, n_extra, d), args.v2_stride)?;
+                    maps[3] = tensor_map(args.k2, dtype, (b, h, n_extra, d), args.k2_stride, 128)?;
+                    maps[4] = tensor_map(args.v2, dtype, (b, h, n_extra, d), args.v2_stride, 128)?;
                 }
                 Ok(maps)
             })();

@@ -11,7 +11,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::op::BackpropOp;
-use candle_core::{Shape, Storage, StorageRef, Tensor};
+use candle_core::{DType, Shape, Storage, StorageRef, Tensor};
 
 use crate::error::{Error, Result};
 
@@ -101,4 +101,61 @@ pub(crate) fn cached_table(dev: &CudaDevice, data: &[i32]) -> Result<std::sync::
     }
     cache.insert(key, t.clone());
     Ok(t)
+}
+
+/// Unit stride in D, other strides and the start 8-element aligned (16-byte rows for TMA and the
+/// kernels' vector copies): the tensor itself, else a contiguous copy.
+pub(crate) fn kernel_view(t: &Tensor) -> Result<Tensor> {
+    let s = t.stride();
+    let ok = s[3] == 1 && s[..3].iter().all(|x| x % 8 == 0) && t.layout().start_offset() % 8 == 0;
+    Ok(if ok { t.clone() } else { t.contiguous()? })
+}
+
+/// Element strides (batch, head, row) of a (B, H, N, D) tensor.
+pub(crate) fn strides3(t: &Tensor) -> [i64; 3] {
+    let s = t.stride();
+    [s[0] as i64, s[1] as i64, s[2] as i64]
+}
+
+/// TMA descriptor of a (B, H, N, D) 16-bit tensor at `ptr` with element strides (batch, head,
+/// row): 4-D (D, N, H, B), box (64 columns, `box_rows` rows), 128-byte swizzle; reads past the
+/// last row or column return zeros. An empty tensor gets an all-zero map, which no kernel reads.
+pub(crate) fn tensor_map(ptr: u64, dtype: DType, dims: (usize, usize, usize, usize), strides: [i64; 3], box_rows: u32) -> Result<[u64; 16]> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let (b, h, n, d) = dims;
+    if n == 0 || b * h == 0 {
+        return Ok([0; 16]);
+    }
+    let data_type = match dtype {
+        DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+    };
+    let global_dim = [d as u64, n as u64, h as u64, b as u64];
+    let global_strides = [strides[2] as u64 * 2, strides[1] as u64 * 2, strides[0] as u64 * 2];
+    let box_dim = [64u32, box_rows, 1, 1];
+    let element_strides = [1u32; 4];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: every array has the rank (4, strides 3) the call is told; `ptr` is a live device
+    // allocation covering the tensor these dims and strides describe.
+    let status = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            data_type,
+            4,
+            ptr as *mut std::ffi::c_void,
+            global_dim.as_ptr(),
+            global_strides.as_ptr(),
+            box_dim.as_ptr(),
+            element_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if status != sys::CUresult::CUDA_SUCCESS {
+        return Err(Error::Other(format!("cuTensorMapEncodeTiled {dims:?} strides {strides:?} box rows {box_rows}: {status:?}")));
+    }
+    // SAFETY: written by the successful call above.
+    Ok(unsafe { map.assume_init() }.opaque)
 }

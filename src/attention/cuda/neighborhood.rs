@@ -26,7 +26,7 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId};
 use candle_core::{DType, Storage, Tensor};
 use half::{bf16, f16};
 
-use super::into_tensor;
+use super::{into_tensor, kernel_view, strides3, tensor_map};
 use crate::attention::neighborhood::tiles::{self, AxisTiling, GnaTiling, TILE};
 use crate::attention::neighborhood::NeighborhoodParams;
 use crate::error::{Error, Result};
@@ -147,46 +147,6 @@ pub fn device_tiling(dev: &CudaDevice, grid: &[usize], p: &NeighborhoodParams, n
     Ok(t)
 }
 
-/// TMA descriptor of a (B, H, N, D) tensor (element strides batch, head, row): box (64, 128),
-/// 128-byte swizzle, zero fill past the end (as the dense kernel's maps).
-fn tensor_map(ptr: u64, dtype: DType, dims: (usize, usize, usize, usize), strides: [i64; 3]) -> Result<[u64; 16]> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let (b, h, n, d) = dims;
-    if n == 0 || b * h == 0 {
-        return Ok([0; 16]);
-    }
-    let data_type = match dtype {
-        DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-        _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-    };
-    let global_dim = [d as u64, n as u64, h as u64, b as u64];
-    let global_strides = [strides[2] as u64 * 2, strides[1] as u64 * 2, strides[0] as u64 * 2];
-    let box_dim = [64u32, 128, 1, 1];
-    let element_strides = [1u32; 4];
-    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
-    // SAFETY: arrays of the rank the call is told; `ptr` covers the tensor the dims describe.
-    let status = unsafe {
-        sys::cuTensorMapEncodeTiled(
-            map.as_mut_ptr(),
-            data_type,
-            4,
-            ptr as *mut std::ffi::c_void,
-            global_dim.as_ptr(),
-            global_strides.as_ptr(),
-            box_dim.as_ptr(),
-            element_strides.as_ptr(),
-            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-    };
-    if status != sys::CUresult::CUDA_SUCCESS {
-        return Err(err(format!("cuTensorMapEncodeTiled {dims:?} strides {strides:?}: {status:?}")));
-    }
-    // SAFETY: written by the successful call above.
-    Ok(unsafe { map.assume_init() }.opaque)
-}
 
 /// 5-D TMA descriptor reading a (B, H, N, D) tensor in place as (D, L2, L1, L0, B*H) for the
 /// rank-3 grid (L0, L1, L2), box (64, t2, t1, t0, 1): the box of a tile lands in shared memory
@@ -327,18 +287,7 @@ fn ptr_16bit(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
     }
 }
 
-/// Last dim contiguous, other strides and the offset multiples of 8 elements (16-byte loads),
-/// else a contiguous copy.
-fn kernel_view(t: &Tensor) -> Result<Tensor> {
-    let s = t.stride();
-    let ok = s[3] == 1 && s[..3].iter().all(|x| x % 8 == 0) && t.layout().start_offset() % 8 == 0;
-    Ok(if ok { t.clone() } else { t.contiguous()? })
-}
 
-fn strides3(t: &Tensor) -> [i64; 3] {
-    let s = t.stride();
-    [s[0] as i64, s[1] as i64, s[2] as i64]
-}
 
 /// GNA forward on the GPU: `q, k, v (B, H, N, D)` with `N = prod(grid)` (row-major tokens),
 /// optional `extra_kv (B, H, Ne, D)` attended by every query. Returns `O (B, H, N, D)` in q's
@@ -453,12 +402,12 @@ pub fn forward_with(
         maps[i] = if direct || (i == 0 && direct_q) {
             tensor_map5(ptr_16bit(src, &dev)?, dtype, src, &t.axes)?
         } else {
-            tensor_map(buf.device_ptr(&stream).0, dtype, (b, h, t.n_pad, d), permuted)?
+            tensor_map(buf.device_ptr(&stream).0, dtype, (b, h, t.n_pad, d), permuted, 128)?
         };
     }
     if let Some((k2, v2)) = &extra {
-        maps[3] = tensor_map(ptr_16bit(k2, &dev)?, dtype, (b, h, n_extra, d), strides3(k2))?;
-        maps[4] = tensor_map(ptr_16bit(v2, &dev)?, dtype, (b, h, n_extra, d), strides3(v2))?;
+        maps[3] = tensor_map(ptr_16bit(k2, &dev)?, dtype, (b, h, n_extra, d), strides3(k2), 128)?;
+        maps[4] = tensor_map(ptr_16bit(v2, &dev)?, dtype, (b, h, n_extra, d), strides3(v2), 128)?;
     }
     let items = b * h * t.q_tiles();
     if items > i32::MAX as usize {

@@ -18,7 +18,7 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{DType, Storage, Tensor};
 use half::{bf16, f16};
 
-use super::into_tensor;
+use super::{into_tensor, kernel_view, strides3, tensor_map};
 use crate::attention::pyramid::{self, LevelMask, LevelMode, PyramidParams};
 use crate::error::{Error, Result};
 
@@ -137,42 +137,6 @@ struct PsaPoolArgs {
 unsafe impl DeviceRepr for PsaPoolArgs {}
 const _: () = assert!(std::mem::size_of::<PsaPoolArgs>() == 128);
 
-/// TMA map of a (B, H, N, D) tensor, box (64 columns, `box_rows` rows), 128-byte swizzle.
-fn tensor_map(ptr: u64, dtype: DType, dims: (usize, usize, usize, usize), strides: [i64; 3], box_rows: u32) -> Result<[u64; 16]> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let (b, h, n, d) = dims;
-    let data_type = match dtype {
-        DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-        _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-    };
-    let global_dim = [d as u64, n as u64, h as u64, b as u64];
-    let global_strides = [strides[2] as u64 * 2, strides[1] as u64 * 2, strides[0] as u64 * 2];
-    let box_dim = [64u32, box_rows, 1, 1];
-    let element_strides = [1u32; 4];
-    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
-    // SAFETY: arrays of the rank the call is told; `ptr` covers the tensor the dims describe.
-    let status = unsafe {
-        sys::cuTensorMapEncodeTiled(
-            map.as_mut_ptr(),
-            data_type,
-            4,
-            ptr as *mut std::ffi::c_void,
-            global_dim.as_ptr(),
-            global_strides.as_ptr(),
-            box_dim.as_ptr(),
-            element_strides.as_ptr(),
-            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-    };
-    if status != sys::CUresult::CUDA_SUCCESS {
-        return Err(err(format!("cuTensorMapEncodeTiled {dims:?} strides {strides:?}: {status:?}")));
-    }
-    // SAFETY: written by the successful call above.
-    Ok(unsafe { map.assume_init() }.opaque)
-}
 
 fn dev_ptr<T: CudaDType + DeviceRepr>(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
     let (storage, layout) = t.storage_and_layout();
@@ -193,10 +157,6 @@ fn ptr_of(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
     }
 }
 
-fn strides3(t: &Tensor) -> [i64; 3] {
-    let s = t.stride();
-    [s[0] as i64, s[1] as i64, s[2] as i64]
-}
 
 fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor, p: &PyramidParams) -> Result<(usize, usize, usize, usize)> {
     let (b, h, nq, nk, d) = super::super::check_qkv(q, k, v)?;
@@ -353,13 +313,6 @@ fn padded_head_dim(d: usize) -> usize {
     if d <= 64 { 64 } else { 128 }
 }
 
-/// Unit stride in D, other strides and the start 8-element aligned (16-byte rows for TMA and
-/// the pooling's vector loads), else a contiguous copy.
-fn kernel_view(t: &Tensor) -> Result<Tensor> {
-    let s = t.stride();
-    let ok = s[3] == 1 && s[..3].iter().all(|x| x % 8 == 0) && t.layout().start_offset() % 8 == 0;
-    Ok(if ok { t.clone() } else { t.contiguous()? })
-}
 
 /// The mixed-level attention kernel on k, v and their pooled levels (from [`pool_kv`] of the
 /// same k and v); returns `(O, lse)`.

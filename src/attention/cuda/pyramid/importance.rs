@@ -5,8 +5,8 @@
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::{DType, Tensor};
 
-use super::super::{cached_table, cuda_device, into_tensor};
-use super::{err, kernel_view, ptr_of, strides3, supports, tensor_map, BLOCK_K, BLOCK_Q, HEAD_DIMS};
+use super::super::{cached_table, cuda_device, into_tensor, kernel_view, strides3, tensor_map};
+use super::{err, ptr_of, supports, BLOCK_K, BLOCK_Q, HEAD_DIMS};
 use crate::attention::pyramid::{self, PyramidParams};
 use crate::error::Result;
 
