@@ -17,7 +17,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{DType, Storage, Tensor};
 use half::{bf16, f16};
 
-use super::{kernel_view, strides3, tensor_map};
+use super::{dev_ptr, kernel_view, strides3, tensor_map};
 use crate::error::{Error, Result};
 
 
@@ -147,18 +147,6 @@ fn err(msg: impl Into<String>) -> Error {
 
 
 
-/// Device address of the tensor's first element.
-fn dev_ptr<T: CudaDType + DeviceRepr>(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cuda(cs) = &*storage else {
-        return Err(err("tensor is not on a CUDA device"));
-    };
-    let stream = dev.cuda_stream();
-    let slice = cs.as_cuda_slice::<T>()?;
-    // One stream per candle device: the sync guard has nothing to order, drop it here.
-    let (ptr, _sync) = slice.device_ptr(&stream);
-    Ok(ptr + (layout.start_offset() * std::mem::size_of::<T>()) as u64)
-}
 
 /// Dense attention forward on the GPU. `q (B, H, Nq, D)`, `k, v (B, H, Nk, D)`, `key_mask (B, Nk)`
 /// (any dtype, nonzero = attend), `extra_kv` `(B, H, Ne, D)` each. Returns `O (B, H, Nq, D)` in

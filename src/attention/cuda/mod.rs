@@ -159,3 +159,16 @@ pub(crate) fn tensor_map(ptr: u64, dtype: DType, dims: (usize, usize, usize, usi
     // SAFETY: written by the successful call above.
     Ok(unsafe { map.assume_init() }.opaque)
 }
+
+/// Device address of a tensor's first element, as `T` (its dtype).
+pub(crate) fn dev_ptr<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        return Err(Error::Other("tensor is not on a CUDA device".into()));
+    };
+    let stream = dev.cuda_stream();
+    // One stream per candle device: the sync guard has nothing to order, drop it here.
+    let (ptr, _sync) = cs.as_cuda_slice::<T>()?.device_ptr(&stream);
+    Ok(ptr + (layout.start_offset() * std::mem::size_of::<T>()) as u64)
+}

@@ -22,11 +22,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::cuda_backend::cudarc::driver::result::memset_d8_async;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId};
-use candle_core::{DType, Storage, Tensor};
+use candle_core::cuda_backend::{CudaDevice, DeviceId};
+use candle_core::{DType, Tensor};
 use half::{bf16, f16};
 
-use super::{into_tensor, kernel_view, strides3, tensor_map};
+use super::{dev_ptr, into_tensor, kernel_view, strides3, tensor_map};
 use crate::attention::neighborhood::tiles::{self, AxisTiling, GnaTiling, TILE};
 use crate::attention::neighborhood::NeighborhoodParams;
 use crate::error::{Error, Result};
@@ -268,16 +268,6 @@ fn in_place_readable(t: &Tensor, params: &NeighborhoodParams) -> bool {
         && (dims[0] == 1 || s[0] == dims[1] * s[1])
 }
 
-/// Device address of a tensor's first element (16-bit elements).
-fn dev_ptr<T: CudaDType + DeviceRepr>(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cuda(cs) = &*storage else {
-        return Err(err("tensor is not on a CUDA device"));
-    };
-    let stream = dev.cuda_stream();
-    let (ptr, _sync) = cs.as_cuda_slice::<T>()?.device_ptr(&stream);
-    Ok(ptr + (layout.start_offset() * std::mem::size_of::<T>()) as u64)
-}
 
 fn ptr_16bit(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
     match t.dtype() {

@@ -14,11 +14,11 @@
 
 use candle_core::cuda_backend::cudarc::driver::result::memset_d8_async;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDType, CudaDevice};
-use candle_core::{DType, Storage, Tensor};
+use candle_core::cuda_backend::CudaDevice;
+use candle_core::{DType, Tensor};
 use half::{bf16, f16};
 
-use super::{into_tensor, kernel_view, strides3, tensor_map};
+use super::{dev_ptr, into_tensor, kernel_view, strides3, tensor_map};
 use crate::attention::pyramid::{self, LevelMask, LevelMode, PyramidParams};
 use crate::error::{Error, Result};
 
@@ -138,15 +138,6 @@ unsafe impl DeviceRepr for PsaPoolArgs {}
 const _: () = assert!(std::mem::size_of::<PsaPoolArgs>() == 128);
 
 
-fn dev_ptr<T: CudaDType + DeviceRepr>(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cuda(cs) = &*storage else {
-        return Err(err("tensor is not on a CUDA device"));
-    };
-    let stream = dev.cuda_stream();
-    let (ptr, _sync) = cs.as_cuda_slice::<T>()?.device_ptr(&stream);
-    Ok(ptr + (layout.start_offset() * std::mem::size_of::<T>()) as u64)
-}
 
 fn ptr_of(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
     match t.dtype() {
