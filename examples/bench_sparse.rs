@@ -2,7 +2,8 @@
 //! on the same shapes, in the same run (bf16, random inputs):
 //!
 //!   cargo run --release --features cuda --example bench_sparse [-- --reps N] [--psa-only | --gna-only]
-//!     [--case NAME] [--profile [--in-place]]   (--psa-only --profile: two PSA forward calls, for ncu)
+//!     [--case NAME] [--profile [--in-place] [--always-masked]]
+//!     (--psa-only --profile: two PSA forward calls, for ncu)
 //!
 //! Per case: time (median of samples of back-to-back calls between CUDA events; the GNA time
 //! includes the permutation kernel), effective TFLOP/s (4 N K D per head, K = keys per query),
@@ -88,6 +89,26 @@ fn main() -> anyhow::Result<()> {
         }
         Ok((median(sparse_ms), median(dense_ms), median(ratios)))
     };
+    // Several configurations against the dense kernel, interleaved: per round and configuration
+    // one timed dense call, one untimed and `calls` timed calls of the configuration. Returns per
+    // configuration the median ms and the median of the per-round ratios dense / it. Each
+    // configuration starts from the state the dense call leaves the card in: timed one after the
+    // other, a configuration read up to 12% faster after a slow, low-power one (the in-place
+    // reads) as the clock rose, and later ones up to ~3% faster (session 8, device runs 3-6).
+    let interleaved = |calls: usize, configs: &mut [Run], dense: Run| -> anyhow::Result<Vec<(f64, f64)>> {
+        let mut ms = vec![Vec::new(); configs.len()];
+        let mut ratios = vec![Vec::new(); configs.len()];
+        for _ in 0..reps {
+            for (i, f) in configs.iter_mut().enumerate() {
+                let d = sample(1, dense)?;
+                f()?;
+                let t = sample(calls, *f)?;
+                ms[i].push(t);
+                ratios[i].push(d / t);
+            }
+        }
+        Ok(ms.into_iter().zip(ratios).map(|(m, r)| (median(m), median(r))).collect())
+    };
 
     struct Case {
         name: &'static str,
@@ -128,8 +149,13 @@ fn main() -> anyhow::Result<()> {
         let tiling = gna::device_tiling(&dev, &c.grid, &p, c.extra)?;
         let t = &tiling.tiling;
         if profile {
-            // --in-place: the kernel reading q, k, v in place (no permutation pass), to compare.
-            let opts = gna::KernelOptions { in_place: std::env::args().any(|a| a == "--in-place"), ..Default::default() };
+            // --in-place (q, k, v read in place, no permutation pass), --always-masked (the masking
+            // kernel on lists without a tile to mask): those options, to compare (ncu at locked clocks).
+            let opts = gna::KernelOptions {
+                in_place: std::env::args().any(|a| a == "--in-place"),
+                always_masked: std::env::args().any(|a| a == "--always-masked"),
+                ..Default::default()
+            };
             for _ in 0..2 {
                 gna::forward_with(&q, &k, &v, &c.grid, &p, extra, scale, &opts)?;
             }
@@ -176,14 +202,22 @@ fn main() -> anyhow::Result<()> {
             ("persistent, no ping-pong", Opts { schedule: Schedule::Persistent, pingpong: false, ..Default::default() }),
             ("masking kernel (default when a tile needs a mask)", Opts { always_masked: true, ..Default::default() }),
         ];
-        let mut variant_ms = Vec::new();
-        for (name, opts) in variants {
-            let ms = time(3, &mut || {
-                gna::forward_with(&q, &k, &v, &c.grid, &p, extra, scale, &opts)?;
-                Ok(())
-            })?;
-            variant_ms.push((name, ms));
-        }
+        let mut runs: Vec<Box<dyn FnMut() -> anyhow::Result<()>>> = variants
+            .iter()
+            .map(|(_, opts)| {
+                let (q, k, v, grid, p) = (&q, &k, &v, &c.grid, &p);
+                Box::new(move || {
+                    gna::forward_with(q, k, v, grid, p, extra, scale, opts)?;
+                    Ok(())
+                }) as Box<dyn FnMut() -> anyhow::Result<()>>
+            })
+            .collect();
+        let mut run_refs: Vec<Run> = runs.iter_mut().map(|r| r.as_mut() as Run).collect();
+        let timed = interleaved(3, &mut run_refs, &mut || {
+            dense::forward(&q, &k, &v, None, extra, scale)?;
+            Ok(())
+        })?;
+        let variant_ms: Vec<(&str, (f64, f64))> = variants.iter().map(|(name, _)| *name).zip(timed).collect();
         let keys_per_query = c.kernel.iter().product::<usize>() + c.extra;
         let flops_eff = 4.0 * (c.heads * n) as f64 * keys_per_query as f64 * c.d as f64;
         let extra_tiles = t.entries.len() - t.visited; // extra-token tiles visited (every query tile with a real query)
@@ -203,8 +237,9 @@ fn main() -> anyhow::Result<()> {
             if speedup >= goal { "yes" } else { "no" }
         );
         println!("    host time per call (no synchronization)      {host_ms:>8.3} ms");
-        for (name, ms) in &variant_ms {
-            println!("    {name:<44} {ms:>8.3} ms (speedup {:.2})", dense_ms / ms);
+        println!("    configurations, interleaved (median ms, median speedup over the dense calls of the same rounds):");
+        for (name, (ms, speedup)) in &variant_ms {
+            println!("    {name:<48} {ms:>8.3} ms (speedup {speedup:.2})");
         }
         println!(
             "    box {:?}, {} query tiles, {} KV tiles visited ({} full, {} partial, {} keep-word patterns), \

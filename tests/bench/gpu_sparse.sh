@@ -38,7 +38,7 @@ for line in sys.stdin:
         local name; name="$(basename "$bin" | sed 's/-[0-9a-f]\{16\}$//')"
         strip -o "$out/$name" "$bin" && xz -T2 -6 "$out/$name"
     done
-    cp tests/bench/gpu_sparse.sh "$out/"
+    cp tests/bench/gpu_sparse.sh tests/bench/gna_durations.sh tests/bench/psa_durations.sh "$out/"
     du -sh "$out"
 }
 
