@@ -121,27 +121,43 @@ pub(crate) fn strides3(t: &Tensor) -> [i64; 3] {
 /// row): 4-D (D, N, H, B), box (64 columns, `box_rows` rows), 128-byte swizzle; reads past the
 /// last row or column return zeros. An empty tensor gets an all-zero map, which no kernel reads.
 pub(crate) fn tensor_map(ptr: u64, dtype: DType, dims: (usize, usize, usize, usize), strides: [i64; 3], box_rows: u32) -> Result<[u64; 16]> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
     let (b, h, n, d) = dims;
     if n == 0 || b * h == 0 {
         return Ok([0; 16]);
     }
+    let global_dim = [d as u64, n as u64, h as u64, b as u64];
+    let global_strides = [strides[2] as u64 * 2, strides[1] as u64 * 2, strides[0] as u64 * 2];
+    encode_tiled(ptr, dtype, &global_dim, &global_strides, &[64, box_rows, 1, 1])
+        .map_err(|status| Error::Other(format!("cuTensorMapEncodeTiled {dims:?} strides {strides:?} box rows {box_rows}: {status:?}")))
+}
+
+/// A tiled TMA descriptor of 16-bit elements (bf16, else f16) at `ptr`: `global_dim` innermost
+/// first, byte strides of the outer dims, `box_dim` per dim; unit element strides, 128-byte
+/// swizzle, 256-byte L2 promotion, zeros past the edges. Shared by the 4-D maps above and the
+/// GNA launcher's 5-D in-place maps.
+pub(crate) fn encode_tiled(
+    ptr: u64,
+    dtype: DType,
+    global_dim: &[u64],
+    global_strides: &[u64],
+    box_dim: &[u32],
+) -> std::result::Result<[u64; 16], candle_core::cuda_backend::cudarc::driver::sys::CUresult> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let rank = global_dim.len();
+    assert!(global_strides.len() + 1 == rank && box_dim.len() == rank && (1..=5).contains(&rank), "tensor map rank mismatch");
     let data_type = match dtype {
         DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
         _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
     };
-    let global_dim = [d as u64, n as u64, h as u64, b as u64];
-    let global_strides = [strides[2] as u64 * 2, strides[1] as u64 * 2, strides[0] as u64 * 2];
-    let box_dim = [64u32, box_rows, 1, 1];
-    let element_strides = [1u32; 4];
+    let element_strides = [1u32; 5];
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
-    // SAFETY: every array has the rank (4, strides 3) the call is told; `ptr` is a live device
-    // allocation covering the tensor these dims and strides describe.
+    // SAFETY: every array holds at least `rank` (strides rank - 1) entries, checked above; the
+    // callers pass a live device allocation covering the tensor these dims and strides describe.
     let status = unsafe {
         sys::cuTensorMapEncodeTiled(
             map.as_mut_ptr(),
             data_type,
-            4,
+            rank as u32,
             ptr as *mut std::ffi::c_void,
             global_dim.as_ptr(),
             global_strides.as_ptr(),
@@ -154,7 +170,7 @@ pub(crate) fn tensor_map(ptr: u64, dtype: DType, dims: (usize, usize, usize, usi
         )
     };
     if status != sys::CUresult::CUDA_SUCCESS {
-        return Err(Error::Other(format!("cuTensorMapEncodeTiled {dims:?} strides {strides:?} box rows {box_rows}: {status:?}")));
+        return Err(status);
     }
     // SAFETY: written by the successful call above.
     Ok(unsafe { map.assume_init() }.opaque)

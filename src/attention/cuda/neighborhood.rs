@@ -26,7 +26,7 @@ use candle_core::cuda_backend::{CudaDevice, DeviceId};
 use candle_core::{DType, Tensor};
 use half::{bf16, f16};
 
-use super::{dev_ptr, into_tensor, kernel_view, strides3, tensor_map};
+use super::{dev_ptr, encode_tiled, into_tensor, kernel_view, strides3, tensor_map};
 use crate::attention::neighborhood::tiles::{self, AxisTiling, GnaTiling, TILE};
 use crate::attention::neighborhood::NeighborhoodParams;
 use crate::error::{Error, Result};
@@ -153,42 +153,15 @@ pub fn device_tiling(dev: &CudaDevice, grid: &[usize], p: &NeighborhoodParams, n
 /// as the permuted tile (rows in box row-major order). Needs the batch stride to be H times the
 /// head stride (B and H merge into one dim) unless B = 1.
 fn tensor_map5(ptr: u64, dtype: DType, t: &Tensor, axes: &[AxisTiling; 3]) -> Result<[u64; 16]> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
     let (b, h, _, d) = t.dims4()?;
     let st = t.stride();
-    let data_type = match dtype {
-        DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-        _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-    };
     let (l0, l1, l2) = (axes[0].len as u64, axes[1].len as u64, axes[2].len as u64);
     let row = st[2] as u64 * 2;
     let global_dim = [d as u64, l2, l1, l0, (b * h) as u64];
     let global_strides = [row, row * l2, row * l2 * l1, st[1] as u64 * 2];
     let box_dim = [64u32, axes[2].tile as u32, axes[1].tile as u32, axes[0].tile as u32, 1];
-    let element_strides = [1u32; 5];
-    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
-    // SAFETY: arrays of the rank the call is told; `ptr` covers the tensor the dims describe.
-    let status = unsafe {
-        sys::cuTensorMapEncodeTiled(
-            map.as_mut_ptr(),
-            data_type,
-            5,
-            ptr as *mut std::ffi::c_void,
-            global_dim.as_ptr(),
-            global_strides.as_ptr(),
-            box_dim.as_ptr(),
-            element_strides.as_ptr(),
-            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-    };
-    if status != sys::CUresult::CUDA_SUCCESS {
-        return Err(err(format!("cuTensorMapEncodeTiled (5-D) {:?} strides {st:?}: {status:?}", t.dims())));
-    }
-    // SAFETY: written by the successful call above.
-    Ok(unsafe { map.assume_init() }.opaque)
+    encode_tiled(ptr, dtype, &global_dim, &global_strides, &box_dim)
+        .map_err(|status| err(format!("cuTensorMapEncodeTiled (5-D) {:?} strides {st:?}: {status:?}", t.dims())))
 }
 
 /// How the launcher runs the kernel. The default is the configuration measured fastest on the
