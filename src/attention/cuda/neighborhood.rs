@@ -147,7 +147,6 @@ pub fn device_tiling(dev: &CudaDevice, grid: &[usize], p: &NeighborhoodParams, n
     Ok(t)
 }
 
-
 /// 5-D TMA descriptor reading a (B, H, N, D) tensor in place as (D, L2, L1, L0, B*H) for the
 /// rank-3 grid (L0, L1, L2), box (64, t2, t1, t0, 1): the box of a tile lands in shared memory
 /// as the permuted tile (rows in box row-major order). Needs the batch stride to be H times the
@@ -241,7 +240,6 @@ fn in_place_readable(t: &Tensor, params: &NeighborhoodParams) -> bool {
         && (dims[0] == 1 || s[0] == dims[1] * s[1])
 }
 
-
 fn ptr_16bit(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
     match t.dtype() {
         DType::BF16 => dev_ptr::<bf16>(t, dev),
@@ -249,8 +247,6 @@ fn ptr_16bit(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
         other => Err(err(format!("dtype {other:?} is not bf16/f16"))),
     }
 }
-
-
 
 /// GNA forward on the GPU: `q, k, v (B, H, N, D)` with `N = prod(grid)` (row-major tokens),
 /// optional `extra_kv (B, H, Ne, D)` attended by every query. Returns `O (B, H, N, D)` in q's

@@ -94,7 +94,6 @@ pub fn levels_from_ranking(ranked: &[u32], dims: (usize, usize, usize, usize), p
     mask
 }
 
-
 #[repr(C, align(128))]
 #[derive(Clone, Copy)]
 struct PsaArgs {
@@ -137,8 +136,6 @@ struct PsaPoolArgs {
 unsafe impl DeviceRepr for PsaPoolArgs {}
 const _: () = assert!(std::mem::size_of::<PsaPoolArgs>() == 128);
 
-
-
 fn ptr_of(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
     match t.dtype() {
         DType::BF16 => dev_ptr::<bf16>(t, dev),
@@ -147,7 +144,6 @@ fn ptr_of(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
         other => Err(err(format!("unexpected dtype {other:?}"))),
     }
 }
-
 
 fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor, p: &PyramidParams) -> Result<(usize, usize, usize, usize)> {
     let (b, h, nq, nk, d) = super::super::check_qkv(q, k, v)?;
@@ -303,7 +299,6 @@ pub fn pool_kv(k: &Tensor, v: &Tensor, p: &PyramidParams) -> Result<PooledKv> {
 fn padded_head_dim(d: usize) -> usize {
     if d <= 64 { 64 } else { 128 }
 }
-
 
 /// The mixed-level attention kernel on k, v and their pooled levels (from [`pool_kv`] of the
 /// same k and v); returns `(O, lse)`.
