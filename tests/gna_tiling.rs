@@ -38,6 +38,14 @@ fn check_tiling(grid: &[usize], p: &NeighborhoodParams, n_extra: usize) {
     let extra_tiles = n_extra.div_ceil(TILE);
     for qt in 0..t.q_tiles() {
         let range = t.offsets[qt] as usize..t.offsets[qt + 1] as usize;
+        // list order (the kernel's unmasked loop runs entries[offsets..full_ends]): FULL, then
+        // PARTIAL, then extra-token tiles
+        let full_end = t.full_ends[qt] as usize;
+        assert!(range.contains(&full_end) || full_end == range.end, "{grid:?}: full_end outside the tile's list");
+        let kinds: Vec<i32> = range.clone().map(|i| t.entries[i] & 3).collect();
+        assert!(kinds[..full_end - range.start].iter().all(|&k| k == KIND_FULL), "{grid:?}: a masked tile before full_end");
+        assert!(!kinds[full_end - range.start..].contains(&KIND_FULL), "{grid:?}: a FULL tile after full_end");
+        assert!(kinds.windows(2).all(|w| !(w[0] == KIND_EXTRA && w[1] != KIND_EXTRA)), "{grid:?}: a grid tile after an extra tile");
         let grid_entries: Vec<usize> = range.clone().filter(|&i| t.entries[i] & 3 != KIND_EXTRA).collect();
         let mut tiles_seen: Vec<i32> = grid_entries.iter().map(|&i| t.entries[i] >> 2).collect();
         tiles_seen.sort();

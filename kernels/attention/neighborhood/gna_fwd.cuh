@@ -42,7 +42,7 @@ struct GnaArgs {
     void* o;                  // (B, H, N, D) in the original token order
     float* lse;               // (B, H, N)
     const int32_t* perm;      // permuted token -> original token, -1 for padding
-    const int32_t* offsets;   // CSR over query tiles
+    const int32_t* offsets;   // CSR over query tiles; each list: FULL tiles, then PARTIAL, then EXTRA
     const int2* list;         // per entry: ((kv_tile << 2) | kind, keep-word pattern (PARTIAL) or -1)
     const uint32_t* masks;    // patterns of 512 words: [consumer thread][row half]
     int64_t o_stride[3];      // batch, head, row
@@ -63,9 +63,10 @@ struct GnaArgs {
     // Work items w = (b H + h) q_tiles + qt (query tiles innermost, so items close in w share
     // their K/V). CTA c runs w = c work_cta_stride + i work_step for i < work_per_cta, w < work_total.
     int32_t q_tiles, work_total, work_per_cta, work_step, work_cta_stride;
+    const int32_t* full_ends;  // per query tile: the end of its FULL entries (into the list)
 };
-static_assert(sizeof(GnaArgs) == 896 && offsetof(GnaArgs, o) == 640 && offsetof(GnaArgs, axis) == 728 &&
-                  offsetof(GnaArgs, work_cta_stride) == 892,
+static_assert(sizeof(GnaArgs) == 1024 && offsetof(GnaArgs, o) == 640 && offsetof(GnaArgs, axis) == 728 &&
+                  offsetof(GnaArgs, full_ends) == 896,
               "GnaArgs layout changed: update src/attention/cuda/neighborhood.rs");
 
 namespace gna {
@@ -119,20 +120,24 @@ struct WorkItems {
 };
 
 // One consumer warpgroup: 64 of the 128 query rows of each work item's query tile against its
-// listed KV tiles, the items one after the other. The K/V ring runs on across items: ring slot
-// g (counted over the whole CTA) is stage g % kStages, phase g / kStages. kMasked = false: every
-// listed tile is FULL or a whole EXTRA tile (no PARTIAL tile, no ragged end), so the loop has
-// no list reads and no masking at all, as the dense kernel's.
+// listed KV tiles, the items one after the other. K and V have rings of their own: ring slot g
+// (counted over the whole CTA) is stage g % kStages, phase g / kStages; K_g is handed back as
+// soon as its Q K^T has completed, V_g once its P V has, so the producer can load K two tiles
+// ahead of its use instead of one. Each list starts with its FULL tiles: they run through a loop
+// without list reads or masking code, the rest through the masking loop. kMasked = false: every
+// listed tile is FULL or a whole EXTRA tile (gna_fwd_full_*), so only the first loop is compiled.
 template <int D, typename T, bool kMasked>
 __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, const uint8_t* sK, const uint8_t* sV,
                                         uint64_t* q_full, uint64_t* q_empty, uint64_t* k_full, uint64_t* v_full,
-                                        uint64_t* empty, int cw, int warp, int lane, const WorkItems& work) {
+                                        uint64_t* k_empty, uint64_t* v_empty, int cw, int warp, int lane,
+                                        const WorkItems& work) {
     using L = Tile<D, 2>;
     constexpr int BN = L::kBlockN;
     constexpr int DP = L::kDPad;
     constexpr int kStages = L::kStages;
     const uint32_t q_addr = smem_addr(sQ) + cw * 64 * 128;
 
+    // S = Q K_gᵀ, issued asynchronously
     auto issue_qk = [&](float (&s)[BN / 2], int g) {
         const uint32_t k_addr = smem_addr(sK + (g % kStages) * L::kKVBytes);
         wgmma_fence();
@@ -152,22 +157,22 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
     const int2* list = nullptr;  // the current item's
     int n_tiles = 0;
     // List entry j (entry, pattern) and its keep words (all ones unless PARTIAL: this thread's
-    // uint2 of the pattern, masks.rs). Entries are loaded two tiles ahead of their softmax and
-    // keep words one tile ahead, so no load is waited for in the tile that issues it (a load
-    // used right away stalled the warp between its GEMM issue and its softmax: ncu, run 12).
+    // uint2 of the pattern, masks.rs). In the masking loop entries are loaded two tiles ahead of
+    // their softmax and keep words one tile ahead, so no load is waited for in the tile that
+    // issues it (a load used right away stalled the warp between its GEMM issue and its
+    // softmax: ncu, run 12).
     const uint2* my_masks = reinterpret_cast<const uint2*>(a.masks) + (cw * 128 + warp * 32 + lane);
-    auto load_info = [&](int j) {
-        if constexpr (!kMasked) return make_int2(0, -1);
-        return j < n_tiles ? __ldg(list + j) : make_int2(0, -1);
-    };
+    auto load_info = [&](int j) { return j < n_tiles ? __ldg(list + j) : make_int2(0, -1); };
     auto load_keep = [&](int2 info) {
         return info.y >= 0 ? __ldg(my_masks + (int64_t)info.y * 256) : make_uint2(0xffffffffu, 0xffffffffu);
     };
 
-    // Masks S_j by the tile's kind, then the online softmax (as in the dense kernel).
-    auto softmax = [&](float (&s)[BN / 2], int entry, uint2 keep, float (&alpha)[2]) {
+    // Masks S_j by the tile's kind (masked = false: a FULL tile, nothing to mask), then the
+    // online softmax (as in the dense kernel).
+    // (`masked` is a constant at every call, so the masking code folds away where it is false.)
+    auto softmax = [&](float (&s)[BN / 2], bool masked, int entry, uint2 keep, float (&alpha)[2]) {
         const int kind = entry & 3, tile = entry >> 2;
-        if (!kMasked) {
+        if (!kMasked || !masked) {
         } else if (kind == kPartial) {
             const uint32_t words[2] = {keep.x, keep.y};
 #pragma unroll
@@ -224,6 +229,7 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
 #pragma unroll
             for (int i = 0; i < 4; ++i) o[4 * n + i] *= alpha[i / 2];
     };
+    // O += P_g V_g once V_g has landed
     auto issue_pv = [&](int g) {
         mbar_wait(&v_full[g % kStages], (g / kStages) & 1);
         const uint32_t v_addr = smem_addr(sV + (g % kStages) * L::kKVBytes);
@@ -243,16 +249,58 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
     const bool pingpong = a.pingpong != 0;
     if (pingpong && cw == 1) turn_pass(cw);
 
+    float s[BN / 2];
+    // the masking loop's look-ahead: entry and keep words of tile j + 1, entry of tile j + 2
+    int2 info1 = make_int2(0, -1), info2 = make_int2(0, -1);
+    uint2 keep1 = make_uint2(0xffffffffu, 0xffffffffu);
+    // Tile j + 1 of the item whose first tile is ring slot g0: S_{j+1} = Q K_{j+1}ᵀ and
+    // O += P_j V_j back to back, the softmax of S_{j+1} while the second GEMM runs, O rescaled
+    // once it has landed. The same instruction sequence every iteration of a loop, so that ptxas
+    // can follow the wgmma groups (a runtime branch around a GEMM serializes them all).
+    auto step = [&](bool masked, int g0, int j) {
+        const int g = g0 + j;
+        mbar_wait(&k_full[(g + 1) % kStages], ((g + 1) / kStages) & 1);
+        if (pingpong) turn_wait(cw);
+        issue_qk(s, g + 1);
+        issue_pv(g);
+        if (pingpong) turn_pass(cw);
+        int2 info = make_int2(0, -1);
+        uint2 keep = make_uint2(0xffffffffu, 0xffffffffu);
+        if (kMasked && masked) {
+            info = info1;  // tile j + 1
+            keep = keep1;
+            info1 = info2;  // tile j + 2
+            keep1 = load_keep(info2);
+            info2 = load_info(j + 3);
+        }
+        wgmma_wait1();
+        mbar_arrive(&k_empty[(g + 1) % kStages]);  // S_{j+1} is done: K_{j+1} is free
+        float alpha[2];
+        softmax(s, masked, info.x, keep, alpha);
+        wgmma_wait0();
+        mbar_arrive(&v_empty[g % kStages]);
+        rescale_o(alpha);
+        pack_p(s);
+    };
+
     int g0 = 0;  // ring slot of the item's first tile
     for (int item = 0; item < work.count; ++item) {
         const int qt = work.qt(item), h = work.head(item), b = work.batch(item);
         const int begin = __ldg(a.offsets + qt);
         n_tiles = __ldg(a.offsets + qt + 1) - begin;
+        const int n_full = kMasked ? __ldg(a.full_ends + qt) - begin : n_tiles;
         list = a.list + begin;
-        // loads whose results are needed later: the list and keep words of the first tiles, the
-        // original token of each row (epilogue)
-        int2 info = load_info(0), info1 = load_info(1), info2 = load_info(2);  // tiles j, j + 1, j + 2
-        uint2 keep = load_keep(info), keep1 = load_keep(info1);                 // tiles j, j + 1
+        // loads whose results are needed later: the look-ahead of the masking loop's first
+        // tiles, the original token of each row (epilogue)
+        int2 info0 = make_int2(0, -1);
+        uint2 keep0 = make_uint2(0xffffffffu, 0xffffffffu);
+        if constexpr (kMasked) {
+            info0 = load_info(n_full);
+            info1 = load_info(n_full + 1);
+            info2 = load_info(n_full + 2);
+            keep0 = load_keep(info0);
+            keep1 = load_keep(info1);
+        }
         int token[2];
 #pragma unroll
         for (int half = 0; half < 2; ++half) token[half] = __ldg(a.perm + qt * 128 + cw * 64 + warp * 16 + lane / 4 + half * 8);
@@ -263,45 +311,38 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
 
         // ---- main loop: the dense kernel's software pipeline over the listed tiles ----
         mbar_wait(q_full, item & 1);
-        float s[BN / 2];
         if (n_tiles > 0) {
             mbar_wait(&k_full[g0 % kStages], (g0 / kStages) & 1);
             if (pingpong) turn_wait(cw);
             issue_qk(s, g0);
             if (pingpong) turn_pass(cw);
             wgmma_wait0();
+            mbar_arrive(&k_empty[g0 % kStages]);
             float alpha[2];
-            softmax(s, info.x, keep, alpha);
+            if (n_full > 0) {
+                softmax(s, false, 0, keep0, alpha);
+                if constexpr (kMasked) {  // the masking loop starts at tile n_full
+                    info2 = info1;
+                    keep1 = keep0;
+                    info1 = info0;
+                }
+            } else {
+                softmax(s, true, info0.x, keep0, alpha);
+            }
             pack_p(s);
         }
-        for (int j = 0; j + 1 < n_tiles; ++j) {
-            const int g = g0 + j;
-            mbar_wait(&k_full[(g + 1) % kStages], ((g + 1) / kStages) & 1);
-            if (pingpong) turn_wait(cw);
-            issue_qk(s, g + 1);
-            issue_pv(g);
-            if (pingpong) turn_pass(cw);
-            info = info1;  // tile j + 1
-            keep = keep1;
-            info1 = info2;  // tile j + 2
-            keep1 = load_keep(info2);
-            info2 = load_info(j + 3);
-            wgmma_wait1();
-            float alpha[2];
-            softmax(s, info.x, keep, alpha);
-            wgmma_wait0();
-            mbar_arrive(&empty[g % kStages]);
-            rescale_o(alpha);
-            pack_p(s);
-        }
-        // Every Q K^T of this head has completed: the producer may load the next head's Q while
+        int j = 0;
+        for (; j + 1 < n_full; ++j) step(false, g0, j);
+        if constexpr (kMasked)
+            for (; j + 1 < n_tiles; ++j) step(true, g0, j);
+        // Every Q K^T of this item has completed: the producer may load the next item's Q while
         // the last P V and the epilogue run.
         mbar_arrive(q_empty);
         if (n_tiles > 0) {
             const int g = g0 + n_tiles - 1;
             issue_pv(g);
             wgmma_wait0();
-            mbar_arrive(&empty[g % kStages]);
+            mbar_arrive(&v_empty[g % kStages]);
         }
 
         // ---- store O / l and lse at the original token of each row (the inverse permutation) ----
@@ -329,7 +370,7 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
 }
 
 // CTA = its work items (query tile of 128 permuted tokens, head, batch), see WorkItems:
-// producer warpgroup + 2 consumer warpgroups, the dense kernel's 3-stage K/V ring.
+// producer warpgroup + 2 consumer warpgroups, the dense kernel's 3-stage rings for K and V.
 template <int D, typename T, bool kMasked>
 __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
     using L = Tile<D, 2>;
@@ -342,10 +383,12 @@ __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
     uint8_t* sV = sK + kStages * L::kKVBytes;
     uint64_t* bars = reinterpret_cast<uint64_t*>(sV + kStages * L::kKVBytes);
     uint64_t* q_full = bars;
-    uint64_t* k_full = bars + 1;
-    uint64_t* v_full = bars + 1 + kStages;
-    uint64_t* empty = bars + 1 + 2 * kStages;
-    uint64_t* q_empty = bars + 1 + 3 * kStages;  // 11 barriers = 88 of the 128 bytes
+    uint64_t* q_empty = bars + 1;
+    uint64_t* k_full = bars + 2;
+    uint64_t* v_full = bars + 2 + kStages;
+    uint64_t* k_empty = bars + 2 + 2 * kStages;
+    uint64_t* v_empty = bars + 2 + 3 * kStages;  // 14 barriers = 112 of the 128 bytes
+    static_assert((2 + 4 * kStages) * 8 <= 128, "barriers exceed their 128 bytes of shared memory");
 
     const int tid = threadIdx.x, wg = tid / 128;
     const WorkItems work(a, blockIdx.x);
@@ -356,7 +399,8 @@ __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
         for (int s = 0; s < kStages; ++s) {
             mbar_init(&k_full[s], 1);
             mbar_init(&v_full[s], 1);
-            mbar_init(&empty[s], 128 * 2);
+            mbar_init(&k_empty[s], 128 * 2);
+            mbar_init(&v_empty[s], 128 * 2);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -366,36 +410,43 @@ __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
         if (tid == 0) {
             const bool direct_q = a.direct || a.direct_q;
-            int g = 0;  // ring slot
+            // K or V (which: 0 / 1) of list entry `entry` into ring slot g, once the consumers
+            // have handed back that stage's previous tile
+            auto load_kv = [&](int which, int g, int entry, int h, int b) {
+                const int s = g % kStages;
+                uint64_t* full = which == 0 ? &k_full[s] : &v_full[s];
+                if (g >= kStages) mbar_wait(which == 0 ? &k_empty[s] : &v_empty[s], (g / kStages - 1) & 1);
+                const int tile = entry >> 2;
+                mbar_expect_tx(full, L::kKVBytes);
+                uint8_t* base = (which == 0 ? sK : sV) + s * L::kKVBytes;
+                for (int c = 0; c < L::kColBlocks; ++c) {
+                    if ((entry & 3) == kExtra) tma_load(base + c * BN * 128, which == 0 ? &a.k2 : &a.v2, full, c * 64, tile * BN, h, b);
+                    else load_tile(a, a.direct, base + c * BN * 128, which == 0 ? &a.k : &a.v, full, c * 64, tile, h, b);
+                }
+            };
+            int g = 0;  // ring slot of the item's first tile
             for (int item = 0; item < work.count; ++item) {
                 const int qt = work.qt(item), h = work.head(item), b = work.batch(item);
                 const int begin = __ldg(a.offsets + qt);
                 const int n_tiles = __ldg(a.offsets + qt + 1) - begin;
                 const int2* list = a.list + begin;
+                auto entry_of = [&](int j) { return j < n_tiles ? __ldg(&list[j].x) : 0; };
+                int e0 = entry_of(0), e1 = entry_of(1);  // tiles j, j + 1
                 // The consumers release Q once every Q K^T of the previous item has completed.
                 if (item > 0) mbar_wait(q_empty, (item - 1) & 1);
                 mbar_expect_tx(q_full, L::kQBytes);
                 for (int c = 0; c < L::kColBlocks; ++c)
                     load_tile(a, direct_q, sQ + c * L::kQRows * 128, &a.q, q_full, c * 64, qt, h, b);
-                for (int j = 0; j < n_tiles; ++j, ++g) {
-                    const int s = g % kStages;
-                    if (g >= kStages) mbar_wait(&empty[s], (g / kStages - 1) & 1);
-                    const int entry = __ldg(&list[j].x);
-                    const bool extra = (entry & 3) == kExtra;
-                    const int tile = entry >> 2;
-                    mbar_expect_tx(&k_full[s], L::kKVBytes);
-                    for (int c = 0; c < L::kColBlocks; ++c) {
-                        uint8_t* dst = sK + s * L::kKVBytes + c * BN * 128;
-                        if (extra) tma_load(dst, &a.k2, &k_full[s], c * 64, tile * BN, h, b);
-                        else load_tile(a, a.direct, dst, &a.k, &k_full[s], c * 64, tile, h, b);
-                    }
-                    mbar_expect_tx(&v_full[s], L::kKVBytes);
-                    for (int c = 0; c < L::kColBlocks; ++c) {
-                        uint8_t* dst = sV + s * L::kKVBytes + c * BN * 128;
-                        if (extra) tma_load(dst, &a.v2, &v_full[s], c * 64, tile * BN, h, b);
-                        else load_tile(a, a.direct, dst, &a.v, &v_full[s], c * 64, tile, h, b);
-                    }
+                // K runs one tile ahead of V (K_{j+1} is needed before V_j), entries one more
+                if (n_tiles > 0) load_kv(0, g, e0, h, b);
+                for (int j = 0; j < n_tiles; ++j) {
+                    const int e2 = entry_of(j + 2);
+                    if (j + 1 < n_tiles) load_kv(0, g + j + 1, e1, h, b);
+                    load_kv(1, g + j, e0, h, b);
+                    e0 = e1;
+                    e1 = e2;
                 }
+                g += n_tiles;
             }
             // No copy may be in flight when the CTA exits: the consumers wait for the last Q
             // (q_full) and every K/V tile, so nothing else to wait for here.
@@ -404,10 +455,9 @@ __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
         const int cw = wg - 1, ctid = tid - 128;
         const int warp = (ctid % 128) / 32, lane = ctid % 32;
-        consume<D, T, kMasked>(a, sQ, sK, sV, q_full, q_empty, k_full, v_full, empty, cw, warp, lane, work);
+        consume<D, T, kMasked>(a, sQ, sK, sV, q_full, q_empty, k_full, v_full, k_empty, v_empty, cw, warp, lane, work);
     }
 }
-
 }  // namespace gna
 
 // Gathers q, k, v (B, H, N, D), any row/head/batch strides (multiples of 8 elements), into the

@@ -71,14 +71,15 @@ struct GnaArgs {
     work_per_cta: i32,
     work_step: i32,
     work_cta_stride: i32,
+    full_ends: u64,
 }
 // SAFETY: plain old data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for GnaArgs {}
-const _: () = assert!(std::mem::size_of::<GnaArgs>() == 896);
+const _: () = assert!(std::mem::size_of::<GnaArgs>() == 1024);
 const _: () = assert!(
     std::mem::offset_of!(GnaArgs, o) == 640
         && std::mem::offset_of!(GnaArgs, axis) == 728
-        && std::mem::offset_of!(GnaArgs, work_cta_stride) == 892
+        && std::mem::offset_of!(GnaArgs, full_ends) == 896
 );
 const _: () = assert!(std::mem::size_of::<AxisTiling>() == 40);
 
@@ -104,6 +105,7 @@ pub struct DeviceTiling {
     pub tiling: GnaTiling,
     perm: CudaSlice<i32>,
     offsets: CudaSlice<i32>,
+    full_ends: CudaSlice<i32>,
     /// per list entry (entry, keep-word pattern), interleaved: the kernel reads both in one load
     list: CudaSlice<i32>,
     masks: CudaSlice<u32>,
@@ -139,6 +141,7 @@ pub fn device_tiling(dev: &CudaDevice, grid: &[usize], p: &NeighborhoodParams, n
     let t = Arc::new(DeviceTiling {
         perm: up(&tiling.perm)?,
         offsets: up(&tiling.offsets)?,
+        full_ends: up(&tiling.full_ends)?,
         list: up(&tiling.entries.iter().zip(&tiling.mask_of).flat_map(|(&e, &m)| [e, m]).collect::<Vec<i32>>())?,
         masks,
         tiling,
@@ -396,6 +399,7 @@ pub fn forward_with(
         work_per_cta: per_cta as i32,
         work_step: step as i32,
         work_cta_stride: cta_stride as i32,
+        full_ends: dt.full_ends.device_ptr(&stream).0,
     };
     let suffix = if dtype == DType::BF16 { "bf16" } else { "f16" };
     let (o_bf16, o_f16) = match dtype {

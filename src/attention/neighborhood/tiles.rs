@@ -135,8 +135,12 @@ pub struct GnaTiling {
     pub n_pad: usize,
     /// permuted token -> original flattened token, -1 for padding
     pub perm: Vec<i32>,
-    /// CSR over query tiles: entries of tile `i` are `entries[offsets[i]..offsets[i + 1]]`
+    /// CSR over query tiles: entries of tile `i` are `entries[offsets[i]..offsets[i + 1]]`,
+    /// FULL tiles first, then PARTIAL, then extra-token tiles
     pub offsets: Vec<i32>,
+    /// per query tile, the end of its FULL entries (`offsets[i] <= full_ends[i] <= offsets[i + 1]`):
+    /// the kernel runs that run of tiles through a loop without masking code
+    pub full_ends: Vec<i32>,
     /// `(kv_tile << 2) | kind`
     pub entries: Vec<i32>,
     /// per entry: its keep-word pattern for a PARTIAL tile, -1 otherwise
@@ -278,6 +282,7 @@ fn build(axes: [AxisTiling; 3], n: usize, n_extra: usize) -> GnaTiling {
         n_pad,
         perm: vec![-1; n_pad],
         offsets: vec![0],
+        full_ends: Vec::new(),
         entries: Vec::new(),
         mask_of: Vec::new(),
         masks: Vec::new(),
@@ -303,16 +308,25 @@ fn build(axes: [AxisTiling; 3], n: usize, n_extra: usize) -> GnaTiling {
             for q2 in 0..tiles[2] {
                 let (r0, r1, r2) = (&related[0][q0], &related[1][q1], &related[2][q2]);
                 let has_real_query = !(r0.is_empty() || r1.is_empty() || r2.is_empty());
-                for &(k0, f0) in r0 {
-                    for &(k1, f1) in r1 {
-                        for &(k2, f2) in r2 {
-                            let kt = (k0 * tiles[1] + k1) * tiles[2] + k2;
-                            let full = f0 && f1 && f2;
-                            tiling.entries.push(((kt as i32) << 2) | if full { KIND_FULL } else { KIND_PARTIAL });
-                            tiling.mask_of.push(if full { -1 } else { table.pattern([q0, q1, q2], [k0, k1, k2]) });
-                            tiling.visited += 1;
-                            tiling.full += full as usize;
+                // two passes over the tile's KV tiles: the FULL ones, then the PARTIAL ones
+                for want_full in [true, false] {
+                    for &(k0, f0) in r0 {
+                        for &(k1, f1) in r1 {
+                            for &(k2, f2) in r2 {
+                                let full = f0 && f1 && f2;
+                                if full != want_full {
+                                    continue;
+                                }
+                                let kt = (k0 * tiles[1] + k1) * tiles[2] + k2;
+                                tiling.entries.push(((kt as i32) << 2) | if full { KIND_FULL } else { KIND_PARTIAL });
+                                tiling.mask_of.push(if full { -1 } else { table.pattern([q0, q1, q2], [k0, k1, k2]) });
+                                tiling.visited += 1;
+                                tiling.full += full as usize;
+                            }
                         }
+                    }
+                    if want_full {
+                        tiling.full_ends.push(tiling.entries.len() as i32);
                     }
                 }
                 if has_real_query {
