@@ -3,8 +3,8 @@
 //     WorkItems), 384 threads (producer + 2 consumer warpgroups), dynamic shared memory
 //     dense_wgmma::Tile<D, 2>::kSmemBytes; GnaArgs.
 //   gna_fwd_full_*: the same for lists without PARTIAL tiles or a ragged extra tile (no masking).
-//   gna_permute: grid (ceil(n_pad * D/8 / 256), B*H, 3), 256 threads; GnaPermuteArgs (16-bit
-//     elements, any dtype of that width).
+//   gna_permute: grid (ceil(n_pad * D/8 / (256 * kPermutePieces)), B*H, tensors), 256 threads;
+//     GnaPermuteArgs (16-bit elements, any dtype of that width).
 #include "gna_fwd.cuh"
 
 #define GNA_ENTRY(NAME, T, D, MASKED)                                                                       \

@@ -74,6 +74,10 @@ namespace gna {
 using namespace dense_wgmma;
 
 constexpr int kFull = 0, kPartial = 1, kExtra = 2;
+// Lazy rescaling of O (base-2 units): the running row max of the online softmax is raised only
+// when a tile's max exceeds it by more than this, so P <= 2^kRescaleSlack (FlashAttention-4).
+constexpr float kRescaleSlack = 8.f;
+
 
 // Tile coordinates along each axis of a linear tile index (tiles row-major).
 __device__ __forceinline__ void tile_coords(const GnaAxis (&ax)[3], int tile, int (&t)[3]) {
@@ -200,10 +204,14 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
             for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(row_max[half], mx * sl2);
-            const float shift = m_new == -INFINITY ? 0.f : m_new;
-            alpha[half] = fast_exp2(row_max[half] - shift);
-            row_max[half] = m_new;
+            // Lazy rescaling (FlashAttention-4): the running max (base-2 units) moves only when
+            // this tile's exceeds it by more than kRescaleSlack, so most tiles leave O as it is
+            // (alpha = 1); P then stays below 2^kRescaleSlack, far inside bf16 / f16 range.
+            const float m_tile = mx * sl2;
+            const bool grow = m_tile > row_max[half] + kRescaleSlack;  // -inf + slack = -inf
+            alpha[half] = grow ? fast_exp2(row_max[half] - m_tile) : 1.f;
+            if (grow) row_max[half] = m_tile;
+            const float shift = row_max[half] == -INFINITY ? 0.f : row_max[half];  // all masked so far: avoid inf - inf
             float sum = 0.f;
 #pragma unroll
             for (int n = 0; n < BN / 8; ++n)
@@ -223,15 +231,19 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
 #pragma unroll
             for (int r = 0; r < 4; ++r) pa[kk][r] = pack2<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
     };
-    auto rescale_o = [&](const float (&alpha)[2]) {
+    // O's rescale by the last softmax's alpha is applied just before the next P V is issued
+    // (FlashAttention-3's order), while the Q K^T issued before it runs. Lazy: skipped by
+    // warps whose rows all kept their max (alpha = 1).
+    float pending[2] = {1.f, 1.f};
+    auto rescale_pending = [&]() {
+        if (!__any_sync(0xffffffffu, pending[0] != 1.f || pending[1] != 1.f)) return;
 #pragma unroll
         for (int n = 0; n < DP / 8; ++n)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) o[4 * n + i] *= alpha[i / 2];
+            for (int i = 0; i < 4; ++i) o[4 * n + i] *= pending[i / 2];
     };
-    // O += P_g V_g once V_g has landed
+    // O += P_g V_g (V_g has landed: v_full waited for by the caller)
     auto issue_pv = [&](int g) {
-        mbar_wait(&v_full[g % kStages], (g / kStages) & 1);
         const uint32_t v_addr = smem_addr(sV + (g % kStages) * L::kKVBytes);
         wgmma_fence();
 #pragma unroll
@@ -259,9 +271,14 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
     // can follow the wgmma groups (a runtime branch around a GEMM serializes them all).
     auto step = [&](bool masked, int g0, int j) {
         const int g = g0 + j;
+        // Both waits before both GEMMs: with no branch between the two wgmma groups, ptxas can
+        // tell that S_{j+1} is complete at wait_group 1 and lets the softmax run under P_j V_j
+        // (with the V wait between them it waited for both before the exponentials).
         mbar_wait(&k_full[(g + 1) % kStages], ((g + 1) / kStages) & 1);
+        mbar_wait(&v_full[g % kStages], (g / kStages) & 1);
         if (pingpong) turn_wait(cw);
         issue_qk(s, g + 1);
+        rescale_pending();  // under Q K_{j+1}ᵀ
         issue_pv(g);
         if (pingpong) turn_pass(cw);
         int2 info = make_int2(0, -1);
@@ -275,11 +292,9 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
         }
         wgmma_wait1();
         mbar_arrive(&k_empty[(g + 1) % kStages]);  // S_{j+1} is done: K_{j+1} is free
-        float alpha[2];
-        softmax(s, masked, info.x, keep, alpha);
+        if (j > 0) mbar_arrive(&v_empty[(g - 1) % kStages]);  // and so is P_{j-1} V_{j-1}
+        softmax(s, masked, info.x, keep, pending);
         wgmma_wait0();
-        mbar_arrive(&v_empty[g % kStages]);
-        rescale_o(alpha);
         pack_p(s);
     };
 
@@ -318,16 +333,15 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
             if (pingpong) turn_pass(cw);
             wgmma_wait0();
             mbar_arrive(&k_empty[g0 % kStages]);
-            float alpha[2];
             if (n_full > 0) {
-                softmax(s, false, 0, keep0, alpha);
+                softmax(s, false, 0, keep0, pending);  // (O = 0: its rescale is a no-op)
                 if constexpr (kMasked) {  // the masking loop starts at tile n_full
                     info2 = info1;
                     keep1 = keep0;
                     info1 = info0;
                 }
             } else {
-                softmax(s, true, info0.x, keep0, alpha);
+                softmax(s, true, info0.x, keep0, pending);
             }
             pack_p(s);
         }
@@ -340,8 +354,11 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
         mbar_arrive(q_empty);
         if (n_tiles > 0) {
             const int g = g0 + n_tiles - 1;
+            mbar_wait(&v_full[g % kStages], (g / kStages) & 1);
+            rescale_pending();
             issue_pv(g);
             wgmma_wait0();
+            if (g > g0) mbar_arrive(&v_empty[(g - 1) % kStages]);
             mbar_arrive(&v_empty[g % kStages]);
         }
 
@@ -461,7 +478,8 @@ __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
 }  // namespace gna
 
 // Gathers q, k, v (B, H, N, D), any row/head/batch strides (multiples of 8 elements), into the
-// permuted, zero-padded (B, H, n_pad, D) buffers: 16 bytes per thread.
+// permuted, zero-padded (B, H, n_pad, D) buffers: kPermutePieces 16-byte pieces per thread, all
+// loaded before any is stored (a pass bound by memory latency wants many bytes in flight).
 struct GnaPermuteArgs {
     const void* src[3];
     void* dst[3];
@@ -472,19 +490,32 @@ struct GnaPermuteArgs {
 };
 static_assert(sizeof(GnaPermuteArgs) == 144, "GnaPermuteArgs layout changed: update src/attention/cuda/neighborhood.rs");
 
+constexpr int kPermutePieces = 4;  // mirrored by PERMUTE_PIECES in src/attention/cuda/neighborhood.rs
+
 __device__ __forceinline__ void gna_permute(const GnaPermuteArgs& a) {
     const int bh = blockIdx.y, which = blockIdx.z;
     const int b = bh / a.heads, h = bh % a.heads;
-    const int64_t chunk = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-    if (chunk >= (int64_t)a.n_pad * a.chunks) return;
-    const int p = (int)(chunk / a.chunks), c = (int)(chunk % a.chunks);
-    const int token = __ldg(a.perm + p);
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (token >= 0) {
-        const int64_t* st = a.src_stride[which];
-        const uint16_t* src = static_cast<const uint16_t*>(a.src[which]) + b * st[0] + h * st[1] + token * st[2] + c * 8;
-        val = __ldg(reinterpret_cast<const uint4*>(src));
+    const int64_t total = (int64_t)a.n_pad * a.chunks;
+    const int64_t first = blockIdx.x * (int64_t)blockDim.x * kPermutePieces + threadIdx.x;
+    const int64_t* st = a.src_stride[which];
+    const uint16_t* src = static_cast<const uint16_t*>(a.src[which]) + b * st[0] + h * st[1];
+    uint16_t* dst = static_cast<uint16_t*>(a.dst[which]) + (int64_t)bh * a.n_pad * (a.chunks * 8);
+    uint4 val[kPermutePieces];
+    // load: piece i of this thread is chunk first + i * blockDim.x (coalesced per i)
+#pragma unroll
+    for (int i = 0; i < kPermutePieces; ++i) {
+        const int64_t chunk = first + i * (int64_t)blockDim.x;
+        val[i] = make_uint4(0, 0, 0, 0);
+        if (chunk < total) {
+            const int p = (int)(chunk / a.chunks), c = (int)(chunk % a.chunks);
+            const int token = __ldg(a.perm + p);
+            if (token >= 0) val[i] = __ldg(reinterpret_cast<const uint4*>(src + token * st[2] + c * 8));
+        }
     }
-    uint16_t* dst = static_cast<uint16_t*>(a.dst[which]) + ((int64_t)bh * a.n_pad + p) * (a.chunks * 8) + c * 8;
-    *reinterpret_cast<uint4*>(dst) = val;
+    // store
+#pragma unroll
+    for (int i = 0; i < kPermutePieces; ++i) {
+        const int64_t chunk = first + i * (int64_t)blockDim.x;
+        if (chunk < total) *reinterpret_cast<uint4*>(dst + chunk * 8) = val[i];
+    }
 }

@@ -36,6 +36,9 @@ pub const HEAD_DIMS: [usize; 5] = [64, 72, 96, 112, 128];
 
 const MODULE: &str = "attention/neighborhood/gna_fwd";
 
+/// 16-byte pieces per thread of `gna_permute_16bit` (`kPermutePieces` in gna_fwd.cuh).
+const PERMUTE_PIECES: usize = 4;
+
 /// Whether the kernel serves this dtype and head dim.
 pub fn supports(dtype: DType, head_dim: usize) -> bool {
     matches!(dtype, DType::BF16 | DType::F16) && HEAD_DIMS.contains(&head_dim)
@@ -342,8 +345,8 @@ pub fn forward_with(
         }
         let permute = crate::kernels::load(&dev, MODULE, "gna_permute_16bit")?;
         let chunks = t.n_pad * d / 8;
-        let cfg =
-            LaunchConfig { grid_dim: (chunks.div_ceil(256) as u32, (b * h) as u32, count as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let blocks = chunks.div_ceil(256 * PERMUTE_PIECES);
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, (b * h) as u32, count as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut launch = permute.builder();
         launch.arg(&pargs);
         // SAFETY: sources cover (B, H, N, D) at their strides; destinations hold 3 x B·H·n_pad·D.
