@@ -265,20 +265,26 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
     // the masking loop's look-ahead: entry and keep words of tile j + 1, entry of tile j + 2
     int2 info1 = make_int2(0, -1), info2 = make_int2(0, -1);
     uint2 keep1 = make_uint2(0xffffffffu, 0xffffffffu);
-    // Tile j + 1 of the item whose first tile is ring slot g0: S_{j+1} = Q K_{j+1}ᵀ and
-    // O += P_j V_j back to back, the softmax of S_{j+1} while the second GEMM runs, O rescaled
-    // once it has landed. The same instruction sequence every iteration of a loop, so that ptxas
-    // can follow the wgmma groups (a runtime branch around a GEMM serializes them all).
+    // Tile j + 1 of the item whose first tile is ring slot g0: once P_{j-1} V_{j-1} has landed,
+    // P_j into the A registers and O rescaled by tile j's alpha; then S_{j+1} = Q K_{j+1}ᵀ and
+    // O += P_j V_j back to back, and the softmax of S_{j+1} while the second GEMM runs. The same
+    // instruction sequence every iteration of a loop, so that ptxas can follow the wgmma groups
+    // (a runtime branch around a GEMM serializes them all). The wait for P_j V_j is the first
+    // thing of the next step, not the last of this one: ptxas hoists a wait_group 0 that follows
+    // the softmax above the exponentials (to start writing the next P into the A registers the
+    // GEMM still reads), and the softmax then no longer overlaps the GEMM; across the loop's
+    // back edge it cannot (kernels/NOTES.md, ## neighborhood, session 9).
     auto step = [&](bool masked, int g0, int j) {
         const int g = g0 + j;
-        // Both waits before both GEMMs: with no branch between the two wgmma groups, ptxas can
-        // tell that S_{j+1} is complete at wait_group 1 and lets the softmax run under P_j V_j
-        // (with the V wait between them it waited for both before the exponentials).
+        wgmma_wait0();  // P_{j-1} V_{j-1} (none at j = 0)
+        if (j > 0) mbar_arrive(&v_empty[(g - 1) % kStages]);
+        pack_p(s);
+        rescale_pending();  // while the other warpgroup holds the turn
+        // Both waits before both GEMMs: no branch between the two wgmma groups.
         mbar_wait(&k_full[(g + 1) % kStages], ((g + 1) / kStages) & 1);
         mbar_wait(&v_full[g % kStages], (g / kStages) & 1);
         if (pingpong) turn_wait(cw);
         issue_qk(s, g + 1);
-        rescale_pending();  // under Q K_{j+1}ᵀ
         issue_pv(g);
         if (pingpong) turn_pass(cw);
         int2 info = make_int2(0, -1);
@@ -292,10 +298,7 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
         }
         wgmma_wait1();
         mbar_arrive(&k_empty[(g + 1) % kStages]);  // S_{j+1} is done: K_{j+1} is free
-        if (j > 0) mbar_arrive(&v_empty[(g - 1) % kStages]);  // and so is P_{j-1} V_{j-1}
         softmax(s, masked, info.x, keep, pending);
-        wgmma_wait0();
-        pack_p(s);
     };
 
     int g0 = 0;  // ring slot of the item's first tile
@@ -343,7 +346,6 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
             } else {
                 softmax(s, true, info0.x, keep0, pending);
             }
-            pack_p(s);
         }
         int j = 0;
         for (; j + 1 < n_full; ++j) step(false, g0, j);
@@ -354,11 +356,13 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
         mbar_arrive(q_empty);
         if (n_tiles > 0) {
             const int g = g0 + n_tiles - 1;
-            mbar_wait(&v_full[g % kStages], (g / kStages) & 1);
-            rescale_pending();
-            issue_pv(g);
             wgmma_wait0();
             if (g > g0) mbar_arrive(&v_empty[(g - 1) % kStages]);
+            pack_p(s);
+            rescale_pending();
+            mbar_wait(&v_full[g % kStages], (g / kStages) & 1);
+            issue_pv(g);
+            wgmma_wait0();
             mbar_arrive(&v_empty[g % kStages]);
         }
 
@@ -490,7 +494,7 @@ struct GnaPermuteArgs {
 };
 static_assert(sizeof(GnaPermuteArgs) == 144, "GnaPermuteArgs layout changed: update src/attention/cuda/neighborhood.rs");
 
-constexpr int kPermutePieces = 4;  // mirrored by PERMUTE_PIECES in src/attention/cuda/neighborhood.rs
+constexpr int kPermutePieces = 8;  // mirrored by PERMUTE_PIECES in src/attention/cuda/neighborhood.rs
 
 __device__ __forceinline__ void gna_permute(const GnaPermuteArgs& a) {
     const int bh = blockIdx.y, which = blockIdx.z;
