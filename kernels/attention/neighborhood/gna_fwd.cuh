@@ -9,8 +9,8 @@
 // scattered back to the original token order in the epilogue (no second pass). The two consumer
 // warpgroups ping-pong their GEMMs (FlashAttention-3), so the softmax and masking of one
 // run under the other's GEMMs. A CTA may run several work items (query tile, head, batch) in a
-// row (WorkItems), the K/V ring running on across items, so the next item's Q and first tiles
-// load under the previous item's last P V and epilogue.
+// row (WorkItems), the K and V rings running on across items, so the next item's Q and first
+// tiles load under the previous item's last P V and epilogue.
 // Each list entry is (kv_tile << 2 | kind, keep-word pattern or -1):
 //   FULL     every real query of the tile sees every key: no masking at all
 //   PARTIAL  masked by the tile pair's keep words, made on the host (src/attention/neighborhood/
@@ -126,8 +126,8 @@ struct WorkItems {
 // One consumer warpgroup: 64 of the 128 query rows of each work item's query tile against its
 // listed KV tiles, the items one after the other. K and V have rings of their own: ring slot g
 // (counted over the whole CTA) is stage g % kStages, phase g / kStages; K_g is handed back as
-// soon as its Q K^T has completed, V_g once its P V has, so the producer can load K two tiles
-// ahead of its use instead of one. Each list starts with its FULL tiles: they run through a loop
+// soon as its Q K^T has completed, V_g a step after its P V has (see `step`), so the producer
+// can load K two tiles ahead of its use instead of one. Each list starts with its FULL tiles: they run through a loop
 // without list reads or masking code, the rest through the masking loop. kMasked = false: every
 // listed tile is FULL or a whole EXTRA tile (gna_fwd_full_*), so only the first loop is compiled.
 template <int D, typename T, bool kMasked>
@@ -265,26 +265,22 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
     // the masking loop's look-ahead: entry and keep words of tile j + 1, entry of tile j + 2
     int2 info1 = make_int2(0, -1), info2 = make_int2(0, -1);
     uint2 keep1 = make_uint2(0xffffffffu, 0xffffffffu);
-    // Tile j + 1 of the item whose first tile is ring slot g0: once P_{j-1} V_{j-1} has landed,
-    // P_j into the A registers and O rescaled by tile j's alpha; then S_{j+1} = Q K_{j+1}ᵀ and
-    // O += P_j V_j back to back, and the softmax of S_{j+1} while the second GEMM runs. The same
-    // instruction sequence every iteration of a loop, so that ptxas can follow the wgmma groups
-    // (a runtime branch around a GEMM serializes them all). The wait for P_j V_j is the first
-    // thing of the next step, not the last of this one: ptxas hoists a wait_group 0 that follows
-    // the softmax above the exponentials (to start writing the next P into the A registers the
-    // GEMM still reads), and the softmax then no longer overlaps the GEMM; across the loop's
-    // back edge it cannot (kernels/NOTES.md, ## neighborhood, session 9).
+    // Tile j + 1 of the item whose first tile is ring slot g0: S_{j+1} = Q K_{j+1}ᵀ, O rescaled
+    // by tile j's alpha, O += P_j V_j, then the softmax of S_{j+1}. The same instruction
+    // sequence every iteration of a loop, so that ptxas can follow the wgmma groups (a runtime
+    // branch around a GEMM serializes them all). Measured (kernels/NOTES.md, ## neighborhood,
+    // session 9): this order (FlashAttention-3's, with the lazy rescale and V_{j-1} handed back
+    // here rather than right after its wait) runs the stride-1 case 2-3% faster than rescaling
+    // after the wait. ptxas still moves most of the softmax below wait_group 0 (it packs P into
+    // the registers P V reads as soon as values are ready); waiting at the start of the next step
+    // instead keeps all of it above, and measured 2% slower.
     auto step = [&](bool masked, int g0, int j) {
         const int g = g0 + j;
-        wgmma_wait0();  // P_{j-1} V_{j-1} (none at j = 0)
-        if (j > 0) mbar_arrive(&v_empty[(g - 1) % kStages]);
-        pack_p(s);
-        rescale_pending();  // while the other warpgroup holds the turn
-        // Both waits before both GEMMs: no branch between the two wgmma groups.
         mbar_wait(&k_full[(g + 1) % kStages], ((g + 1) / kStages) & 1);
         mbar_wait(&v_full[g % kStages], (g / kStages) & 1);
         if (pingpong) turn_wait(cw);
         issue_qk(s, g + 1);
+        rescale_pending();  // under Q K_{j+1}ᵀ
         issue_pv(g);
         if (pingpong) turn_pass(cw);
         int2 info = make_int2(0, -1);
@@ -298,7 +294,10 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
         }
         wgmma_wait1();
         mbar_arrive(&k_empty[(g + 1) % kStages]);  // S_{j+1} is done: K_{j+1} is free
+        if (j > 0) mbar_arrive(&v_empty[(g - 1) % kStages]);  // and so is P_{j-1} V_{j-1}
         softmax(s, masked, info.x, keep, pending);
+        wgmma_wait0();
+        pack_p(s);
     };
 
     int g0 = 0;  // ring slot of the item's first tile
@@ -346,6 +345,7 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
             } else {
                 softmax(s, true, info0.x, keep0, pending);
             }
+            pack_p(s);
         }
         int j = 0;
         for (; j + 1 < n_full; ++j) step(false, g0, j);
@@ -356,13 +356,11 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
         mbar_arrive(q_empty);
         if (n_tiles > 0) {
             const int g = g0 + n_tiles - 1;
-            wgmma_wait0();
-            if (g > g0) mbar_arrive(&v_empty[(g - 1) % kStages]);
-            pack_p(s);
-            rescale_pending();
             mbar_wait(&v_full[g % kStages], (g / kStages) & 1);
+            rescale_pending();
             issue_pv(g);
             wgmma_wait0();
+            if (g > g0) mbar_arrive(&v_empty[(g - 1) % kStages]);
             mbar_arrive(&v_empty[g % kStages]);
         }
 
@@ -494,7 +492,7 @@ struct GnaPermuteArgs {
 };
 static_assert(sizeof(GnaPermuteArgs) == 144, "GnaPermuteArgs layout changed: update src/attention/cuda/neighborhood.rs");
 
-constexpr int kPermutePieces = 8;  // mirrored by PERMUTE_PIECES in src/attention/cuda/neighborhood.rs
+constexpr int kPermutePieces = 4;  // mirrored by PERMUTE_PIECES in src/attention/cuda/neighborhood.rs
 
 __device__ __forceinline__ void gna_permute(const GnaPermuteArgs& a) {
     const int bh = blockIdx.y, which = blockIdx.z;

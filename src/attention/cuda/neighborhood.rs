@@ -37,7 +37,7 @@ pub const HEAD_DIMS: [usize; 5] = [64, 72, 96, 112, 128];
 const MODULE: &str = "attention/neighborhood/gna_fwd";
 
 /// 16-byte pieces per thread of `gna_permute_16bit` (`kPermutePieces` in gna_fwd.cuh).
-const PERMUTE_PIECES: usize = 8;
+const PERMUTE_PIECES: usize = 4;
 
 /// Whether the kernel serves this dtype and head dim.
 pub fn supports(dtype: DType, head_dim: usize) -> bool {
