@@ -2,7 +2,7 @@
 //! on the same shapes, in the same run (bf16, random inputs):
 //!
 //!   cargo run --release --features cuda --example bench_sparse [-- --reps N] [--psa-only | --gna-only]
-//!     [--case NAME] [--profile [--in-place] [--k-in-place] [--v-in-place] [--always-masked]]
+//!     [--case NAME] [--profile [--in-place] [--always-masked]]
 //!     (--psa-only --profile: two PSA forward calls, for ncu)
 //!
 //! Per case: time (median of samples of back-to-back calls between CUDA events; the GNA time
@@ -149,13 +149,10 @@ fn main() -> anyhow::Result<()> {
         let tiling = gna::device_tiling(&dev, &c.grid, &p, c.extra)?;
         let t = &tiling.tiling;
         if profile {
-            // --in-place (q, k, v read in place, no permutation pass), --k-in-place, --v-in-place,
-            // --always-masked (the masking kernel on lists without a tile to mask): those options,
-            // to compare (ncu at locked clocks).
+            // --in-place (q, k, v read in place, no permutation pass), --always-masked (the masking
+            // kernel on lists without a tile to mask): those options, to compare (ncu at locked clocks).
             let opts = gna::KernelOptions {
                 in_place: std::env::args().any(|a| a == "--in-place"),
-                k_in_place: std::env::args().any(|a| a == "--k-in-place"),
-                v_in_place: std::env::args().any(|a| a == "--v-in-place"),
                 always_masked: std::env::args().any(|a| a == "--always-masked"),
                 ..Default::default()
             };
@@ -194,13 +191,11 @@ fn main() -> anyhow::Result<()> {
         // The same under the launcher's other configurations, to compare.
         use gna::{KernelOptions as Opts, Schedule};
         let plain = Opts { permute_q: true, pingpong: false, ..Default::default() };
-        let variants: [(&str, Opts); 11] = [
+        let variants: [(&str, Opts); 9] = [
             ("plain (q permuted, no ping-pong)", plain),
             ("no ping-pong", Opts { pingpong: false, ..Default::default() }),
             ("q permuted", Opts { permute_q: true, ..Default::default() }),
             ("in place (no permutation pass)", Opts { in_place: true, ..Default::default() }),
-            ("k in place (v permuted)", Opts { k_in_place: true, ..Default::default() }),
-            ("v in place (k permuted)", Opts { v_in_place: true, ..Default::default() }),
             ("one query tile per CTA", Opts { schedule: Schedule::Consecutive(1), ..Default::default() }),
             ("2 query tiles per CTA", Opts { schedule: Schedule::Consecutive(2), ..Default::default() }),
             ("persistent (round robin, 1 CTA per SM)", Opts { schedule: Schedule::Persistent, ..Default::default() }),

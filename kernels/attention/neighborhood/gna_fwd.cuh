@@ -50,10 +50,11 @@ struct GnaArgs {
     GnaAxis axis[3];
     int32_t n_pad, n_extra;
     float scale_log2;
-    // Per tensor, 1: read in place through a 5-D map (D, L2, L1, L0, B*H) with box
-    // (64, t2, t1, t0, 1), whose smem image is the permuted tile (dilation 1 only; rows outside
-    // the grid read as zero); 0: a permuted copy through a 4-D map. (direct_v: below.)
-    int32_t direct_k;
+    // 1: q, k, v are read in place through 5-D maps (D, L2, L1, L0, B*H) with box
+    // (64, t2, t1, t0, 1), whose smem image is the permuted tile (dilation 1 only; rows
+    // outside the grid read as zero). 0: permuted copies through 4-D maps.
+    int32_t direct;
+    // 1: only q is read in place (5-D map in `q`, dilation 1), k and v are permuted copies.
     int32_t direct_q;
     int32_t heads;            // H
     // 1: the two consumer warpgroups take turns issuing their GEMMs (FlashAttention-3's
@@ -63,10 +64,9 @@ struct GnaArgs {
     // their K/V). CTA c runs w = c work_cta_stride + i work_step for i < work_per_cta, w < work_total.
     int32_t q_tiles, work_total, work_per_cta, work_step, work_cta_stride;
     const int32_t* full_ends;  // per query tile: the end of its FULL entries (into the list)
-    int32_t direct_v;
 };
 static_assert(sizeof(GnaArgs) == 1024 && offsetof(GnaArgs, o) == 640 && offsetof(GnaArgs, axis) == 728 &&
-                  offsetof(GnaArgs, full_ends) == 896 && offsetof(GnaArgs, direct_v) == 904,
+                  offsetof(GnaArgs, full_ends) == 896,
               "GnaArgs layout changed: update src/attention/cuda/neighborhood.rs");
 
 namespace gna {
@@ -428,6 +428,7 @@ __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
         if (tid == 0) {
+            const bool direct_q = a.direct || a.direct_q;
             // K or V (which: 0 / 1) of list entry `entry` into ring slot g, once the consumers
             // have handed back that stage's previous tile
             auto load_kv = [&](int which, int g, int entry, int h, int b) {
@@ -439,8 +440,7 @@ __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
                 uint8_t* base = (which == 0 ? sK : sV) + s * L::kKVBytes;
                 for (int c = 0; c < L::kColBlocks; ++c) {
                     if ((entry & 3) == kExtra) tma_load(base + c * BN * 128, which == 0 ? &a.k2 : &a.v2, full, c * 64, tile * BN, h, b);
-                    else load_tile(a, which == 0 ? a.direct_k : a.direct_v, base + c * BN * 128, which == 0 ? &a.k : &a.v, full, c * 64,
-                                        tile, h, b);
+                    else load_tile(a, a.direct, base + c * BN * 128, which == 0 ? &a.k : &a.v, full, c * 64, tile, h, b);
                 }
             };
             int g = 0;  // ring slot of the item's first tile
@@ -455,7 +455,7 @@ __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
                 if (item > 0) mbar_wait(q_empty, (item - 1) & 1);
                 mbar_expect_tx(q_full, L::kQBytes);
                 for (int c = 0; c < L::kColBlocks; ++c)
-                    load_tile(a, a.direct_q, sQ + c * L::kQRows * 128, &a.q, q_full, c * 64, qt, h, b);
+                    load_tile(a, direct_q, sQ + c * L::kQRows * 128, &a.q, q_full, c * 64, qt, h, b);
                 // K runs one tile ahead of V (K_{j+1} is needed before V_j), entries one more
                 if (n_tiles > 0) load_kv(0, g, e0, h, b);
                 for (int j = 0; j < n_tiles; ++j) {

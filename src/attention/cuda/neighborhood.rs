@@ -65,7 +65,7 @@ struct GnaArgs {
     n_pad: i32,
     n_extra: i32,
     scale_log2: f32,
-    direct_k: i32,
+    direct: i32,
     direct_q: i32,
     heads: i32,
     pingpong: i32,
@@ -75,7 +75,6 @@ struct GnaArgs {
     work_step: i32,
     work_cta_stride: i32,
     full_ends: u64,
-    direct_v: i32,
 }
 // SAFETY: plain old data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for GnaArgs {}
@@ -84,7 +83,6 @@ const _: () = assert!(
     std::mem::offset_of!(GnaArgs, o) == 640
         && std::mem::offset_of!(GnaArgs, axis) == 728
         && std::mem::offset_of!(GnaArgs, full_ends) == 896
-        && std::mem::offset_of!(GnaArgs, direct_v) == 904
 );
 const _: () = assert!(std::mem::size_of::<AxisTiling>() == 40);
 
@@ -184,10 +182,6 @@ pub struct KernelOptions {
     /// q permuted like k and v instead of read in place. Reading q in place is free (it is
     /// loaded once per CTA) and saves a third of the permutation pass.
     pub permute_q: bool,
-    /// k read in place (where possible, as `in_place`), q and v as the other options say.
-    pub k_in_place: bool,
-    /// v read in place (where possible), q and k as the other options say.
-    pub v_in_place: bool,
     /// The two consumer warpgroups take turns issuing their GEMMs (FlashAttention-3).
     pub pingpong: bool,
     pub schedule: Schedule,
@@ -201,16 +195,7 @@ pub struct KernelOptions {
 
 impl Default for KernelOptions {
     fn default() -> Self {
-        Self {
-            in_place: false,
-            permute_q: false,
-            k_in_place: false,
-            v_in_place: false,
-            pingpong: true,
-            schedule: Schedule::Consecutive(1),
-            always_masked: false,
-            poison: false,
-        }
+        Self { in_place: false, permute_q: false, pingpong: true, schedule: Schedule::Consecutive(1), always_masked: false, poison: false }
     }
 }
 
@@ -333,17 +318,13 @@ pub fn forward_with(
     // (1) permute q, k, v into (B, H, n_pad, D), zero padding; or read them in place (all three,
     // or q alone: the default).
     let (q, k, v) = (kernel_view(q)?, kernel_view(k)?, kernel_view(v)?);
-    let all = can_read_in_place([&q, &k, &v], params, opts);
-    let direct = [
-        all || (!opts.permute_q && in_place_readable(&q, params)),
-        all || (opts.k_in_place && in_place_readable(&k, params)),
-        all || (opts.v_in_place && in_place_readable(&v, params)),
-    ];
+    let direct = can_read_in_place([&q, &k, &v], params, opts);
+    let direct_q = direct || (!opts.permute_q && in_place_readable(&q, params));
     let full_elems = b * h * t.n_pad * d;
-    let elems = direct.map(|d| if d { 1 } else { full_elems });
+    let elems = [if direct_q { 1 } else { full_elems }, if direct { 1 } else { full_elems }, if direct { 1 } else { full_elems }];
     // SAFETY: every element is written by gna_permute before it is read (unused when read in place).
     let bufs: [CudaSlice<u16>; 3] = unsafe { [dev.alloc::<u16>(elems[0])?, dev.alloc::<u16>(elems[1])?, dev.alloc::<u16>(elems[2])?] };
-    if !direct.iter().all(|&d| d) {
+    if !direct {
         let mut pargs = GnaPermuteArgs {
             heads: h as i32,
             n_pad: t.n_pad as i32,
@@ -354,7 +335,7 @@ pub fn forward_with(
         // grid z = the tensors to permute: k, v, and q unless it is read in place
         let mut count = 0;
         for (i, src) in [&q, &k, &v].into_iter().enumerate() {
-            if direct[i] {
+            if i == 0 && direct_q {
                 continue;
             }
             pargs.src[count] = ptr_16bit(src, &dev)?;
@@ -383,7 +364,7 @@ pub fn forward_with(
     let permuted = [d as i64 * t.n_pad as i64 * h as i64, (t.n_pad * d) as i64, d as i64];
     let mut maps = [[0u64; 16]; 5];
     for (i, (buf, src)) in bufs.iter().zip([&q, &k, &v]).enumerate() {
-        maps[i] = if direct[i] {
+        maps[i] = if direct || (i == 0 && direct_q) {
             tensor_map5(ptr_16bit(src, &dev)?, dtype, src, &t.axes)?
         } else {
             tensor_map(buf.device_ptr(&stream).0, dtype, (b, h, t.n_pad, d), permuted, 128)?
@@ -412,8 +393,8 @@ pub fn forward_with(
         n_pad: t.n_pad as i32,
         n_extra: n_extra as i32,
         scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
-        direct_k: direct[1] as i32,
-        direct_q: direct[0] as i32,
+        direct: direct as i32,
+        direct_q: direct_q as i32,
         heads: h as i32,
         pingpong: opts.pingpong as i32,
         q_tiles: t.q_tiles() as i32,
@@ -422,7 +403,6 @@ pub fn forward_with(
         work_step: step as i32,
         work_cta_stride: cta_stride as i32,
         full_ends: dt.full_ends.device_ptr(&stream).0,
-        direct_v: direct[2] as i32,
     };
     let suffix = if dtype == DType::BF16 { "bf16" } else { "f16" };
     let (o_bf16, o_f16) = match dtype {
