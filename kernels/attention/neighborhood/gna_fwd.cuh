@@ -446,16 +446,17 @@ __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
             int g = 0;  // ring slot of the item's first tile
             for (int item = 0; item < work.count; ++item) {
                 const int qt = work.qt(item), h = work.head(item), b = work.batch(item);
-                const int begin = __ldg(a.offsets + qt);
-                const int n_tiles = __ldg(a.offsets + qt + 1) - begin;
-                const int2* list = a.list + begin;
-                auto entry_of = [&](int j) { return j < n_tiles ? __ldg(&list[j].x) : 0; };
-                int e0 = entry_of(0), e1 = entry_of(1);  // tiles j, j + 1
+                // Q first: its copy does not wait for the list reads below (two dependent loads).
                 // The consumers release Q once every Q K^T of the previous item has completed.
                 if (item > 0) mbar_wait(q_empty, (item - 1) & 1);
                 mbar_expect_tx(q_full, L::kQBytes);
                 for (int c = 0; c < L::kColBlocks; ++c)
                     load_tile(a, direct_q, sQ + c * L::kQRows * 128, &a.q, q_full, c * 64, qt, h, b);
+                const int begin = __ldg(a.offsets + qt);
+                const int n_tiles = __ldg(a.offsets + qt + 1) - begin;
+                const int2* list = a.list + begin;
+                auto entry_of = [&](int j) { return j < n_tiles ? __ldg(&list[j].x) : 0; };
+                int e0 = entry_of(0), e1 = entry_of(1);  // tiles j, j + 1
                 // K runs one tile ahead of V (K_{j+1} is needed before V_j), entries one more
                 if (n_tiles > 0) load_kv(0, g, e0, h, b);
                 for (int j = 0; j < n_tiles; ++j) {
