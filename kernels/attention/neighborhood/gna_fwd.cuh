@@ -127,9 +127,10 @@ struct WorkItems {
 // listed KV tiles, the items one after the other. K and V have rings of their own: ring slot g
 // (counted over the whole CTA) is stage g % kStages, phase g / kStages; K_g is handed back as
 // soon as its Q K^T has completed, V_g a step after its P V has (see `step`), so the producer
-// can load K two tiles ahead of its use instead of one. Each list starts with its FULL tiles: they run through a loop
-// without list reads or masking code, the rest through the masking loop. kMasked = false: every
-// listed tile is FULL or a whole EXTRA tile (gna_fwd_full_*), so only the first loop is compiled.
+// can load K two tiles ahead of its use instead of one. Each list starts with its FULL tiles:
+// they run through a loop without list reads or masking code, the rest through the masking
+// loop. kMasked = false: every listed tile is FULL or a whole EXTRA tile (gna_fwd_full_*), so
+// only the first loop is compiled.
 template <int D, typename T, bool kMasked>
 __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, const uint8_t* sK, const uint8_t* sV,
                                         uint64_t* q_full, uint64_t* q_empty, uint64_t* k_full, uint64_t* v_full,
@@ -438,9 +439,11 @@ __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
                 const int tile = entry >> 2;
                 mbar_expect_tx(full, L::kKVBytes);
                 uint8_t* base = (which == 0 ? sK : sV) + s * L::kKVBytes;
+                const CUtensorMap* extra_map = which == 0 ? &a.k2 : &a.v2;
+                const CUtensorMap* grid_map = which == 0 ? &a.k : &a.v;
                 for (int c = 0; c < L::kColBlocks; ++c) {
-                    if ((entry & 3) == kExtra) tma_load(base + c * BN * 128, which == 0 ? &a.k2 : &a.v2, full, c * 64, tile * BN, h, b);
-                    else load_tile(a, a.direct, base + c * BN * 128, which == 0 ? &a.k : &a.v, full, c * 64, tile, h, b);
+                    if ((entry & 3) == kExtra) tma_load(base + c * BN * 128, extra_map, full, c * 64, tile * BN, h, b);
+                    else load_tile(a, a.direct, base + c * BN * 128, grid_map, full, c * 64, tile, h, b);
                 }
             };
             int g = 0;  // ring slot of the item's first tile
