@@ -2,7 +2,7 @@
 //! on the same shapes, in the same run (bf16, random inputs):
 //!
 //!   cargo run --release --features cuda --example bench_sparse [-- --reps N] [--psa-only | --gna-only]
-//!     [--case NAME] [--profile [--in-place] [--always-masked]]
+//!     [--case NAME] [--profile [--in-place] [--always-masked] [--schedule NAME]]
 //!     (--psa-only --profile: two PSA forward calls, for ncu)
 //!
 //! Per case: time (median of samples of back-to-back calls between CUDA events; the GNA time
@@ -151,9 +151,18 @@ fn main() -> anyhow::Result<()> {
         if profile {
             // --in-place (q, k, v read in place, no permutation pass), --always-masked (the masking
             // kernel on lists without a tile to mask): those options, to compare (ncu at locked clocks).
+            // --schedule consecutive|persistent|balanced: the CTA schedule.
+            let schedule = match std::env::args().position(|a| a == "--schedule").and_then(|i| std::env::args().nth(i + 1)).as_deref() {
+                None => gna::KernelOptions::default().schedule,
+                Some("consecutive") => gna::Schedule::Consecutive(1),
+                Some("persistent") => gna::Schedule::Persistent,
+                Some("balanced") => gna::Schedule::Balanced,
+                Some(other) => anyhow::bail!("--schedule {other}: consecutive, persistent or balanced"),
+            };
             let opts = gna::KernelOptions {
                 in_place: std::env::args().any(|a| a == "--in-place"),
                 always_masked: std::env::args().any(|a| a == "--always-masked"),
+                schedule,
                 ..Default::default()
             };
             for _ in 0..2 {
@@ -191,7 +200,7 @@ fn main() -> anyhow::Result<()> {
         // The same under the launcher's other configurations, to compare.
         use gna::{KernelOptions as Opts, Schedule};
         let plain = Opts { permute_q: true, pingpong: false, ..Default::default() };
-        let variants: [(&str, Opts); 9] = [
+        let variants: [(&str, Opts); 10] = [
             ("plain (q permuted, no ping-pong)", plain),
             ("no ping-pong", Opts { pingpong: false, ..Default::default() }),
             ("q permuted", Opts { permute_q: true, ..Default::default() }),
@@ -200,6 +209,7 @@ fn main() -> anyhow::Result<()> {
             ("2 query tiles per CTA", Opts { schedule: Schedule::Consecutive(2), ..Default::default() }),
             ("persistent (round robin, 1 CTA per SM)", Opts { schedule: Schedule::Persistent, ..Default::default() }),
             ("persistent, no ping-pong", Opts { schedule: Schedule::Persistent, pingpong: false, ..Default::default() }),
+            ("persistent, balanced by cost on the host", Opts { schedule: Schedule::Balanced, ..Default::default() }),
             ("masking kernel (default when a tile needs a mask)", Opts { always_masked: true, ..Default::default() }),
         ];
         let mut runs: Vec<Box<dyn FnMut() -> anyhow::Result<()>>> = variants

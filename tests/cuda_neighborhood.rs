@@ -210,7 +210,8 @@ fn parity_in_place_path() {
 fn kernel_options_give_identical_results() {
     // q read in place, the ping-pong of the consumer warpgroups and the schedules (several work
     // items per CTA: consecutive, ragged last CTA; round robin over a few CTAs, so every CTA runs
-    // items of several heads and batches), and for lists without a tile to mask the kernel
+    // items of several heads and batches; balanced: each CTA's items from the host's work
+    // table), and for lists without a tile to mask the kernel
     // without masking code, against the plain configuration (the masking kernel, q permuted, no
     // ping-pong, one item per CTA). Same arithmetic in the same order: the outputs must be
     // identical, bit for bit.
@@ -227,7 +228,14 @@ fn kernel_options_give_identical_results() {
         let (o_ref, l_ref) = gna::forward_with(&q, &k, &v, &grid, &p, extra, 0.1, &plain).unwrap();
         let (o_ref, l_ref) = (to_cpu_f32(&o_ref), to_cpu_f32(&l_ref));
         assert_eq!(count_nan(&o_ref) + count_nan(&l_ref), 0, "{grid:?}: the plain configuration left rows unwritten");
-        let schedules = [Schedule::Consecutive(1), Schedule::Consecutive(2), Schedule::Consecutive(3), Schedule::RoundRobin(5), Schedule::Persistent];
+        let schedules = [
+            Schedule::Consecutive(1),
+            Schedule::Consecutive(2),
+            Schedule::Consecutive(3),
+            Schedule::RoundRobin(5),
+            Schedule::Persistent,
+            Schedule::Balanced,
+        ];
         for (schedule, pingpong) in schedules.iter().flat_map(|&s| [(s, true), (s, false)]) {
             let opts = KernelOptions { schedule, pingpong, poison: true, ..Default::default() };
             let (o, l) = gna::forward_with(&q, &k, &v, &grid, &p, extra, 0.1, &opts).unwrap();

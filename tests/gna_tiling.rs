@@ -13,14 +13,17 @@ use visgen::attention::neighborhood::{neighbors, NeighborhoodParams};
 
 #[test]
 fn keep_bit_inverts_the_register_layout() {
+    let mut used = std::collections::HashSet::new();
     for ctid in 0..256 {
-        for half in 0..2 {
-            for bit in 0..32 {
-                let (row, col) = (masks::thread_row(ctid, half), masks::bit_column(ctid, bit));
-                assert_eq!(masks::keep_bit(row, col), (ctid, half, bit));
-            }
+        for e in 0..64 {
+            let (row, col) = (masks::thread_row(ctid, e / 32), masks::element_column(ctid, e));
+            let (word, bit) = masks::element_bit(e);
+            assert!(word < masks::THREAD_WORDS && bit < 32 && bit % 8 < 7, "element {e}: word {word} bit {bit}");
+            assert_eq!(masks::keep_bit(row, col), (ctid, word, bit));
+            assert!(used.insert((row, col)), "({row}, {col}) held twice");
         }
     }
+    assert_eq!(used.len(), 128 * 128, "the threads' elements do not cover the tile");
 }
 
 fn check_tiling(grid: &[usize], p: &NeighborhoodParams, n_extra: usize) {

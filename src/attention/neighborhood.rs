@@ -16,6 +16,7 @@
 //! The f32 reference builds the explicit `(N, N + extra)` mask and runs a masked softmax; it is
 //! the oracle for the CUDA kernels.
 
+pub mod balance;
 pub mod masks;
 pub mod tiles;
 

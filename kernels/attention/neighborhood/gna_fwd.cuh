@@ -14,10 +14,10 @@
 // Each list entry is (kv_tile << 2 | kind, keep-word pattern or -1):
 //   FULL     every real query of the tile sees every key: no masking at all
 //   PARTIAL  masked by the tile pair's keep words, made on the host (src/attention/neighborhood/
-//            masks.rs): bit 2 n + c of a thread's word for row half h is set when the key of
-//            column 8 n + lp + c is in that row's window. One 8-byte load per thread, issued a
-//            tile ahead; computing the window test here cost ~270 instructions per warp and
-//            tile (kernels/NOTES.md, ## neighborhood v3).
+//            masks.rs): a thread's element e = 32 half + 2 n + c (row half, key column
+//            8 n + lp + c) is bit e % 7 of byte e / 7 of its four words. One 16-byte load per
+//            thread, issued a tile ahead; computing the window test here cost ~270 instructions
+//            per warp and tile (kernels/NOTES.md, ## neighborhood v3).
 //   EXTRA    128 extra KV tokens (FLUX text) seen by every query; only the ragged end is masked
 // The extra tokens share the softmax with the grid keys, so no log-sum-exp merge is needed.
 #pragma once
@@ -44,7 +44,7 @@ struct GnaArgs {
     const int32_t* perm;      // permuted token -> original token, -1 for padding
     const int32_t* offsets;   // CSR over query tiles; each list: FULL tiles, then PARTIAL, then EXTRA
     const int2* list;         // per entry: ((kv_tile << 2) | kind, keep-word pattern (PARTIAL) or -1)
-    const uint32_t* masks;    // patterns of 512 words: [consumer thread][row half]
+    const uint32_t* masks;    // patterns of 1024 words: [consumer thread][4 keep words]
     int64_t o_stride[3];      // batch, head, row
     int64_t lse_stride[2];    // batch, head
     GnaAxis axis[3];
@@ -64,9 +64,12 @@ struct GnaArgs {
     // their K/V). CTA c runs w = c work_cta_stride + i work_step for i < work_per_cta, w < work_total.
     int32_t q_tiles, work_total, work_per_cta, work_step, work_cta_stride;
     const int32_t* full_ends;  // per query tile: the end of its FULL entries (into the list)
+    // Or (non-null) the items of CTA c are work_table[gridDim.x + 1 + work_table[c] ...
+    // gridDim.x + 1 + work_table[c + 1]] (src/attention/neighborhood/balance.rs).
+    const int32_t* work_table;
 };
 static_assert(sizeof(GnaArgs) == 1024 && offsetof(GnaArgs, o) == 640 && offsetof(GnaArgs, axis) == 728 &&
-                  offsetof(GnaArgs, full_ends) == 896,
+                  offsetof(GnaArgs, full_ends) == 896 && offsetof(GnaArgs, work_table) == 904,
               "GnaArgs layout changed: update src/attention/cuda/neighborhood.rs");
 
 namespace gna {
@@ -108,19 +111,30 @@ __device__ __forceinline__ void load_tile(const GnaArgs& a, bool direct, void* d
     }
 }
 
-// The CTA's work items (see GnaArgs): first + i step for i < count.
+// The CTA's work items (see GnaArgs): first + i step for i < count, or listed in the work table.
 struct WorkItems {
     int first, step, count, q_tiles, heads;
+    const int32_t* table;  // this CTA's items, or null
     __device__ __forceinline__ WorkItems(const GnaArgs& a, int cta) {
-        first = cta * a.work_cta_stride;
-        step = a.work_step;
-        count = first < a.work_total ? min(a.work_per_cta, (a.work_total - 1 - first) / step + 1) : 0;
         q_tiles = a.q_tiles;
         heads = a.heads;
+        if (a.work_table != nullptr) {
+            first = __ldg(a.work_table + cta);
+            count = __ldg(a.work_table + cta + 1) - first;
+            table = a.work_table + gridDim.x + 1 + first;
+            step = 0;
+        } else {
+            first = cta * a.work_cta_stride;
+            step = a.work_step;
+            count = first < a.work_total ? min(a.work_per_cta, (a.work_total - 1 - first) / step + 1) : 0;
+            table = nullptr;
+        }
     }
-    __device__ __forceinline__ int qt(int i) const { return (first + i * step) % q_tiles; }
-    __device__ __forceinline__ int head(int i) const { return (first + i * step) / q_tiles % heads; }
-    __device__ __forceinline__ int batch(int i) const { return (first + i * step) / q_tiles / heads; }
+    // item i as (b H + h) q_tiles + qt
+    __device__ __forceinline__ int at(int i) const { return table != nullptr ? __ldg(table + i) : first + i * step; }
+    __device__ __forceinline__ int qt(int w) const { return w % q_tiles; }
+    __device__ __forceinline__ int head(int w) const { return w / q_tiles % heads; }
+    __device__ __forceinline__ int batch(int w) const { return w / q_tiles / heads; }
 };
 
 // One consumer warpgroup: 64 of the 128 query rows of each work item's query tile against its
@@ -143,15 +157,22 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
     const uint32_t q_addr = smem_addr(sQ) + cw * 64 * 128;
 
     // S = Q K_gᵀ, issued asynchronously
+    // Descriptors: one per operand and call, each k-step's by adding its offset (in 16-byte
+    // units) to the address field; shared memory ends below 256 KB, so the field never carries.
+    // (Built per k-step, they cost ~12 instructions per wgmma, issued beside the other
+    // warpgroup's softmax.)
+    // (the high word, the strides and the swizzle mode, is a constant)
+    auto desc_at = [](uint64_t desc, uint32_t offset) {
+        return (desc & 0xffffffff00000000ull) | (uint32_t)((uint32_t)desc + (offset >> 4));
+    };
+    const uint64_t desc_q = make_desc(q_addr, 16, 1024);
     auto issue_qk = [&](float (&s)[BN / 2], int g) {
-        const uint32_t k_addr = smem_addr(sK + (g % kStages) * L::kKVBytes);
+        const uint64_t desc_k = make_desc(smem_addr(sK + (g % kStages) * L::kKVBytes), 16, 1024);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < (D + 15) / 16; ++kk) {
             const uint32_t col = kk / 4, off = (kk % 4) * 32;
-            const uint64_t dq = make_desc(q_addr + col * L::kQRows * 128 + off, 16, 1024);
-            const uint64_t dk = make_desc(k_addr + col * BN * 128 + off, 16, 1024);
-            Wgmma<T, BN>::ss(s, dq, dk, kk > 0);
+            Wgmma<T, BN>::ss(s, desc_at(desc_q, col * L::kQRows * 128 + off), desc_at(desc_k, col * BN * 128 + off), kk > 0);
         }
         wgmma_commit();
     };
@@ -162,31 +183,31 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
     const int2* list = nullptr;  // the current item's
     int n_tiles = 0;
     // List entry j (entry, pattern) and its keep words (all ones unless PARTIAL: this thread's
-    // uint2 of the pattern, masks.rs). In the masking loop entries are loaded two tiles ahead of
+    // uint4 of the pattern, masks.rs). In the masking loop entries are loaded two tiles ahead of
     // their softmax and keep words one tile ahead, so no load is waited for in the tile that
     // issues it (a load used right away stalled the warp between its GEMM issue and its
     // softmax: ncu, run 12).
-    const uint2* my_masks = reinterpret_cast<const uint2*>(a.masks) + (cw * 128 + warp * 32 + lane);
+    const uint4* my_masks = reinterpret_cast<const uint4*>(a.masks) + (cw * 128 + warp * 32 + lane);
     auto load_info = [&](int j) { return j < n_tiles ? __ldg(list + j) : make_int2(0, -1); };
     auto load_keep = [&](int2 info) {
-        return info.y >= 0 ? __ldg(my_masks + (int64_t)info.y * 256) : make_uint2(0xffffffffu, 0xffffffffu);
+        return info.y >= 0 ? __ldg(my_masks + (int64_t)info.y * 256) : make_uint4(~0u, ~0u, ~0u, ~0u);
     };
 
     // Masks S_j by the tile's kind (masked = false: a FULL tile, nothing to mask), then the
     // online softmax (as in the dense kernel).
     // (`masked` is a constant at every call, so the masking code folds away where it is false.)
-    auto softmax = [&](float (&s)[BN / 2], bool masked, int entry, uint2 keep, float (&alpha)[2]) {
+    auto softmax = [&](float (&s)[BN / 2], bool masked, int entry, uint4 keep, float (&alpha)[2]) {
         const int kind = entry & 3, tile = entry >> 2;
         if (!kMasked || !masked) {
         } else if (kind == kPartial) {
-            const uint32_t words[2] = {keep.x, keep.y};
+            const uint32_t words[4] = {keep.x, keep.y, keep.z, keep.w};
+            // element e = 32 half + 2 n + c is bit e % 7 of byte e / 7 (masks.rs): ptxas moves
+            // 7 bits at a time into predicates (R2P), one FSEL per element
 #pragma unroll
-            for (int n = 0; n < BN / 8; ++n)
-#pragma unroll
-                for (int half = 0; half < 2; ++half)
-#pragma unroll
-                    for (int c = 0; c < 2; ++c)
-                        if (!((words[half] >> (2 * n + c)) & 1u)) s[4 * n + 2 * half + c] = -INFINITY;
+            for (int e = 0; e < BN / 2; ++e) {
+                const int byte = e / 7, half = e / 32, n = e % 32 / 2, c = e % 2;
+                if (!((words[byte / 4] >> (byte % 4 * 8 + e % 7)) & 1u)) s[4 * n + 2 * half + c] = -INFINITY;
+            }
         } else if (kind == kExtra) {
             const int valid = a.n_extra - tile * BN;
             if (valid < BN) {
@@ -245,13 +266,10 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
     };
     // O += P_g V_g (V_g has landed: v_full waited for by the caller)
     auto issue_pv = [&](int g) {
-        const uint32_t v_addr = smem_addr(sV + (g % kStages) * L::kKVBytes);
+        const uint64_t desc_v = make_desc(smem_addr(sV + (g % kStages) * L::kKVBytes), BN * 128, 1024);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            const uint64_t dv = make_desc(v_addr + kk * 16 * 128, BN * 128, 1024);
-            Wgmma<T, DP>::rs_tb(o, pa[kk], dv);
-        }
+        for (int kk = 0; kk < BN / 16; ++kk) Wgmma<T, DP>::rs_tb(o, pa[kk], desc_at(desc_v, kk * 16 * 128));
         wgmma_commit();
     };
 
@@ -265,7 +283,7 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
     float s[BN / 2];
     // the masking loop's look-ahead: entry and keep words of tile j + 1, entry of tile j + 2
     int2 info1 = make_int2(0, -1), info2 = make_int2(0, -1);
-    uint2 keep1 = make_uint2(0xffffffffu, 0xffffffffu);
+    uint4 keep1 = make_uint4(~0u, ~0u, ~0u, ~0u);
     // Tile j + 1 of the item whose first tile is ring slot g0: S_{j+1} = Q K_{j+1}ᵀ, O rescaled
     // by tile j's alpha, O += P_j V_j, then the softmax of S_{j+1}. The same instruction
     // sequence every iteration of a loop, so that ptxas can follow the wgmma groups (a runtime
@@ -285,7 +303,7 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
         issue_pv(g);
         if (pingpong) turn_pass(cw);
         int2 info = make_int2(0, -1);
-        uint2 keep = make_uint2(0xffffffffu, 0xffffffffu);
+        uint4 keep = make_uint4(~0u, ~0u, ~0u, ~0u);
         if (kMasked && masked) {
             info = info1;  // tile j + 1
             keep = keep1;
@@ -302,22 +320,36 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
     };
 
     int g0 = 0;  // ring slot of the item's first tile
+    // An item's header (its list's bounds) is loaded an item ahead and its work-table entry two
+    // ahead, so that in a CTA with several items no load waits between one item's epilogue and
+    // the next one's first Q K^T.
+    struct Header {
+        int w, begin, end, full_end;
+    };
+    auto load_header = [&](int w) {
+        const int qt = work.qt(w);
+        const int begin = __ldg(a.offsets + qt), end = __ldg(a.offsets + qt + 1);
+        return Header{w, begin, end, kMasked ? __ldg(a.full_ends + qt) : end};
+    };
+    Header next = load_header(work.count > 0 ? work.at(0) : 0);
+    int w_after = work.count > 1 ? work.at(1) : 0;
     for (int item = 0; item < work.count; ++item) {
-        const int qt = work.qt(item), h = work.head(item), b = work.batch(item);
-        const int begin = __ldg(a.offsets + qt);
-        n_tiles = __ldg(a.offsets + qt + 1) - begin;
-        const int n_full = kMasked ? __ldg(a.full_ends + qt) - begin : n_tiles;
-        list = a.list + begin;
+        const Header cur = next;
+        if (item + 1 < work.count) next = load_header(w_after);
+        if (item + 2 < work.count) w_after = work.at(item + 2);
+        const int qt = work.qt(cur.w), h = work.head(cur.w), b = work.batch(cur.w);
+        n_tiles = cur.end - cur.begin;
+        const int n_full = cur.full_end - cur.begin;
+        list = a.list + cur.begin;
         // loads whose results are needed later: the look-ahead of the masking loop's first
-        // tiles, the original token of each row (epilogue)
+        // tiles (their keep words once the first Q K^T has run: they wait for these), the
+        // original token of each row (epilogue)
         int2 info0 = make_int2(0, -1);
-        uint2 keep0 = make_uint2(0xffffffffu, 0xffffffffu);
+        uint4 keep0 = make_uint4(~0u, ~0u, ~0u, ~0u);
         if constexpr (kMasked) {
             info0 = load_info(n_full);
             info1 = load_info(n_full + 1);
             info2 = load_info(n_full + 2);
-            keep0 = load_keep(info0);
-            keep1 = load_keep(info1);
         }
         int token[2];
 #pragma unroll
@@ -336,6 +368,10 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
             if (pingpong) turn_pass(cw);
             wgmma_wait0();
             mbar_arrive(&k_empty[g0 % kStages]);
+            if constexpr (kMasked) {
+                keep0 = load_keep(info0);
+                keep1 = load_keep(info1);
+            }
             if (n_full > 0) {
                 softmax(s, false, 0, keep0, pending);  // (O = 0: its rescale is a no-op)
                 if constexpr (kMasked) {  // the masking loop starts at tile n_full
@@ -448,7 +484,8 @@ __device__ __forceinline__ void gna_fwd(const GnaArgs& a) {
             };
             int g = 0;  // ring slot of the item's first tile
             for (int item = 0; item < work.count; ++item) {
-                const int qt = work.qt(item), h = work.head(item), b = work.batch(item);
+                const int w = work.at(item);
+                const int qt = work.qt(w), h = work.head(w), b = work.batch(w);
                 // Q first: its copy does not wait for the list reads below (two dependent loads).
                 // The consumers release Q once every Q K^T of the previous item has completed.
                 if (item > 0) mbar_wait(q_empty, (item - 1) & 1);

@@ -27,6 +27,7 @@ use candle_core::{DType, Tensor};
 use half::{bf16, f16};
 
 use super::{dev_ptr, encode_tiled, into_tensor, kernel_view, strides3, tensor_map};
+use crate::attention::neighborhood::balance;
 use crate::attention::neighborhood::tiles::{self, AxisTiling, GnaTiling, TILE};
 use crate::attention::neighborhood::NeighborhoodParams;
 use crate::error::{Error, Result};
@@ -75,6 +76,7 @@ struct GnaArgs {
     work_step: i32,
     work_cta_stride: i32,
     full_ends: u64,
+    work_table: u64,
 }
 // SAFETY: plain old data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for GnaArgs {}
@@ -83,6 +85,7 @@ const _: () = assert!(
     std::mem::offset_of!(GnaArgs, o) == 640
         && std::mem::offset_of!(GnaArgs, axis) == 728
         && std::mem::offset_of!(GnaArgs, full_ends) == 896
+        && std::mem::offset_of!(GnaArgs, work_table) == 904
 );
 const _: () = assert!(std::mem::size_of::<AxisTiling>() == 40);
 
@@ -112,6 +115,24 @@ pub struct DeviceTiling {
     /// per list entry (entry, keep-word pattern), interleaved: the kernel reads both in one load
     list: CudaSlice<i32>,
     masks: CudaSlice<u32>,
+    /// estimated cost of each query tile's work item (the cost-ordered schedules)
+    item_costs: Vec<f64>,
+    /// work tables of the cost-ordered schedules by (batch x heads, CTAs), built on first use
+    work_tables: Mutex<HashMap<(usize, usize), Arc<CudaSlice<i32>>>>,
+}
+
+impl DeviceTiling {
+    /// The work table (`balance::balanced_table`) of `groups` x the query tiles over `ctas` CTAs.
+    fn work_table(&self, dev: &CudaDevice, groups: usize, ctas: usize) -> Result<Arc<CudaSlice<i32>>> {
+        let mut tables = self.work_tables.lock().map_err(|_| err("work table cache poisoned"))?;
+        if let Some(t) = tables.get(&(groups, ctas)) {
+            return Ok(t.clone());
+        }
+        let table = balance::balanced_table(&self.item_costs, groups, ctas);
+        let t = Arc::new(dev.cuda_stream().clone_htod(&table).map_err(|e| err(format!("upload: {e:?}")))?);
+        tables.insert((groups, ctas), t.clone());
+        Ok(t)
+    }
 }
 
 type Key = (DeviceId, Vec<usize>, Vec<usize>, Vec<usize>, Vec<usize>, Vec<bool>, usize);
@@ -147,6 +168,8 @@ pub fn device_tiling(dev: &CudaDevice, grid: &[usize], p: &NeighborhoodParams, n
         full_ends: up(&tiling.full_ends)?,
         list: up(&tiling.entries.iter().zip(&tiling.mask_of).flat_map(|(&e, &m)| [e, m]).collect::<Vec<i32>>())?,
         masks,
+        item_costs: balance::item_costs(&tiling),
+        work_tables: Mutex::new(HashMap::new()),
         tiling,
     });
     cache.lock().map_err(|_| err("tiling cache poisoned"))?.insert(key, t.clone());
@@ -195,7 +218,7 @@ pub struct KernelOptions {
 
 impl Default for KernelOptions {
     fn default() -> Self {
-        Self { in_place: false, permute_q: false, pingpong: true, schedule: Schedule::Consecutive(1), always_masked: false, poison: false }
+        Self { in_place: false, permute_q: false, pingpong: true, schedule: Schedule::Balanced, always_masked: false, poison: false }
     }
 }
 
@@ -211,6 +234,9 @@ pub enum Schedule {
     RoundRobin(usize),
     /// `RoundRobin` over one CTA per SM (the kernel fits one CTA per SM).
     Persistent,
+    /// One CTA per SM, items assigned on the host by their cost (`balance`): heads in order,
+    /// each head's query tiles longest first, each to the CTA with the least work so far.
+    Balanced,
 }
 
 impl Schedule {
@@ -226,6 +252,8 @@ impl Schedule {
                 (ctas, items.div_ceil(ctas), ctas, 1)
             }
             Schedule::Persistent => Schedule::RoundRobin(sms).layout(items, sms),
+            // (per_cta, step, stride unused: the work table lists each CTA's items)
+            Schedule::Balanced => (sms.clamp(1, items.max(1)), 0, 0, 0),
         }
     }
 }
@@ -379,6 +407,10 @@ pub fn forward_with(
         return Err(err(format!("{items} work items (batch x heads x query tiles) above the 32-bit limit")));
     }
     let (ctas, per_cta, step, cta_stride) = opts.schedule.layout(items, super::sm_count(&dev)? as usize);
+    let work_table = match opts.schedule {
+        Schedule::Balanced => Some(dt.work_table(&dev, b * h, ctas)?),
+        _ => None,
+    };
     let mut args = GnaArgs {
         maps,
         o: 0,
@@ -403,6 +435,7 @@ pub fn forward_with(
         work_step: step as i32,
         work_cta_stride: cta_stride as i32,
         full_ends: dt.full_ends.device_ptr(&stream).0,
+        work_table: work_table.as_ref().map_or(0, |t| t.device_ptr(&stream).0),
     };
     let suffix = if dtype == DType::BF16 { "bf16" } else { "f16" };
     let (o_bf16, o_f16) = match dtype {

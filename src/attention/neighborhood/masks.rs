@@ -6,9 +6,13 @@
 //! Register layout (wgmma m64 accumulators of two consumer warpgroups, 128 query rows x 128
 //! keys): consumer thread `ctid` (0..256) holds rows `r(ctid, half) = (ctid / 128) 64 +
 //! (ctid % 128 / 32) 16 + (ctid % 32) / 4 + 8 half` for half 0, 1, and of each row the columns
-//! `8 n + lp + c` (n < 16, c < 2, lp = (ctid % 4) 2). Its keep word for a half has bit `2 n + c`
-//! set when that key is in that query's window. A pattern is the 512 words of one tile pair,
-//! ordered `[ctid][half]`, so a thread reads its two words as one `uint2`.
+//! `8 n + lp + c` (n < 16, c < 2, lp = (ctid % 4) 2): its 64 elements `e = 32 half + 2 n + c`.
+//! Its four keep words hold element e's bit (set when that key is in that row's window) at bit
+//! `e % 7` of byte `e / 7` (bytes little-endian over the words; the top bit of each byte and the
+//! last 6 bytes unused): ptxas then moves 7 bits at a time into predicates (one R2P per byte) and
+//! masks with one FSEL per element, about 80 instructions per tile against 110 for 32 bits per
+//! word. A pattern is the 1024 words of one tile pair, ordered `[ctid][word]`, so a thread reads
+//! its words as one `uint4`.
 //!
 //! Dedup: the neighbor relation of a (query tile, KV tile) pair is a product over axes, and
 //! along one axis it depends only on the two tile coordinates there; pairs of tile coordinates
@@ -20,8 +24,10 @@ use std::collections::HashMap;
 
 use super::tiles::{AxisTiling, TILE};
 
-/// u32 words per pattern: 256 consumer threads x 2 rows.
-pub const PATTERN_WORDS: usize = 512;
+/// u32 words per consumer thread and pattern.
+pub const THREAD_WORDS: usize = 4;
+/// u32 words per pattern: 256 consumer threads x [`THREAD_WORDS`].
+pub const PATTERN_WORDS: usize = 256 * THREAD_WORDS;
 
 /// One axis's relation between a query tile coordinate and a KV tile coordinate: per query box
 /// offset (0..tile), the set of KV box offsets in its window (bit j of a u128; tile <= 128).
@@ -81,16 +87,24 @@ pub fn thread_row(ctid: usize, half: usize) -> usize {
     (ctid / 128) * 64 + (ctid % 128 / 32) * 16 + (ctid % 32) / 4 + 8 * half
 }
 
-/// The key column of bit `bit` (0..32) of thread `ctid`'s keep words.
-pub fn bit_column(ctid: usize, bit: usize) -> usize {
-    8 * (bit / 2) + (ctid % 4) * 2 + bit % 2
+/// The key column of element `e` (0..64) of thread `ctid` (see the module header).
+pub fn element_column(ctid: usize, e: usize) -> usize {
+    8 * (e % 32 / 2) + (ctid % 4) * 2 + e % 2
 }
 
-/// Where the keep bit of (row, column) lives: (consumer thread, row half, bit); the inverse of
-/// [`thread_row`] and [`bit_column`].
+/// Where element `e`'s keep bit lives in its thread's words: (word, bit).
+pub fn element_bit(e: usize) -> (usize, usize) {
+    let byte = e / 7;
+    (byte / 4, byte % 4 * 8 + e % 7)
+}
+
+/// Where the keep bit of (row, column) lives: (consumer thread, word, bit); the inverse of
+/// [`thread_row`], [`element_column`] and [`element_bit`].
 pub fn keep_bit(row: usize, col: usize) -> (usize, usize, usize) {
     let ctid = (row / 64) * 128 + (row % 64 / 16) * 32 + (row % 8) * 4 + (col % 8) / 2;
-    (ctid, (row % 16) / 8, 2 * (col / 8) + col % 2)
+    let e = 32 * ((row % 16) / 8) + 2 * (col / 8) + col % 2;
+    let (word, bit) = element_bit(e);
+    (ctid, word, bit)
 }
 
 /// The keep-word patterns of the PARTIAL tiles of one tiling.
@@ -124,11 +138,12 @@ impl MaskTable {
             (0..3).all(|a| (rel[a][rq[a]] >> rk[a]) & 1 == 1)
         };
         for ctid in 0..256 {
-            for half in 0..2 {
-                let row = thread_row(ctid, half);
-                let word = (0..32).filter(|&bit| attends(row, bit_column(ctid, bit))).fold(0u32, |w, bit| w | 1 << bit);
-                self.words.push(word);
+            let mut words = [0u32; THREAD_WORDS];
+            for e in (0..64).filter(|&e| attends(thread_row(ctid, e / 32), element_column(ctid, e))) {
+                let (word, bit) = element_bit(e);
+                words[word] |= 1 << bit;
             }
+            self.words.extend(words);
         }
         self.patterns.insert(key, id);
         id

@@ -195,8 +195,8 @@ impl GnaTiling {
         match self.entries[index] & 3 {
             KIND_FULL => Some(true),
             KIND_PARTIAL => {
-                let (ctid, half, bit) = masks::keep_bit(row, col);
-                let word = self.masks[self.mask_of[index] as usize * PATTERN_WORDS + ctid * 2 + half];
+                let (ctid, w, bit) = masks::keep_bit(row, col);
+                let word = self.masks[self.mask_of[index] as usize * PATTERN_WORDS + ctid * masks::THREAD_WORDS + w];
                 Some((word >> bit) & 1 == 1)
             }
             _ => None,
