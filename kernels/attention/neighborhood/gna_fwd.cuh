@@ -157,14 +157,7 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
     const uint32_t q_addr = smem_addr(sQ) + cw * 64 * 128;
 
     // S = Q K_gᵀ, issued asynchronously
-    // Descriptors: one per operand and call, each k-step's by adding its offset (in 16-byte
-    // units) to the address field; shared memory ends below 256 KB, so the field never carries.
-    // (Built per k-step, they cost ~12 instructions per wgmma, issued beside the other
-    // warpgroup's softmax.)
-    // (the high word, the strides and the swizzle mode, is a constant)
-    auto desc_at = [](uint64_t desc, uint32_t offset) {
-        return (desc & 0xffffffff00000000ull) | (uint32_t)((uint32_t)desc + (offset >> 4));
-    };
+    // (descriptors made once per operand and call, the k-steps' by desc_at)
     const uint64_t desc_q = make_desc(q_addr, 16, 1024);
     auto issue_qk = [&](float (&s)[BN / 2], int g) {
         const uint64_t desc_k = make_desc(smem_addr(sK + (g % kStages) * L::kKVBytes), 16, 1024);

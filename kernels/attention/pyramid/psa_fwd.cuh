@@ -88,13 +88,12 @@ __device__ __forceinline__ void consume(const PsaArgs& a, const uint8_t* sQ, con
         const uint32_t k_addr = smem_addr(sK + ((g0 + j) % kStages) * St::kBytes);
         const bool kv8 = is_kv8(j);
         const uint32_t group = kv8 ? St::kKv8SlotBytes : 1024, col_block = kv8 ? 1024 : BN * 128;
+        const uint64_t desc_q = make_desc(q_addr, 16, 1024), desc_k = make_desc(k_addr, 16, group);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < (D + 15) / 16; ++kk) {
             const uint32_t col = kk / 4, off = (kk % 4) * 32;
-            const uint64_t dq = make_desc(q_addr + col * L::kQRows * 128 + off, 16, 1024);
-            const uint64_t dk = make_desc(k_addr + col * col_block + off, 16, group);
-            Wgmma<T, BN>::ss(s, dq, dk, kk > 0);
+            Wgmma<T, BN>::ss(s, desc_at(desc_q, col * L::kQRows * 128 + off), desc_at(desc_k, col * col_block + off), kk > 0);
         }
         wgmma_commit();
     };
@@ -165,12 +164,10 @@ __device__ __forceinline__ void consume(const PsaArgs& a, const uint8_t* sQ, con
         const bool kv8 = is_kv8(j);
         const uint32_t v_addr = stage_addr + (kv8 ? L::kColBlocks * 1024 : L::kKVBytes);
         const uint32_t group = kv8 ? St::kKv8SlotBytes : 1024, col_block = kv8 ? 1024 : BN * 128;
+        const uint64_t desc_v = make_desc(v_addr, col_block, group);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            const uint64_t dv = make_desc(v_addr + kk * 2 * group, col_block, group);  // 16 rows = 2 groups
-            Wgmma<T, DP>::rs_tb(o, pa[kk], dv);
-        }
+        for (int kk = 0; kk < BN / 16; ++kk) Wgmma<T, DP>::rs_tb(o, pa[kk], desc_at(desc_v, kk * 2 * group));  // 16 rows = 2 groups
         wgmma_commit();
     };
 

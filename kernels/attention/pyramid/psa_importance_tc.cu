@@ -274,14 +274,12 @@ __device__ __forceinline__ void importance(const PsaImpTcArgs& a) {
         const int s = j % kStages;
         mbar_wait(&k_full[s], (j / kStages) & 1);
         float acc[kBN / 2];
-        const uint32_t k_addr = smem_addr(sK + s * L::kKBytes);
+        const uint64_t desc_q = make_desc(q_addr, 16, 1024), desc_k = make_desc(smem_addr(sK + s * L::kKBytes), 16, 1024);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < (D + 15) / 16; ++kk) {
             const uint32_t col = kk / 4, off = (kk % 4) * 32;
-            const uint64_t dq = make_desc(q_addr + col * kRows * 128 + off, 16, 1024);
-            const uint64_t dk = make_desc(k_addr + col * kBN * 128 + off, 16, 1024);
-            Wgmma<T, kBN>::ss(acc, dq, dk, kk > 0);
+            Wgmma<T, kBN>::ss(acc, desc_at(desc_q, col * kRows * 128 + off), desc_at(desc_k, col * kBN * 128 + off), kk > 0);
         }
         wgmma_commit();
         wgmma_wait0();
