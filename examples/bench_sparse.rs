@@ -25,6 +25,7 @@ fn main() -> anyhow::Result<()> {
     use candle_core::{DType, Device, Tensor};
     use visgen::attention::cuda::{dense, neighborhood as gna};
     use visgen::attention::NeighborhoodParams;
+    use visgen::attention::neighborhood::tiles as gna_tiles;
 
     let reps: usize = match std::env::args().position(|a| a == "--reps") {
         Some(i) => std::env::args().nth(i + 1).and_then(|s| s.parse().ok()).unwrap_or(5),
@@ -252,13 +253,14 @@ fn main() -> anyhow::Result<()> {
             println!("    {name:<48} {ms:>8.3} ms (speedup {speedup:.2})");
         }
         println!(
-            "    box {:?}, {} query tiles, {} KV tiles visited ({} full, {} partial, {} keep-word patterns), \
+            "    box {:?}, {} query tiles, {} KV tiles visited ({} full, {} partial ({} by column class), {} keep-word patterns), \
              {} extra-token tiles visited; fraction = ({} + {}) / ({} x ({} + {})); grid tiles alone {:.4}",
             t.axes.map(|a| a.tile),
             t.q_tiles(),
             t.visited,
             t.full,
             t.visited - t.full,
+            t.entries.iter().filter(|&&e| e & 3 == gna_tiles::KIND_PARTIAL_COLUMNS).count(),
             t.patterns(),
             extra_tiles,
             t.visited,

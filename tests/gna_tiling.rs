@@ -8,7 +8,7 @@ mod common;
 
 use common::gna_shapes::{params, shapes};
 use visgen::attention::neighborhood::masks;
-use visgen::attention::neighborhood::tiles::{self, KIND_EXTRA, KIND_FULL, TILE};
+use visgen::attention::neighborhood::tiles::{self, KIND_EXTRA, KIND_FULL, KIND_PARTIAL_COLUMNS, TILE};
 use visgen::attention::neighborhood::{neighbors, NeighborhoodParams};
 
 #[test]
@@ -67,6 +67,11 @@ fn check_tiling(grid: &[usize], p: &NeighborhoodParams, n_extra: usize) {
                     if t.entries[i] & 3 == KIND_FULL {
                         assert!(real && t.mask_ok(pq, pk), "{grid:?} {p:?}: a FULL tile holds a non-neighbor");
                     }
+                    // the kernel masks these by the bit of the column's class (n % 2, c): the
+                    // column modulo 16 (columns 8 n + 2 (lane % 4) + c)
+                    if t.entries[i] & 3 == KIND_PARTIAL_COLUMNS {
+                        assert_eq!(t.kernel_keeps(i, row, col), t.kernel_keeps(i, row, col % 16), "{grid:?}: column class");
+                    }
                     if t.kernel_keeps(i, row, col).unwrap() {
                         assert!(real, "{grid:?}: a padding key is kept");
                         keys.push(t.perm[pk] as usize);
@@ -82,15 +87,18 @@ fn check_tiling(grid: &[usize], p: &NeighborhoodParams, n_extra: usize) {
 
 #[test]
 fn tiling_matches_reference_masks() {
-    let mut unmasked = 0;
+    let (mut unmasked, mut by_columns) = (0, 0);
     for (grid, p, extra) in shapes() {
         check_tiling(&grid, &p, extra);
         let t = tiles::plan(&grid, &p, extra).unwrap();
         unmasked += (t.full == t.visited && extra % TILE == 0) as usize;
+        by_columns += t.entries.iter().any(|&e| e & 3 == KIND_PARTIAL_COLUMNS) as usize;
     }
-    // the GPU tests walk these shapes: some must run the kernel without masking code
+    // the GPU tests walk these shapes: some must run the kernel without masking code, some the
+    // masking by column class
     assert!(unmasked > 0, "no shape has a list without a tile to mask");
-    println!("{unmasked} shapes need no masking");
+    assert!(by_columns > 0, "no shape has a tile masked by column class");
+    println!("{unmasked} shapes need no masking, {by_columns} have tiles masked by column class");
 }
 
 #[test]
@@ -108,6 +116,10 @@ fn tiling_of_benchmark_shapes_is_sparse() {
     let partial = t.visited - t.full;
     println!("256x256 k80 s1: box {:?}, visited {} ({:.3}), partial {partial}, patterns {}", t.axes.map(|a| a.tile), t.visited, t.visited_fraction(), t.patterns());
     assert!(t.patterns() * 4 < partial, "keep-word patterns barely shared: {} for {partial} partial tiles", t.patterns());
+    // Most of them are cut by a window edge along x only (box 8 x 16): masked per column class.
+    let columns = t.entries.iter().filter(|&&e| e & 3 == KIND_PARTIAL_COLUMNS).count();
+    println!("256x256 k80 s1: {columns} of {partial} partial tiles by column class");
+    assert!(columns * 2 > partial, "{columns} of {partial} partial tiles by column class");
     // The 3-D video shape (all full) and a stride-1 3-D one: printed for the notes.
     for (grid, p) in [
         (vec![30, 48, 80], params(&[18, 24, 24], &[16, 8, 8], &[1, 1, 1], &[false, false, false])),

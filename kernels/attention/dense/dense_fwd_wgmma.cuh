@@ -75,6 +75,12 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lead_bytes
     return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)((lead_bytes >> 4) & 0x3FFF) << 16) |
            ((uint64_t)((stride_bytes >> 4) & 0x3FFF) << 32) | (1ull << 62);
 }
+// Lazy rescaling of O (base-2 units), GNA and PSA: the running row max of the online softmax is
+// raised only when a tile's max exceeds it by more than this, so P <= 2^kRescaleSlack
+// (FlashAttention-4); O's rescale is then mostly skipped. (The dense kernel keeps the eager
+// rescale: lazy measured 5% slower there, kernels/NOTES.md ## neighborhood, session 9.)
+constexpr float kRescaleSlack = 8.f;
+
 // The descriptor of the operand `offset` bytes further: the start address field (low 14 bits,
 // 16-byte units) moves, the rest stays; shared memory ends below 256 KB, so it never carries.
 // A k-step's descriptor built this way from one made per operand and call costs ptxas ~6

@@ -18,6 +18,12 @@
 //            8 n + lp + c) is bit e % 7 of byte e / 7 of its four words. One 16-byte load per
 //            thread, issued a tile ahead; computing the window test here cost ~270 instructions
 //            per warp and tile (kernels/NOTES.md, ## neighborhood v3).
+//   PARTIAL_COLUMNS  a PARTIAL tile whose keep bits depend, in every row, only on the column
+//            class (n % 2, c) (a window edge cutting the tile along its innermost axis, box
+//            width 16): the class's bit is a bias of the exponent (-inf: p = 0) and masks the
+//            class's max, ~16 instructions instead of an FSEL per element. (So a non-finite score
+//            of a key outside the window but inside such a tile reaches the row: fma(inf, ., -inf)
+//            is NaN; finite scores, the only ones the reference's semantics cover, are exact.)
 //   EXTRA    128 extra KV tokens (FLUX text) seen by every query; only the ragged end is masked
 // The extra tokens share the softmax with the grid keys, so no log-sum-exp merge is needed.
 #pragma once
@@ -76,10 +82,7 @@ namespace gna {
 
 using namespace dense_wgmma;
 
-constexpr int kFull = 0, kPartial = 1, kExtra = 2;
-// Lazy rescaling of O (base-2 units): the running row max of the online softmax is raised only
-// when a tile's max exceeds it by more than this, so P <= 2^kRescaleSlack (FlashAttention-4).
-constexpr float kRescaleSlack = 8.f;
+constexpr int kFull = 0, kPartial = 1, kExtra = 2, kPartialColumns = 3;
 
 
 // Tile coordinates along each axis of a linear tile index (tiles row-major).
@@ -191,16 +194,20 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
     // (`masked` is a constant at every call, so the masking code folds away where it is false.)
     auto softmax = [&](float (&s)[BN / 2], bool masked, int entry, uint4 keep, float (&alpha)[2]) {
         const int kind = entry & 3, tile = entry >> 2;
+        const uint32_t words[4] = {keep.x, keep.y, keep.z, keep.w};
+        // element e = 32 half + 2 n + c is bit e % 7 of byte e / 7 (masks.rs): ptxas moves 7 bits
+        // at a time into predicates (R2P)
+        auto keeps = [&](int e) { return ((words[e / 7 / 4] >> (e / 7 % 4 * 8 + e % 7)) & 1u) != 0; };
+        // [half][n % 2][c]: the column classes' keep bits (PARTIAL_COLUMNS), else all kept
+        bool class_keeps[2][2][2];
+        const bool columns = kMasked && masked && kind == kPartialColumns;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) class_keeps[e / 4][e / 2 % 2][e % 2] = !columns || keeps(e / 4 * 32 + e % 4);
         if (!kMasked || !masked) {
         } else if (kind == kPartial) {
-            const uint32_t words[4] = {keep.x, keep.y, keep.z, keep.w};
-            // element e = 32 half + 2 n + c is bit e % 7 of byte e / 7 (masks.rs): ptxas moves
-            // 7 bits at a time into predicates (R2P), one FSEL per element
 #pragma unroll
-            for (int e = 0; e < BN / 2; ++e) {
-                const int byte = e / 7, half = e / 32, n = e % 32 / 2, c = e % 2;
-                if (!((words[byte / 4] >> (byte % 4 * 8 + e % 7)) & 1u)) s[4 * n + 2 * half + c] = -INFINITY;
-            }
+            for (int e = 0; e < BN / 2; ++e)  // one FSEL per element
+                if (!keeps(e)) s[4 * (e % 32 / 2) + 2 * (e / 32) + e % 2] = -INFINITY;
         } else if (kind == kExtra) {
             const int valid = a.n_extra - tile * BN;
             if (valid < BN) {
@@ -214,9 +221,19 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
         const float sl2 = a.scale_log2;
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            float mx = -INFINITY;
+            // the max per column class (n % 2, c), then over the kept classes
+            float class_max[2][2];
 #pragma unroll
-            for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]));
+            for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                for (int c = 0; c < 2; ++c)
+                    class_max[n % 2][c] = n < 2 ? s[4 * n + 2 * half + c] : fmaxf(class_max[n % 2][c], s[4 * n + 2 * half + c]);
+            float kept[2][2];
+#pragma unroll
+            for (int m = 0; m < 2; ++m)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) kept[m][c] = class_keeps[half][m][c] ? class_max[m][c] : -INFINITY;
+            float mx = fmaxf(fmaxf(kept[0][0], kept[0][1]), fmaxf(kept[1][0], kept[1][1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             // Lazy rescaling (FlashAttention-4): the running max (base-2 units) moves only when
@@ -227,12 +244,18 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
             alpha[half] = grow ? fast_exp2(row_max[half] - m_tile) : 1.f;
             if (grow) row_max[half] = m_tile;
             const float shift = row_max[half] == -INFINITY ? 0.f : row_max[half];  // all masked so far: avoid inf - inf
+            // p = 2^(s sl2 - shift), 0 in a dropped column class
+            float bias[2][2];
+#pragma unroll
+            for (int m = 0; m < 2; ++m)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) bias[m][c] = class_keeps[half][m][c] ? -shift : -INFINITY;
             float sum = 0.f;
 #pragma unroll
             for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
                 for (int c = 0; c < 2; ++c) {
-                    const float p = fast_exp2(fmaf(s[4 * n + 2 * half + c], sl2, -shift));
+                    const float p = fast_exp2(fmaf(s[4 * n + 2 * half + c], sl2, bias[n % 2][c]));
                     s[4 * n + 2 * half + c] = p;
                     sum += p;
                 }

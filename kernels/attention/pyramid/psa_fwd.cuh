@@ -129,10 +129,12 @@ __device__ __forceinline__ void consume(const PsaArgs& a, const uint8_t* sQ, con
             for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(row_max[half], fmaf(mx, sl2, bias));
-            const float shift = m_new == -INFINITY ? 0.f : m_new;
-            alpha[half] = fast_exp2(row_max[half] - shift);
-            row_max[half] = m_new;
+            // lazy (kRescaleSlack): most tiles keep the running max, alpha = 1
+            const float m_tile = fmaf(mx, sl2, bias);
+            const bool grow = m_tile > row_max[half] + kRescaleSlack;  // -inf + slack = -inf
+            alpha[half] = grow ? fast_exp2(row_max[half] - m_tile) : 1.f;
+            if (grow) row_max[half] = m_tile;
+            const float shift = row_max[half] == -INFINITY ? 0.f : row_max[half];  // all masked so far: avoid inf - inf
             float sum = 0.f;
 #pragma unroll
             for (int n = 0; n < BN / 8; ++n)
@@ -152,11 +154,16 @@ __device__ __forceinline__ void consume(const PsaArgs& a, const uint8_t* sQ, con
 #pragma unroll
             for (int r = 0; r < 4; ++r) pa[kk][r] = pack2<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
     };
-    auto rescale_o = [&](const float (&alpha)[2]) {
+    // O's rescale by the last softmax's alpha, applied just before the next P V is issued
+    // (FlashAttention-3's order, under the Q K^T issued before it), and skipped by warps whose
+    // rows all kept their max (GNA's loop, kernels/NOTES.md ## neighborhood, session 9).
+    float pending[2] = {1.f, 1.f};
+    auto rescale_pending = [&]() {
+        if (!__any_sync(0xffffffffu, pending[0] != 1.f || pending[1] != 1.f)) return;
 #pragma unroll
         for (int n = 0; n < DP / 8; ++n)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) o[4 * n + i] *= alpha[i / 2];
+            for (int i = 0; i < 4; ++i) o[4 * n + i] *= pending[i / 2];
     };
     auto issue_pv = [&](int j) {
         mbar_wait(&v_full[(g0 + j) % kStages], ((g0 + j) / kStages) & 1);
@@ -182,8 +189,7 @@ __device__ __forceinline__ void consume(const PsaArgs& a, const uint8_t* sQ, con
         if (pingpong) turn_pass(cw);
         wgmma_wait0();
         if (n_tiles == 1) mbar_arrive(q_empty);
-        float alpha[2];
-        softmax(s, 0, alpha);
+        softmax(s, 0, pending);  // (O = 0: its rescale is a no-op)
         pack_p(s);
     } else {
         mbar_arrive(q_empty);
@@ -192,18 +198,18 @@ __device__ __forceinline__ void consume(const PsaArgs& a, const uint8_t* sQ, con
         mbar_wait(&k_full[(g0 + j + 1) % kStages], ((g0 + j + 1) / kStages) & 1);
         if (pingpong) turn_wait(cw);
         issue_qk(s, j + 1);
+        rescale_pending();  // by tile j's alpha, under Q K_{j+1}ᵀ
         issue_pv(j);
         if (pingpong) turn_pass(cw);
         wgmma_wait1();  // Q K_{j+1}ᵀ done (committed first)
         if (j + 2 == n_tiles) mbar_arrive(q_empty);  // the last Q Kᵀ: sQ is free for the next item
-        float alpha[2];
-        softmax(s, j + 1, alpha);
+        softmax(s, j + 1, pending);
         wgmma_wait0();
         mbar_arrive(&empty[(g0 + j) % kStages]);
-        rescale_o(alpha);
         pack_p(s);
     }
     if (n_tiles > 0) {
+        rescale_pending();
         issue_pv(n_tiles - 1);
         wgmma_wait0();
         mbar_arrive(&empty[(g0 + n_tiles - 1) % kStages]);

@@ -14,11 +14,13 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-use super::tiles::{GnaTiling, KIND_PARTIAL};
+use super::tiles::{GnaTiling, KIND_PARTIAL, KIND_PARTIAL_COLUMNS};
 
 /// Cost of a PARTIAL tile relative to a FULL one (its per-element mask; kernels/NOTES.md,
-/// ## neighborhood, session 10: ~1.12 at locked clocks, the stride-1 and strided FLUX-4K cases).
+/// ## neighborhood, session 10: ~1.12 at locked clocks, the stride-1 and strided FLUX-4K cases),
+/// and of one masked by a bias per column class (KIND_PARTIAL_COLUMNS).
 const PARTIAL_COST: f64 = 1.12;
+const PARTIAL_COLUMNS_COST: f64 = 1.05;
 /// Cost of an item's start and epilogue (Q load, pipeline fill, the store of O), in tiles.
 const ITEM_COST: f64 = 1.0;
 
@@ -27,7 +29,12 @@ pub fn item_costs(t: &GnaTiling) -> Vec<f64> {
     (0..t.q_tiles())
         .map(|i| {
             let entries = &t.entries[t.offsets[i] as usize..t.offsets[i + 1] as usize];
-            ITEM_COST + entries.iter().map(|&e| if e & 3 == KIND_PARTIAL { PARTIAL_COST } else { 1.0 }).sum::<f64>()
+            let cost = |e: i32| match e & 3 {
+                KIND_PARTIAL => PARTIAL_COST,
+                KIND_PARTIAL_COLUMNS => PARTIAL_COLUMNS_COST,
+                _ => 1.0,
+            };
+            ITEM_COST + entries.iter().map(|&e| cost(e)).sum::<f64>()
         })
         .collect()
 }

@@ -115,12 +115,23 @@ pub struct MaskTable {
     box_offsets: Vec<[usize; 3]>,
     /// `PATTERN_WORDS` per pattern
     pub words: Vec<u32>,
+    /// per pattern: every thread's keep bit of element (half, n, c) equals that of
+    /// (half, n % 2, c), i.e. a row's mask depends only on the key column's class, as for a
+    /// window edge cutting the tile along its innermost axis only (box width 16)
+    pub columns_only: Vec<bool>,
 }
 
 impl MaskTable {
     pub fn new(axes: [AxisTiling; 3]) -> Self {
         let box_offsets = (0..TILE).map(|r| box_offsets(&axes, r)).collect();
-        Self { axes, classes: [AxisClasses::new(), AxisClasses::new(), AxisClasses::new()], patterns: HashMap::new(), box_offsets, words: Vec::new() }
+        Self {
+            axes,
+            classes: [AxisClasses::new(), AxisClasses::new(), AxisClasses::new()],
+            patterns: HashMap::new(),
+            box_offsets,
+            words: Vec::new(),
+            columns_only: Vec::new(),
+        }
     }
 
     /// Pattern index of the pair (query tile, KV tile) given by their per-axis tile coordinates,
@@ -137,14 +148,19 @@ impl MaskTable {
             let (rq, rk) = (offsets[row], offsets[col]);
             (0..3).all(|a| (rel[a][rq[a]] >> rk[a]) & 1 == 1)
         };
+        let mut columns_only = true;
         for ctid in 0..256 {
             let mut words = [0u32; THREAD_WORDS];
-            for e in (0..64).filter(|&e| attends(thread_row(ctid, e / 32), element_column(ctid, e))) {
+            let keeps = |e: usize| attends(thread_row(ctid, e / 32), element_column(ctid, e));
+            for e in (0..64).filter(|&e| keeps(e)) {
                 let (word, bit) = element_bit(e);
                 words[word] |= 1 << bit;
             }
+            // element e = 32 half + 2 n + c against its class (half, n % 2, c): e % 32 < 4
+            columns_only &= (0..64).all(|e| keeps(e) == keeps(e - e % 32 + e % 4));
             self.words.extend(words);
         }
+        self.columns_only.push(columns_only);
         self.patterns.insert(key, id);
         id
     }

@@ -28,6 +28,14 @@ pub const TILE: usize = 128;
 pub const KIND_FULL: i32 = 0;
 pub const KIND_PARTIAL: i32 = 1;
 pub const KIND_EXTRA: i32 = 2;
+/// A PARTIAL tile whose keep words depend, in every row, only on the key column's class
+/// `(n % 2, c)` (`masks::MaskTable::columns_only`): the kernel masks it by a bias per class.
+pub const KIND_PARTIAL_COLUMNS: i32 = 3;
+
+/// Whether an entry's kind is one of the two PARTIAL kinds.
+pub fn is_partial(entry: i32) -> bool {
+    matches!(entry & 3, KIND_PARTIAL | KIND_PARTIAL_COLUMNS)
+}
 
 /// One axis of the (rank-3-padded) grid, as the kernel sees it. Mirrored by `GnaAxis` in
 /// kernels/attention/neighborhood/gna_fwd.cuh.
@@ -194,7 +202,7 @@ impl GnaTiling {
     pub fn kernel_keeps(&self, index: usize, row: usize, col: usize) -> Option<bool> {
         match self.entries[index] & 3 {
             KIND_FULL => Some(true),
-            KIND_PARTIAL => {
+            KIND_PARTIAL | KIND_PARTIAL_COLUMNS => {
                 let (ctid, w, bit) = masks::keep_bit(row, col);
                 let word = self.masks[self.mask_of[index] as usize * PATTERN_WORDS + ctid * masks::THREAD_WORDS + w];
                 Some((word >> bit) & 1 == 1)
@@ -318,8 +326,14 @@ fn build(axes: [AxisTiling; 3], n: usize, n_extra: usize) -> GnaTiling {
                                     continue;
                                 }
                                 let kt = (k0 * tiles[1] + k1) * tiles[2] + k2;
-                                tiling.entries.push(((kt as i32) << 2) | if full { KIND_FULL } else { KIND_PARTIAL });
-                                tiling.mask_of.push(if full { -1 } else { table.pattern([q0, q1, q2], [k0, k1, k2]) });
+                                let pattern = if full { -1 } else { table.pattern([q0, q1, q2], [k0, k1, k2]) };
+                                let kind = match pattern {
+                                    -1 => KIND_FULL,
+                                    p if table.columns_only[p as usize] => KIND_PARTIAL_COLUMNS,
+                                    _ => KIND_PARTIAL,
+                                };
+                                tiling.entries.push(((kt as i32) << 2) | kind);
+                                tiling.mask_of.push(pattern);
                                 tiling.visited += 1;
                                 tiling.full += full as usize;
                             }
