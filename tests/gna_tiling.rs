@@ -8,7 +8,7 @@ mod common;
 
 use common::gna_shapes::{params, shapes};
 use visgen::attention::neighborhood::masks;
-use visgen::attention::neighborhood::tiles::{self, KIND_EXTRA, KIND_FULL, KIND_PARTIAL_COLUMNS, TILE};
+use visgen::attention::neighborhood::tiles::{self, KIND_EXTRA, KIND_FULL, KIND_PARTIAL, KIND_PARTIAL_COLUMNS, TILE};
 use visgen::attention::neighborhood::{neighbors, NeighborhoodParams};
 
 #[test]
@@ -41,13 +41,17 @@ fn check_tiling(grid: &[usize], p: &NeighborhoodParams, n_extra: usize) {
     let extra_tiles = n_extra.div_ceil(TILE);
     for qt in 0..t.q_tiles() {
         let range = t.offsets[qt] as usize..t.offsets[qt + 1] as usize;
-        // list order (the kernel's unmasked loop runs entries[offsets..full_ends]): FULL, then
-        // PARTIAL, then extra-token tiles
-        let full_end = t.full_ends[qt] as usize;
-        assert!(range.contains(&full_end) || full_end == range.end, "{grid:?}: full_end outside the tile's list");
+        // list order (the kernel runs entries[offsets..full_ends] in a loop without masking,
+        // entries[full_ends..columns_ends] in one masking by column class): FULL, then
+        // PARTIAL_COLUMNS, then PARTIAL, then extra-token tiles
+        let (full_end, columns_end) = (t.full_ends[qt] as usize, t.columns_ends[qt] as usize);
+        assert!(range.start <= full_end && full_end <= columns_end && columns_end <= range.end, "{grid:?}: list bounds");
         let kinds: Vec<i32> = range.clone().map(|i| t.entries[i] & 3).collect();
-        assert!(kinds[..full_end - range.start].iter().all(|&k| k == KIND_FULL), "{grid:?}: a masked tile before full_end");
-        assert!(!kinds[full_end - range.start..].contains(&KIND_FULL), "{grid:?}: a FULL tile after full_end");
+        let (full, rest) = kinds.split_at(full_end - range.start);
+        let (columns, rest) = rest.split_at(columns_end - full_end);
+        assert!(full.iter().all(|&k| k == KIND_FULL), "{grid:?}: a masked tile before full_end");
+        assert!(columns.iter().all(|&k| k == KIND_PARTIAL_COLUMNS), "{grid:?}: another kind among the PARTIAL_COLUMNS tiles");
+        assert!(rest.iter().all(|&k| k == KIND_PARTIAL || k == KIND_EXTRA), "{grid:?}: a FULL or PARTIAL_COLUMNS tile after columns_end");
         assert!(kinds.windows(2).all(|w| !(w[0] == KIND_EXTRA && w[1] != KIND_EXTRA)), "{grid:?}: a grid tile after an extra tile");
         let grid_entries: Vec<usize> = range.clone().filter(|&i| t.entries[i] & 3 != KIND_EXTRA).collect();
         let mut tiles_seen: Vec<i32> = grid_entries.iter().map(|&i| t.entries[i] >> 2).collect();

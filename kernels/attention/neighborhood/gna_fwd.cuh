@@ -21,9 +21,11 @@
 //   PARTIAL_COLUMNS  a PARTIAL tile whose keep bits depend, in every row, only on the column
 //            class (n % 2, c) (a window edge cutting the tile along its innermost axis, box
 //            width 16): the class's bit is a bias of the exponent (-inf: p = 0) and masks the
-//            class's max, ~16 instructions instead of an FSEL per element. (So a non-finite score
-//            of a key outside the window but inside such a tile reaches the row: fma(inf, ., -inf)
-//            is NaN; finite scores, the only ones the reference's semantics cover, are exact.)
+//            class's max, ~20 instructions instead of an FSEL per element. These tiles follow
+//            the FULL ones in the list and run through a loop of their own. (So a non-finite
+//            score of a key outside the window but inside such a tile reaches the row:
+//            fma(inf, ., -inf) is NaN; finite scores, which the reference's semantics cover, are
+//            exact.)
 //   EXTRA    128 extra KV tokens (FLUX text) seen by every query; only the ragged end is masked
 // The extra tokens share the softmax with the grid keys, so no log-sum-exp merge is needed.
 #pragma once
@@ -73,9 +75,11 @@ struct GnaArgs {
     // Or (non-null) the items of CTA c are work_table[gridDim.x + 1 + work_table[c] ...
     // gridDim.x + 1 + work_table[c + 1]] (src/attention/neighborhood/balance.rs).
     const int32_t* work_table;
+    const int32_t* columns_ends;  // per query tile: the end of its PARTIAL_COLUMNS entries
 };
 static_assert(sizeof(GnaArgs) == 1024 && offsetof(GnaArgs, o) == 640 && offsetof(GnaArgs, axis) == 728 &&
-                  offsetof(GnaArgs, full_ends) == 896 && offsetof(GnaArgs, work_table) == 904,
+                  offsetof(GnaArgs, full_ends) == 896 && offsetof(GnaArgs, work_table) == 904 &&
+                  offsetof(GnaArgs, columns_ends) == 912,
               "GnaArgs layout changed: update src/attention/cuda/neighborhood.rs");
 
 namespace gna {
@@ -83,6 +87,10 @@ namespace gna {
 using namespace dense_wgmma;
 
 constexpr int kFull = 0, kPartial = 1, kExtra = 2, kPartialColumns = 3;
+// What a softmax call masks (a constant at each call, so the rest folds away): nothing (FULL
+// tiles), by column class (the PARTIAL_COLUMNS loop), by the entry's kind among PARTIAL and EXTRA
+// (the last loop), or by any kind (an item's first tile when it has no FULL tile).
+constexpr int kMaskNone = 0, kMaskColumns = 1, kMaskGeneric = 2, kMaskAny = 3;
 
 
 // Tile coordinates along each axis of a linear tile index (tiles row-major).
@@ -189,26 +197,24 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
         return info.y >= 0 ? __ldg(my_masks + (int64_t)info.y * 256) : make_uint4(~0u, ~0u, ~0u, ~0u);
     };
 
-    // Masks S_j by the tile's kind (masked = false: a FULL tile, nothing to mask), then the
-    // online softmax (as in the dense kernel).
-    // (`masked` is a constant at every call, so the masking code folds away where it is false.)
-    auto softmax = [&](float (&s)[BN / 2], bool masked, int entry, uint4 keep, float (&alpha)[2]) {
+    // Masks S_j as `mode` says (kMask*), then the online softmax (as in the dense kernel).
+    auto softmax = [&](float (&s)[BN / 2], int mode, int entry, uint4 keep, float (&alpha)[2]) {
         const int kind = entry & 3, tile = entry >> 2;
+        const bool by_kind = kMasked && (mode == kMaskGeneric || mode == kMaskAny);
         const uint32_t words[4] = {keep.x, keep.y, keep.z, keep.w};
         // element e = 32 half + 2 n + c is bit e % 7 of byte e / 7 (masks.rs): ptxas moves 7 bits
         // at a time into predicates (R2P)
         auto keeps = [&](int e) { return ((words[e / 7 / 4] >> (e / 7 % 4 * 8 + e % 7)) & 1u) != 0; };
         // [half][n % 2][c]: the column classes' keep bits (PARTIAL_COLUMNS), else all kept
         bool class_keeps[2][2][2];
-        const bool columns = kMasked && masked && kind == kPartialColumns;
+        const bool columns = kMasked && (mode == kMaskColumns || (mode == kMaskAny && kind == kPartialColumns));
 #pragma unroll
         for (int e = 0; e < 8; ++e) class_keeps[e / 4][e / 2 % 2][e % 2] = !columns || keeps(e / 4 * 32 + e % 4);
-        if (!kMasked || !masked) {
-        } else if (kind == kPartial) {
+        if (by_kind && kind == kPartial) {
 #pragma unroll
             for (int e = 0; e < BN / 2; ++e)  // one FSEL per element
                 if (!keeps(e)) s[4 * (e % 32 / 2) + 2 * (e / 32) + e % 2] = -INFINITY;
-        } else if (kind == kExtra) {
+        } else if (by_kind && kind == kExtra) {
             const int valid = a.n_extra - tile * BN;
             if (valid < BN) {
 #pragma unroll
@@ -309,7 +315,7 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
     // after the wait. ptxas still moves most of the softmax below wait_group 0 (it packs P into
     // the registers P V reads as soon as values are ready); waiting at the start of the next step
     // instead keeps all of it above, and measured 2% slower.
-    auto step = [&](bool masked, int g0, int j) {
+    auto step = [&](int mode, int g0, int j) {
         const int g = g0 + j;
         mbar_wait(&k_full[(g + 1) % kStages], ((g + 1) / kStages) & 1);
         mbar_wait(&v_full[g % kStages], (g / kStages) & 1);
@@ -320,7 +326,7 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
         if (pingpong) turn_pass(cw);
         int2 info = make_int2(0, -1);
         uint4 keep = make_uint4(~0u, ~0u, ~0u, ~0u);
-        if (kMasked && masked) {
+        if (kMasked && mode != kMaskNone) {
             info = info1;  // tile j + 1
             keep = keep1;
             info1 = info2;  // tile j + 2
@@ -330,7 +336,7 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
         wgmma_wait1();
         mbar_arrive(&k_empty[(g + 1) % kStages]);  // S_{j+1} is done: K_{j+1} is free
         if (j > 0) mbar_arrive(&v_empty[(g - 1) % kStages]);  // and so is P_{j-1} V_{j-1}
-        softmax(s, masked, info.x, keep, pending);
+        softmax(s, mode, info.x, keep, pending);
         wgmma_wait0();
         pack_p(s);
     };
@@ -340,12 +346,12 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
     // ahead, so that in a CTA with several items no load waits between one item's epilogue and
     // the next one's first Q K^T.
     struct Header {
-        int w, begin, end, full_end;
+        int w, begin, end, full_end, columns_end;
     };
     auto load_header = [&](int w) {
         const int qt = work.qt(w);
         const int begin = __ldg(a.offsets + qt), end = __ldg(a.offsets + qt + 1);
-        return Header{w, begin, end, kMasked ? __ldg(a.full_ends + qt) : end};
+        return kMasked ? Header{w, begin, end, __ldg(a.full_ends + qt), __ldg(a.columns_ends + qt)} : Header{w, begin, end, end, end};
     };
     Header next = load_header(work.count > 0 ? work.at(0) : 0);
     int w_after = work.count > 1 ? work.at(1) : 0;
@@ -355,7 +361,7 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
         if (item + 2 < work.count) w_after = work.at(item + 2);
         const int qt = work.qt(cur.w), h = work.head(cur.w), b = work.batch(cur.w);
         n_tiles = cur.end - cur.begin;
-        const int n_full = cur.full_end - cur.begin;
+        const int n_full = cur.full_end - cur.begin, n_columns_end = cur.columns_end - cur.begin;
         list = a.list + cur.begin;
         // loads whose results are needed later: the look-ahead of the masking loop's first
         // tiles (their keep words once the first Q K^T has run: they wait for these), the
@@ -389,21 +395,23 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
                 keep1 = load_keep(info1);
             }
             if (n_full > 0) {
-                softmax(s, false, 0, keep0, pending);  // (O = 0: its rescale is a no-op)
+                softmax(s, kMaskNone, 0, keep0, pending);  // (O = 0: its rescale is a no-op)
                 if constexpr (kMasked) {  // the masking loop starts at tile n_full
                     info2 = info1;
                     keep1 = keep0;
                     info1 = info0;
                 }
             } else {
-                softmax(s, true, info0.x, keep0, pending);
+                softmax(s, kMaskAny, info0.x, keep0, pending);
             }
             pack_p(s);
         }
         int j = 0;
-        for (; j + 1 < n_full; ++j) step(false, g0, j);
-        if constexpr (kMasked)
-            for (; j + 1 < n_tiles; ++j) step(true, g0, j);
+        for (; j + 1 < n_full; ++j) step(kMaskNone, g0, j);  // (step j runs tile j + 1's softmax)
+        if constexpr (kMasked) {
+            for (; j + 1 < n_columns_end; ++j) step(kMaskColumns, g0, j);
+            for (; j + 1 < n_tiles; ++j) step(kMaskGeneric, g0, j);
+        }
         // Every Q K^T of this item has completed: the producer may load the next item's Q while
         // the last P V and the epilogue run.
         mbar_arrive(q_empty);

@@ -77,6 +77,7 @@ struct GnaArgs {
     work_cta_stride: i32,
     full_ends: u64,
     work_table: u64,
+    columns_ends: u64,
 }
 // SAFETY: plain old data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for GnaArgs {}
@@ -86,6 +87,7 @@ const _: () = assert!(
         && std::mem::offset_of!(GnaArgs, axis) == 728
         && std::mem::offset_of!(GnaArgs, full_ends) == 896
         && std::mem::offset_of!(GnaArgs, work_table) == 904
+        && std::mem::offset_of!(GnaArgs, columns_ends) == 912
 );
 const _: () = assert!(std::mem::size_of::<AxisTiling>() == 40);
 
@@ -112,6 +114,7 @@ pub struct DeviceTiling {
     perm: CudaSlice<i32>,
     offsets: CudaSlice<i32>,
     full_ends: CudaSlice<i32>,
+    columns_ends: CudaSlice<i32>,
     /// per list entry (entry, keep-word pattern), interleaved: the kernel reads both in one load
     list: CudaSlice<i32>,
     masks: CudaSlice<u32>,
@@ -166,6 +169,7 @@ pub fn device_tiling(dev: &CudaDevice, grid: &[usize], p: &NeighborhoodParams, n
         perm: up(&tiling.perm)?,
         offsets: up(&tiling.offsets)?,
         full_ends: up(&tiling.full_ends)?,
+        columns_ends: up(&tiling.columns_ends)?,
         list: up(&tiling.entries.iter().zip(&tiling.mask_of).flat_map(|(&e, &m)| [e, m]).collect::<Vec<i32>>())?,
         masks,
         item_costs: balance::item_costs(&tiling),
@@ -436,6 +440,7 @@ pub fn forward_with(
         work_cta_stride: cta_stride as i32,
         full_ends: dt.full_ends.device_ptr(&stream).0,
         work_table: work_table.as_ref().map_or(0, |t| t.device_ptr(&stream).0),
+        columns_ends: dt.columns_ends.device_ptr(&stream).0,
     };
     let suffix = if dtype == DType::BF16 { "bf16" } else { "f16" };
     let (o_bf16, o_f16) = match dtype {

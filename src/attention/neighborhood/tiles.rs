@@ -149,6 +149,9 @@ pub struct GnaTiling {
     /// per query tile, the end of its FULL entries (`offsets[i] <= full_ends[i] <= offsets[i + 1]`):
     /// the kernel runs that run of tiles through a loop without masking code
     pub full_ends: Vec<i32>,
+    /// per query tile, the end of its PARTIAL_COLUMNS entries, which follow the FULL ones
+    /// (`full_ends[i] <= columns_ends[i] <= offsets[i + 1]`): the kernel's loop for them
+    pub columns_ends: Vec<i32>,
     /// `(kv_tile << 2) | kind`
     pub entries: Vec<i32>,
     /// per entry: its keep-word pattern for a PARTIAL tile, -1 otherwise
@@ -291,6 +294,7 @@ fn build(axes: [AxisTiling; 3], n: usize, n_extra: usize) -> GnaTiling {
         perm: vec![-1; n_pad],
         offsets: vec![0],
         full_ends: Vec::new(),
+        columns_ends: Vec::new(),
         entries: Vec::new(),
         mask_of: Vec::new(),
         masks: Vec::new(),
@@ -316,31 +320,34 @@ fn build(axes: [AxisTiling; 3], n: usize, n_extra: usize) -> GnaTiling {
             for q2 in 0..tiles[2] {
                 let (r0, r1, r2) = (&related[0][q0], &related[1][q1], &related[2][q2]);
                 let has_real_query = !(r0.is_empty() || r1.is_empty() || r2.is_empty());
-                // two passes over the tile's KV tiles: the FULL ones, then the PARTIAL ones
-                for want_full in [true, false] {
-                    for &(k0, f0) in r0 {
-                        for &(k1, f1) in r1 {
-                            for &(k2, f2) in r2 {
-                                let full = f0 && f1 && f2;
-                                if full != want_full {
-                                    continue;
-                                }
-                                let kt = (k0 * tiles[1] + k1) * tiles[2] + k2;
-                                let pattern = if full { -1 } else { table.pattern([q0, q1, q2], [k0, k1, k2]) };
-                                let kind = match pattern {
-                                    -1 => KIND_FULL,
-                                    p if table.columns_only[p as usize] => KIND_PARTIAL_COLUMNS,
-                                    _ => KIND_PARTIAL,
-                                };
-                                tiling.entries.push(((kt as i32) << 2) | kind);
-                                tiling.mask_of.push(pattern);
-                                tiling.visited += 1;
-                                tiling.full += full as usize;
-                            }
+                // the tile's KV tiles with their kind and pattern, listed FULL, then
+                // PARTIAL_COLUMNS, then PARTIAL (each kind a loop of its own in the kernel)
+                let mut grid_entries = Vec::new();
+                for &(k0, f0) in r0 {
+                    for &(k1, f1) in r1 {
+                        for &(k2, f2) in r2 {
+                            let kt = (k0 * tiles[1] + k1) * tiles[2] + k2;
+                            let pattern = if f0 && f1 && f2 { -1 } else { table.pattern([q0, q1, q2], [k0, k1, k2]) };
+                            let kind = match pattern {
+                                -1 => KIND_FULL,
+                                p if table.columns_only[p as usize] => KIND_PARTIAL_COLUMNS,
+                                _ => KIND_PARTIAL,
+                            };
+                            grid_entries.push((kt as i32, kind, pattern));
                         }
                     }
-                    if want_full {
-                        tiling.full_ends.push(tiling.entries.len() as i32);
+                }
+                for kind in [KIND_FULL, KIND_PARTIAL_COLUMNS, KIND_PARTIAL] {
+                    for &(kt, _, pattern) in grid_entries.iter().filter(|e| e.1 == kind) {
+                        tiling.entries.push((kt << 2) | kind);
+                        tiling.mask_of.push(pattern);
+                        tiling.visited += 1;
+                        tiling.full += (kind == KIND_FULL) as usize;
+                    }
+                    match kind {
+                        KIND_FULL => tiling.full_ends.push(tiling.entries.len() as i32),
+                        KIND_PARTIAL_COLUMNS => tiling.columns_ends.push(tiling.entries.len() as i32),
+                        _ => {}
                     }
                 }
                 if has_real_query {
