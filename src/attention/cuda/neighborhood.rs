@@ -118,9 +118,9 @@ pub struct DeviceTiling {
     /// per list entry (entry, keep-word pattern), interleaved: the kernel reads both in one load
     list: CudaSlice<i32>,
     masks: CudaSlice<u32>,
-    /// estimated cost of each query tile's work item (the cost-ordered schedules)
+    /// estimated cost of each query tile's work item (`Schedule::Balanced`)
     item_costs: Vec<f64>,
-    /// work tables of the cost-ordered schedules by (batch x heads, CTAs), built on first use
+    /// `Schedule::Balanced`'s work tables by (batch x heads, CTAs), built on first use
     work_tables: Mutex<HashMap<(usize, usize), Arc<CudaSlice<i32>>>>,
 }
 
