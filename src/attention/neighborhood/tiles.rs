@@ -32,10 +32,6 @@ pub const KIND_EXTRA: i32 = 2;
 /// `(n % 2, c)` (`masks::MaskTable::columns_only`): the kernel masks it by a bias per class.
 pub const KIND_PARTIAL_COLUMNS: i32 = 3;
 
-/// Whether an entry's kind is one of the two PARTIAL kinds.
-pub fn is_partial(entry: i32) -> bool {
-    matches!(entry & 3, KIND_PARTIAL | KIND_PARTIAL_COLUMNS)
-}
 
 /// One axis of the (rank-3-padded) grid, as the kernel sees it. Mirrored by `GnaAxis` in
 /// kernels/attention/neighborhood/gna_fwd.cuh.
