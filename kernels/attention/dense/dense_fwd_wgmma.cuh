@@ -81,6 +81,27 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lead_bytes
 // rescale: lazy measured 5% slower there, kernels/NOTES.md ## neighborhood, session 9.)
 constexpr float kRescaleSlack = 8.f;
 
+// The lazy max of one row: raises `row_max` (base 2) to this tile's `m_tile` only when it exceeds
+// it by more than kRescaleSlack; sets `alpha`, the factor O and the row sum are to be scaled by
+// (1 when the max stays), and returns the shift of the exponents (0 while the row saw only -inf).
+__device__ __forceinline__ float lazy_row_max(float& row_max, float m_tile, float& alpha) {
+    const bool grow = m_tile > row_max + kRescaleSlack;  // -inf + slack = -inf
+    alpha = grow ? fast_exp2(row_max - m_tile) : 1.f;
+    if (grow) row_max = m_tile;
+    return row_max == -INFINITY ? 0.f : row_max;  // all masked so far: avoid inf - inf
+}
+
+// O *= alpha (per row half) unless every row of the warp kept its max (alpha = 1 throughout):
+// the lazy rescale, applied just before the next P V is issued (FlashAttention-3's order).
+template <int N>
+__device__ __forceinline__ void rescale_lazy(float (&o)[N], const float (&alpha)[2]) {
+    if (!__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) return;
+#pragma unroll
+    for (int n = 0; n < N / 4; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) o[4 * n + i] *= alpha[i / 2];
+}
+
 // The descriptor of the operand `offset` bytes further: the start address field (low 14 bits,
 // 16-byte units) moves, the rest stays; shared memory ends below 256 KB, so it never carries.
 // A k-step's descriptor built this way from one made per operand and call costs ptxas ~6

@@ -50,7 +50,7 @@ struct GnaArgs {
     void* o;                  // (B, H, N, D) in the original token order
     float* lse;               // (B, H, N)
     const int32_t* perm;      // permuted token -> original token, -1 for padding
-    const int32_t* offsets;   // CSR over query tiles; each list: FULL tiles, then PARTIAL, then EXTRA
+    const int32_t* offsets;   // CSR over query tiles; each list: FULL, PARTIAL_COLUMNS, PARTIAL, EXTRA
     const int2* list;         // per entry: ((kv_tile << 2) | kind, keep-word pattern (PARTIAL) or -1)
     const uint32_t* masks;    // patterns of 1024 words: [consumer thread][4 keep words]
     int64_t o_stride[3];      // batch, head, row
@@ -91,7 +91,6 @@ constexpr int kFull = 0, kPartial = 1, kExtra = 2, kPartialColumns = 3;
 // tiles), by column class (the PARTIAL_COLUMNS loop), by the entry's kind among PARTIAL and EXTRA
 // (the last loop), or by any kind (an item's first tile when it has no FULL tile).
 constexpr int kMaskNone = 0, kMaskColumns = 1, kMaskGeneric = 2, kMaskAny = 3;
-
 
 // Tile coordinates along each axis of a linear tile index (tiles row-major).
 __device__ __forceinline__ void tile_coords(const GnaAxis (&ax)[3], int tile, int (&t)[3]) {
@@ -152,10 +151,10 @@ struct WorkItems {
 // listed KV tiles, the items one after the other. K and V have rings of their own: ring slot g
 // (counted over the whole CTA) is stage g % kStages, phase g / kStages; K_g is handed back as
 // soon as its Q K^T has completed, V_g a step after its P V has (see `step`), so the producer
-// can load K two tiles ahead of its use instead of one. Each list starts with its FULL tiles:
-// they run through a loop without list reads or masking code, the rest through the masking
-// loop. kMasked = false: every listed tile is FULL or a whole EXTRA tile (gna_fwd_full_*), so
-// only the first loop is compiled.
+// can load K two tiles ahead of its use instead of one. Each list runs through three loops: its
+// FULL tiles without list reads or masking code, its PARTIAL_COLUMNS tiles masked by column
+// class, the rest (PARTIAL, EXTRA) masked by their kind. kMasked = false: every listed tile is
+// FULL or a whole EXTRA tile (gna_fwd_full_*), so only the first loop is compiled.
 template <int D, typename T, bool kMasked>
 __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, const uint8_t* sK, const uint8_t* sV,
                                         uint64_t* q_full, uint64_t* q_empty, uint64_t* k_full, uint64_t* v_full,
@@ -242,14 +241,9 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
             float mx = fmaxf(fmaxf(kept[0][0], kept[0][1]), fmaxf(kept[1][0], kept[1][1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            // Lazy rescaling (FlashAttention-4): the running max (base-2 units) moves only when
-            // this tile's exceeds it by more than kRescaleSlack, so most tiles leave O as it is
-            // (alpha = 1); P then stays below 2^kRescaleSlack, far inside bf16 / f16 range.
-            const float m_tile = mx * sl2;
-            const bool grow = m_tile > row_max[half] + kRescaleSlack;  // -inf + slack = -inf
-            alpha[half] = grow ? fast_exp2(row_max[half] - m_tile) : 1.f;
-            if (grow) row_max[half] = m_tile;
-            const float shift = row_max[half] == -INFINITY ? 0.f : row_max[half];  // all masked so far: avoid inf - inf
+            // Lazy rescaling (FlashAttention-4): most tiles leave O as it is (alpha = 1); P then
+            // stays below 2^kRescaleSlack, far inside bf16 / f16 range.
+            const float shift = lazy_row_max(row_max[half], mx * sl2, alpha[half]);
             // p = 2^(s sl2 - shift), 0 in a dropped column class
             float bias[2][2];
 #pragma unroll
@@ -275,17 +269,10 @@ __device__ __forceinline__ void consume(const GnaArgs& a, const uint8_t* sQ, con
 #pragma unroll
             for (int r = 0; r < 4; ++r) pa[kk][r] = pack2<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
     };
-    // O's rescale by the last softmax's alpha is applied just before the next P V is issued
-    // (FlashAttention-3's order), while the Q K^T issued before it runs. Lazy: skipped by
-    // warps whose rows all kept their max (alpha = 1).
+    // O's rescale by the last softmax's alpha, applied just before the next P V is issued,
+    // while the Q K^T issued before it runs (rescale_lazy)
     float pending[2] = {1.f, 1.f};
-    auto rescale_pending = [&]() {
-        if (!__any_sync(0xffffffffu, pending[0] != 1.f || pending[1] != 1.f)) return;
-#pragma unroll
-        for (int n = 0; n < DP / 8; ++n)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) o[4 * n + i] *= pending[i / 2];
-    };
+    auto rescale_pending = [&]() { rescale_lazy(o, pending); };
     // O += P_g V_g (V_g has landed: v_full waited for by the caller)
     auto issue_pv = [&](int g) {
         const uint64_t desc_v = make_desc(smem_addr(sV + (g % kStages) * L::kKVBytes), BN * 128, 1024);

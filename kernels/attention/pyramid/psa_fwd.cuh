@@ -130,11 +130,7 @@ __device__ __forceinline__ void consume(const PsaArgs& a, const uint8_t* sQ, con
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             // lazy (kRescaleSlack): most tiles keep the running max, alpha = 1
-            const float m_tile = fmaf(mx, sl2, bias);
-            const bool grow = m_tile > row_max[half] + kRescaleSlack;  // -inf + slack = -inf
-            alpha[half] = grow ? fast_exp2(row_max[half] - m_tile) : 1.f;
-            if (grow) row_max[half] = m_tile;
-            const float shift = row_max[half] == -INFINITY ? 0.f : row_max[half];  // all masked so far: avoid inf - inf
+            const float shift = lazy_row_max(row_max[half], fmaf(mx, sl2, bias), alpha[half]);
             float sum = 0.f;
 #pragma unroll
             for (int n = 0; n < BN / 8; ++n)
@@ -154,17 +150,11 @@ __device__ __forceinline__ void consume(const PsaArgs& a, const uint8_t* sQ, con
 #pragma unroll
             for (int r = 0; r < 4; ++r) pa[kk][r] = pack2<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
     };
-    // O's rescale by the last softmax's alpha, applied just before the next P V is issued
-    // (FlashAttention-3's order, under the Q K^T issued before it), and skipped by warps whose
-    // rows all kept their max (GNA's loop, kernels/NOTES.md ## neighborhood, session 9).
+    // O's rescale by the last softmax's alpha, applied just before the next P V is issued, under
+    // the Q K^T issued before it (rescale_lazy; GNA's loop, kernels/NOTES.md ## neighborhood,
+    // session 9)
     float pending[2] = {1.f, 1.f};
-    auto rescale_pending = [&]() {
-        if (!__any_sync(0xffffffffu, pending[0] != 1.f || pending[1] != 1.f)) return;
-#pragma unroll
-        for (int n = 0; n < DP / 8; ++n)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) o[4 * n + i] *= pending[i / 2];
-    };
+    auto rescale_pending = [&]() { rescale_lazy(o, pending); };
     auto issue_pv = [&](int j) {
         mbar_wait(&v_full[(g0 + j) % kStages], ((g0 + j) / kStages) & 1);
         const uint32_t stage_addr = smem_addr(sK + ((g0 + j) % kStages) * St::kBytes);
